@@ -1,0 +1,1 @@
+"""Command-line front end: `qcow2kit VERB ...`, one module per verb."""

@@ -1,0 +1,1 @@
+"""Pure on-disk format: bytes <-> values. No files, no caches, no state."""

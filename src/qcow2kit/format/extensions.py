@@ -1,0 +1,90 @@
+"""Header extensions: decode, encode, and the feature-name table.
+
+Unknown extensions are kept as Unknown(type, data) and written back verbatim.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..errors import FormatError
+from . import constants as C
+from .features import FEATURE_NAMES
+
+_EXT_HEADER = struct.Struct(">II")
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    type: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapsExtension:
+    nb_bitmaps: int
+    directory_size: int
+    directory_offset: int
+
+    STRUCT = struct.Struct(">IIQQ")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BitmapsExtension:
+        if len(data) != cls.STRUCT.size:
+            raise FormatError(f"bitmaps extension: length {len(data)}, expected 24")
+        nb, reserved, dsize, doff = cls.STRUCT.unpack(data)
+        if reserved != 0:
+            raise FormatError("bitmaps extension: reserved field is not zero")
+        return cls(nb, dsize, doff)
+
+    def to_bytes(self) -> bytes:
+        return self.STRUCT.pack(self.nb_bitmaps, 0, self.directory_size, self.directory_offset)
+
+
+def parse_extensions(buf: bytes, start: int, end: int) -> list[Extension]:
+    """Read extensions from buf[start:end]; stop at the end marker."""
+    exts: list[Extension] = []
+    seen: set[int] = set()
+    pos = start
+    while pos + 8 <= end:
+        ext_type, length = _EXT_HEADER.unpack_from(buf, pos)
+        pos += 8
+        if ext_type == C.EXT_END:
+            return exts
+        if length > end - pos:
+            raise FormatError(
+                f"header extension {ext_type:#x}: length {length} exceeds the "
+                f"{end - pos} bytes left in the header cluster"
+            )
+        if ext_type in seen and ext_type != 0:
+            raise FormatError(f"header extension {ext_type:#x} appears twice")
+        seen.add(ext_type)
+        exts.append(Extension(ext_type, bytes(buf[pos : pos + length])))
+        pos += (length + 7) & ~7
+    return exts
+
+
+def encode_extensions(exts: list[Extension]) -> bytes:
+    out = bytearray()
+    for ext in exts:
+        out += _EXT_HEADER.pack(ext.type, len(ext.data))
+        out += ext.data
+        out += b"\0" * (-len(ext.data) % 8)
+    out += _EXT_HEADER.pack(C.EXT_END, 0)
+    return bytes(out)
+
+
+def feature_table_bytes() -> bytes:
+    out = bytearray()
+    for ftype, bit, name in FEATURE_NAMES:
+        out += struct.pack(">BB46s", ftype, bit, name.encode())
+    return bytes(out)
+
+
+def feature_names(data: bytes) -> dict[tuple[int, int], str]:
+    names: dict[tuple[int, int], str] = {}
+    for pos in range(0, len(data) - 47, 48):
+        ftype, bit, raw = struct.unpack_from(">BB46s", data, pos)
+        names[(ftype, bit)] = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return names

@@ -1,0 +1,279 @@
+"""The qcow2 header (v2 and v3) with its extensions and backing file name.
+
+Decoding checks the rules QEMU checks at open time and names field, value and limit.
+Unknown trailing header bytes and unknown extensions survive a rewrite.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+from ..errors import FormatError, UnsupportedFeatureError
+from . import constants as C
+from .extensions import (
+    BitmapsExtension,
+    Extension,
+    encode_extensions,
+    feature_names,
+    parse_extensions,
+)
+from .features import KNOWN_AUTOCLEAR, KNOWN_INCOMPATIBLE, Autoclear, Incompatible
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = C.V2_HEADER_LENGTH
+    compression_type: int = 0
+    unknown_fields: bytes = b""
+    extensions: tuple[Extension, ...] = field(default=())
+    backing_file: str | None = None
+
+    V2: ClassVar[struct.Struct] = struct.Struct(">IIQIIQIIQQIIQ")
+    V3: ClassVar[struct.Struct] = struct.Struct(">QQQII")
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & Incompatible.EXTENDED_L2)
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible_features & Incompatible.EXTERNAL_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear_features & Autoclear.DATA_FILE_RAW)
+
+    def extension(self, ext_type: int) -> bytes | None:
+        for ext in self.extensions:
+            if ext.type == ext_type:
+                return ext.data
+        return None
+
+    @property
+    def backing_format(self) -> str | None:
+        data = self.extension(C.EXT_BACKING_FORMAT)
+        return None if data is None else data.decode("utf-8", "replace")
+
+    @property
+    def data_file(self) -> str | None:
+        data = self.extension(C.EXT_DATA_FILE)
+        return None if data is None else data.decode("utf-8", "replace")
+
+    @property
+    def bitmaps(self) -> BitmapsExtension | None:
+        data = self.extension(C.EXT_BITMAPS)
+        return None if data is None else BitmapsExtension.from_bytes(data)
+
+    # ---- codec ----------------------------------------------------------------------
+    @classmethod
+    def from_bytes(cls, buf: bytes) -> Header:
+        """Decode a header from the start of cluster 0 (pass at least the whole cluster
+        or the whole file if shorter)."""
+        if len(buf) < C.V2_HEADER_LENGTH:
+            raise FormatError(f"file too short for a qcow2 header ({len(buf)} bytes)")
+        (magic, version, bf_off, bf_size, cbits, size, crypt, l1_size, l1_off, rt_off,
+         rt_clusters, nb_snap, snap_off) = cls.V2.unpack_from(buf, 0)
+        if magic != C.MAGIC:
+            raise FormatError("Image is not in qcow2 format (bad magic)")
+        if version not in (2, 3):
+            raise UnsupportedFeatureError(f"Unsupported qcow2 version {version}")
+        if not C.MIN_CLUSTER_BITS <= cbits <= C.MAX_CLUSTER_BITS:
+            raise FormatError(
+                f"cluster_bits {cbits} outside {C.MIN_CLUSTER_BITS}..{C.MAX_CLUSTER_BITS}"
+            )
+        cluster_size = 1 << cbits
+        incompat = compat = autoclear = 0
+        refcount_order = 4
+        header_length = C.V2_HEADER_LENGTH
+        compression_type = 0
+        unknown = b""
+        if version == 3:
+            if len(buf) < C.V3_MIN_HEADER_LENGTH:
+                raise FormatError("qcow2 header too short")
+            incompat, compat, autoclear, refcount_order, header_length = cls.V3.unpack_from(
+                buf, C.V2_HEADER_LENGTH
+            )
+            if header_length < C.V3_MIN_HEADER_LENGTH:
+                raise FormatError(
+                    f"header_length {header_length} below the v3 minimum "
+                    f"{C.V3_MIN_HEADER_LENGTH}"
+                )
+            if header_length > cluster_size:
+                raise FormatError(
+                    f"header_length {header_length} exceeds the cluster size {cluster_size}"
+                )
+            if header_length > len(buf):
+                raise FormatError(f"header_length {header_length} exceeds the file")
+            if header_length > C.V3_MIN_HEADER_LENGTH:
+                compression_type = buf[C.V3_MIN_HEADER_LENGTH]
+            if header_length > C.V3_HEADER_LENGTH:
+                unknown = bytes(buf[C.V3_HEADER_LENGTH:header_length])
+        if refcount_order > C.MAX_REFCOUNT_ORDER:
+            raise FormatError(
+                f"refcount_order {refcount_order} exceeds {C.MAX_REFCOUNT_ORDER} "
+                "(refcount entries may not exceed 64 bits)"
+            )
+        if bf_off > cluster_size:
+            raise FormatError(f"backing_file_offset {bf_off} lies outside cluster 0")
+        backing: str | None = None
+        if bf_off:
+            limit = min(C.MAX_BACKING_NAME_BYTES, cluster_size - bf_off)
+            if bf_size > limit:
+                raise FormatError(f"backing_file_size {bf_size} exceeds the limit {limit}")
+            raw = bytes(buf[bf_off : bf_off + bf_size])
+            if len(raw) != bf_size:
+                raise FormatError("backing file name lies past the end of the file")
+            backing = raw.decode("utf-8", "surrogateescape")
+        ext_end = bf_off if bf_off else min(cluster_size, len(buf))
+        exts = parse_extensions(buf, header_length, ext_end)
+        header = cls(
+            version, bf_off, bf_size, cbits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
+            nb_snap, snap_off, incompat, compat, autoclear, refcount_order, header_length,
+            compression_type, unknown, tuple(exts), backing,
+        )
+        header.validate()
+        return header
+
+    def validate(self) -> None:
+        cs = self.cluster_size
+        if self.crypt_method != C.CRYPT_NONE:
+            raise UnsupportedFeatureError(
+                f"encryption is not supported (crypt_method {self.crypt_method})"
+            )
+        unknown = self.incompatible_features & ~KNOWN_INCOMPATIBLE
+        if unknown:
+            names = feature_names(self.extension(C.EXT_FEATURE_TABLE) or b"")
+            parts = []
+            for bit in range(64):
+                if unknown >> bit & 1:
+                    parts.append(names.get((0, bit), f"unknown incompatible feature bit {bit}"))
+            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): " + ", ".join(parts))
+        if self.compression_type not in C.COMPRESSION_NAMES:
+            raise UnsupportedFeatureError(f"unknown compression type {self.compression_type}")
+        has_bit = bool(self.incompatible_features & Incompatible.COMPRESSION_TYPE)
+        if has_bit != (self.compression_type != C.COMPRESSION_ZLIB):
+            raise FormatError(
+                f"compression_type {self.compression_type} does not match the "
+                "compression type incompatible feature bit"
+            )
+        if self.extended_l2 and self.cluster_bits < 14:
+            raise FormatError(
+                f"extended L2 needs clusters of at least 16 KiB (cluster_bits {self.cluster_bits})"
+            )
+        if self.has_data_file is False and self.data_file_raw:
+            # QEMU silently ignores it when reading; keep tolerant, it is an autoclear bit.
+            pass
+        for name, off in (
+            ("l1_table_offset", self.l1_table_offset),
+            ("refcount_table_offset", self.refcount_table_offset),
+            ("snapshots_offset", self.snapshots_offset),
+        ):
+            if off % cs:
+                raise FormatError(f"{name} {off:#x} is not aligned to the cluster size {cs}")
+            if off >= C.MAX_HOST_OFFSET:
+                raise FormatError(f"{name} {off:#x} is beyond the 2^56 host offset limit")
+        if self.l1_size * 8 > C.MAX_L1_BYTES:
+            raise FormatError(
+                f"l1_size {self.l1_size} exceeds the limit {C.MAX_L1_BYTES // 8} entries"
+            )
+        if self.refcount_table_clusters * cs > C.MAX_REFTABLE_BYTES:
+            raise FormatError(
+                f"refcount_table_clusters {self.refcount_table_clusters} exceeds the limit "
+                f"{C.MAX_REFTABLE_BYTES // cs} clusters ({C.MAX_REFTABLE_BYTES} bytes)"
+            )
+        if self.refcount_table_clusters == 0:
+            raise FormatError("refcount_table_clusters is 0: no reference count table")
+        if self.nb_snapshots > C.MAX_SNAPSHOTS:
+            raise FormatError(
+                f"nb_snapshots {self.nb_snapshots} exceeds the limit {C.MAX_SNAPSHOTS}"
+            )
+        l2_entries = cs // (16 if self.extended_l2 else 8)
+        span = cs * l2_entries
+        needed = -(-self.size // span)
+        if needed > 0x7FFFFFFF:
+            raise FormatError(f"virtual size {self.size} is too big")
+        if self.l1_size < needed:
+            raise FormatError(
+                f"l1_size {self.l1_size} is smaller than the {needed} entries the virtual size "
+                f"{self.size} needs"
+            )
+        if self.version == 2 and (
+            self.incompatible_features or self.compatible_features or self.autoclear_features
+        ):
+            raise FormatError("version 2 header with feature bits")
+
+    def to_bytes(self) -> bytes:
+        """Encode the header, its extensions and backing name (not padded to a cluster).
+        Unknown autoclear bits are cleared, as the spec asks of writers."""
+        head = bytearray(
+            self.V2.pack(
+                C.MAGIC, self.version, self.backing_file_offset, self.backing_file_size,
+                self.cluster_bits, self.size, self.crypt_method, self.l1_size,
+                self.l1_table_offset, self.refcount_table_offset, self.refcount_table_clusters,
+                self.nb_snapshots, self.snapshots_offset,
+            )
+        )
+        if self.version == 3:
+            head += self.V3.pack(
+                self.incompatible_features, self.compatible_features,
+                self.autoclear_features & KNOWN_AUTOCLEAR, self.refcount_order,
+                self.header_length,
+            )
+            if self.header_length > C.V3_MIN_HEADER_LENGTH:
+                head += bytes([self.compression_type]) + b"\0" * 7
+            head += self.unknown_fields
+            head = head[: self.header_length]
+        head += encode_extensions(list(self.extensions))
+        if self.backing_file is not None:
+            name = self.backing_file.encode("utf-8", "surrogateescape")
+            if self.backing_file_offset < len(head):
+                raise FormatError("backing file name would overlap the header extensions")
+            head += b"\0" * (self.backing_file_offset - len(head))
+            head += name
+        return bytes(head)
+
+    def with_layout(self, **changes: object) -> Header:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def relayout(self) -> Header:
+        """Recompute backing_file_offset/size after extensions or the name changed."""
+        length = self.header_length if self.version == 3 else C.V2_HEADER_LENGTH
+        ext_len = len(encode_extensions(list(self.extensions)))
+        if self.backing_file is None:
+            return replace(self, backing_file_offset=0, backing_file_size=0)
+        name = self.backing_file.encode("utf-8", "surrogateescape")
+        if len(name) > C.MAX_BACKING_NAME_BYTES:
+            raise FormatError(
+                f"backing file name is {len(name)} bytes, the limit is {C.MAX_BACKING_NAME_BYTES}"
+            )
+        off = length + ext_len
+        if off + len(name) > self.cluster_size:
+            raise FormatError("header, extensions and backing file name do not fit in cluster 0")
+        return replace(self, backing_file_offset=off, backing_file_size=len(name))

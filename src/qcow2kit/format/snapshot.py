@@ -1,0 +1,88 @@
+"""The internal snapshot table: variable-length entries padded to 8 bytes."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import FormatError
+from . import constants as C
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    l1_table_offset: int
+    l1_size: int
+    id_str: str
+    name: str
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    extra_data: bytes
+
+    FIXED: ClassVar[struct.Struct] = struct.Struct(">QIHHIIQII")
+
+    @property
+    def disk_size(self) -> int | None:
+        if len(self.extra_data) >= 16:
+            return int.from_bytes(self.extra_data[8:16], "big")
+        return None
+
+    @property
+    def vm_state_size_large(self) -> int:
+        if len(self.extra_data) >= 8:
+            return int.from_bytes(self.extra_data[0:8], "big")
+        return self.vm_state_size
+
+    @property
+    def icount(self) -> int | None:
+        if len(self.extra_data) >= 24:
+            return int.from_bytes(self.extra_data[16:24], "big")
+        return None
+
+    def to_bytes(self) -> bytes:
+        ident = self.id_str.encode()
+        name = self.name.encode()
+        out = self.FIXED.pack(
+            self.l1_table_offset, self.l1_size, len(ident), len(name), self.date_sec,
+            self.date_nsec, self.vm_clock_nsec, self.vm_state_size, len(self.extra_data),
+        ) + self.extra_data + ident + name
+        return out + b"\0" * (-len(out) % 8)
+
+
+def parse_snapshots(buf: bytes, count: int, cluster_size: int) -> list[Snapshot]:
+    snaps: list[Snapshot] = []
+    pos = 0
+    fixed = Snapshot.FIXED
+    for i in range(count):
+        if pos + fixed.size > len(buf):
+            raise FormatError(f"snapshot table entry {i} runs past the end of the table")
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize,
+         extra_len) = fixed.unpack_from(buf, pos)
+        if extra_len > C.MAX_SNAPSHOT_EXTRA_BYTES:
+            raise FormatError(
+                f"snapshot {i}: extra_data_size {extra_len} exceeds {C.MAX_SNAPSHOT_EXTRA_BYTES}"
+            )
+        pos += fixed.size
+        end = pos + extra_len + id_len + name_len
+        if end > len(buf):
+            raise FormatError(f"snapshot table entry {i} runs past the end of the table")
+        extra = bytes(buf[pos : pos + extra_len])
+        pos += extra_len
+        ident = bytes(buf[pos : pos + id_len]).decode("utf-8", "replace")
+        pos += id_len
+        name = bytes(buf[pos : pos + name_len]).decode("utf-8", "replace")
+        pos += name_len
+        pos += -pos % 8
+        if l1_off % cluster_size:
+            raise FormatError(f"snapshot {i}: l1_table_offset {l1_off:#x} is not aligned")
+        if l1_size * 8 > C.MAX_L1_BYTES:
+            raise FormatError(f"snapshot {i}: l1_size {l1_size} exceeds the L1 limit")
+        snaps.append(Snapshot(l1_off, l1_size, ident, name, dsec, dnsec, vmclock, vmsize, extra))
+    return snaps
+
+
+def snapshot_table_bytes(snaps: list[Snapshot]) -> bytes:
+    return b"".join(s.to_bytes() for s in snaps)

@@ -1,0 +1,726 @@
+"""Image: an open qcow2 image. Reads and writes are short loops over the runs that the
+metadata layer answers for a guest range; the crash ordering lives in metadata.
+
+Also RawImage, the same read surface over a raw file (used for raw backing files)."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import (
+    CorruptionError,
+    FormatError,
+    ImageStateError,
+    Qcow2Error,
+    UnsupportedFeatureError,
+)
+from .format import constants as C
+from .format.compression import decompress
+from .format.features import Incompatible
+from .format.header import Header
+from .format.snapshot import Snapshot
+from .io.file import FileStorage
+from .io.storage import Storage
+from .metadata import header_io
+from .metadata.l2map import Kind, Run, referenced_clusters
+from .metadata.meta import Metadata
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+MAX_BACKING_DEPTH = 64
+_PROBE_BYTES = 4096
+
+
+class Readable(Protocol):
+    virtual_size: int
+    filename: str
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class RawImage:
+    """A raw file seen as a virtual disk."""
+
+    format_name = "raw"
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.filename = storage.name
+        self.virtual_size = storage.size()
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.storage.pread(offset, length)
+
+    def close(self) -> None:
+        self.storage.close()
+
+
+def _probe_format(path: str) -> str:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+
+def open_any(
+    path: str,
+    fmt: str | None = None,
+    *,
+    writable: bool = False,
+    force_share: bool = False,
+    backing: bool = True,
+    _chain: tuple[str, ...] = (),
+) -> Image | RawImage:
+    """Open a file as qcow2 or raw (probing when fmt is None)."""
+    fmt = fmt or _probe_format(path)
+    if fmt == "qcow2":
+        return Image.open_path(
+            path, writable=writable, force_share=force_share, backing=backing, _chain=_chain
+        )
+    if fmt == "raw":
+        return RawImage(FileStorage(path, writable, force_share=force_share))
+    raise UnsupportedFeatureError(f"unsupported image format '{fmt}'")
+
+
+class Image:
+    """An open qcow2 image. Use qcow2kit.open() to get one; it is a context manager."""
+
+    format_name = "qcow2"
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        backing: bool = True,
+        data_storage: Storage | None = None,
+        _chain: tuple[str, ...] = (),
+    ) -> None:
+        self.storage = storage
+        self.filename = storage.name
+        self.closed = False
+        self.backing: Image | RawImage | None = None
+        self.data_storage: Storage | None = None
+        header = header_io.read_header(storage)
+        self._validate_open(header)
+        try:
+            if header.has_data_file:
+                self.data_storage = data_storage or self._open_data_file(header)
+            self.meta = Metadata(storage, header, data_storage=self.data_storage)
+            if backing and header.backing_file is not None:
+                self.backing = self._open_backing(header, _chain)
+            if storage.writable and header.incompatible_features & Incompatible.DIRTY:
+                self._repair_dirty()
+        except BaseException:
+            self._close_children()
+            raise
+        self._zbuf_key = -1
+        self._zbuf = b""
+
+    # ---- opening ------------------------------------------------------------------------
+    @classmethod
+    def open_path(
+        cls,
+        path: str,
+        *,
+        writable: bool = False,
+        force_share: bool = False,
+        backing: bool = True,
+        _chain: tuple[str, ...] = (),
+    ) -> Image:
+        storage = FileStorage(path, writable, force_share=force_share)
+        try:
+            return cls(storage, backing=backing, _chain=_chain)
+        except BaseException:
+            storage.close()
+            raise
+
+    def _validate_open(self, header: Header) -> None:
+        cs = header.cluster_size
+        size = self.storage.size()
+        if header.incompatible_features & Incompatible.CORRUPT and self.storage.writable:
+            raise ImageStateError(
+                f"{self.filename}: Image is corrupt; cannot be opened read/write "
+                "(run 'qcow2kit check -r all' to repair it)"
+            )
+        if header.l1_table_offset + header.l1_size * 8 > max(size, 0) + cs * 0 and header.l1_size:
+            if header.l1_table_offset >= size:
+                raise FormatError(
+                    f"l1_table_offset {header.l1_table_offset:#x} lies beyond the end of the "
+                    f"file ({size} bytes)"
+                )
+        if header.refcount_table_offset >= size:
+            raise FormatError(
+                f"refcount_table_offset {header.refcount_table_offset:#x} lies beyond the end "
+                f"of the file ({size} bytes)"
+            )
+        if header.l1_table_offset == 0 and header.l1_size:
+            raise FormatError("l1_table_offset is 0 but l1_size is not")
+        if header.refcount_table_offset == 0:
+            raise FormatError("refcount_table_offset is 0 (it would overlap the header)")
+
+    def _relative(self, name: str) -> str:
+        if os.path.isabs(name) or not self.filename:
+            return name
+        return os.path.join(os.path.dirname(self.filename), name)
+
+    def _check_plain_file(self, name: str, what: str) -> str:
+        if ":" in name.split("/")[0] and not os.path.exists(self._relative(name)):
+            raise UnsupportedFeatureError(
+                f"{what} '{name}' looks like a protocol URL; only plain files are opened"
+            )
+        return self._relative(name)
+
+    def _open_data_file(self, header: Header) -> Storage:
+        name = header.data_file
+        if name is None:
+            raise FormatError("'data-file' is required for this image (no data file extension)")
+        path = self._check_plain_file(name, "data file")
+        return FileStorage(path, self.storage.writable, lock=False)
+
+    def _open_backing(self, header: Header, chain: tuple[str, ...]) -> Image | RawImage:
+        assert header.backing_file is not None
+        path = self._check_plain_file(header.backing_file, "backing file")
+        real = os.path.realpath(path)
+        me = os.path.realpath(self.filename)
+        if real in chain or real == me:
+            raise FormatError(f"backing chain loops back to '{header.backing_file}'")
+        if len(chain) >= MAX_BACKING_DEPTH:
+            raise FormatError(f"backing chain deeper than {MAX_BACKING_DEPTH} images")
+        if not os.path.exists(path):
+            raise FormatError(
+                f"Could not open backing file '{path}': No such file or directory"
+            )
+        fmt = header.backing_format
+        return open_any(path, fmt, force_share=True, _chain=chain + (me,))
+
+    def _repair_dirty(self) -> None:
+        from .metadata.check import check_image
+
+        check_image(self.meta, repair="all")
+        self.meta.clear_dirty_bit()
+
+    def _close_children(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+        if self.data_storage is not None:
+            self.data_storage.close()
+            self.data_storage = None
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def header(self) -> Header:
+        return self.meta.header
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        return self.meta.snapshots
+
+    @property
+    def virtual_size(self) -> int:
+        return self.meta.header.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.meta.geom.cluster_size
+
+    @property
+    def writable(self) -> bool:
+        return self.storage.writable
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<qcow2kit.Image {self.filename!r} size={self.virtual_size}>"
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ImageStateError("I/O on a closed image")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise ValueError(
+                f"range [{offset}, {offset + length}) outside the virtual disk "
+                f"[0, {self.virtual_size})"
+            )
+
+    # ---- reading ------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """Read guest bytes [offset, offset+length)."""
+        self._check_open()
+        self._check_range(offset, length)
+        out = bytearray(length)
+        try:
+            self._read_into(memoryview(out), offset)
+        except CorruptionError as exc:
+            raise self.meta.mark_corrupt(str(exc)) from None
+        return bytes(out)
+
+    def runs(self, offset: int, length: int) -> list[Run]:
+        """The mapping of a guest range, merged into runs (see metadata.l2map.Run)."""
+        self._check_open()
+        self._check_range(offset, length)
+        return self.meta.l2.lookup(offset, length)
+
+    def _read_into(self, out: memoryview, offset: int) -> None:
+        """Fill `out` (zero-initialised) with guest bytes starting at offset."""
+        data = self.data_storage or self.storage
+        for run in self.meta.l2.lookup(offset, len(out)):
+            a = run.guest_offset - offset
+            b = a + run.length
+            if run.kind == Kind.DATA:
+                out[a:b] = data.pread(run.host_offset, run.length)
+            elif run.kind == Kind.COMPRESSED:
+                cluster = self._decompressed(run)
+                lo = run.guest_offset - run.comp_guest_cluster
+                out[a:b] = cluster[lo : lo + run.length]
+            elif run.kind == Kind.UNALLOCATED and self.backing is not None:
+                bsize = self.backing.virtual_size
+                if run.guest_offset < bsize:
+                    n = min(run.length, bsize - run.guest_offset)
+                    out[a : a + n] = self.backing.read(run.guest_offset, n)
+
+    def _decompressed(self, run: Run) -> bytes:
+        if self._zbuf_key != run.host_offset:
+            raw = self.storage.pread(run.host_offset, run.comp_bytes)
+            self._zbuf = decompress(raw, self.cluster_size, self.header.compression_type)
+            self._zbuf_key = run.host_offset
+        return self._zbuf
+
+    def iter_chunks(self, chunk_bytes: int = 8 << 20) -> Iterator[tuple[int, bytes | None]]:
+        """Yield (offset, data) over the whole disk; data is None for ranges that read as
+        zeros without any I/O (unallocated without backing, or zero clusters)."""
+        pos = 0
+        size = self.virtual_size
+        while pos < size:
+            n = min(chunk_bytes, size - pos)
+            runs = self.meta.l2.lookup(pos, n)
+            if all(
+                r.kind == Kind.ZERO or (r.kind == Kind.UNALLOCATED and self.backing is None)
+                for r in runs
+            ):
+                yield pos, None
+            else:
+                out = bytearray(n)
+                self._read_into(memoryview(out), pos)
+                yield pos, bytes(out)
+            pos += n
+
+    # ---- writing ------------------------------------------------------------------------
+    def _begin_write(self) -> None:
+        self._check_open()
+        self.meta.check_writable()
+        if self.meta.lazy:
+            self.meta.set_dirty_bit()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write bytes at guest offset."""
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv))
+        self._begin_write()
+        try:
+            self._write(offset, mv)
+            self.meta.release_pending()
+        except CorruptionError as exc:
+            raise self.meta.mark_corrupt(str(exc)) from None
+
+    def _chunks(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        span = self.meta.geom.l2_span_bytes
+        pos, end = offset, offset + length
+        while pos < end:
+            cend = min(end, (pos // span + 1) * span)
+            yield pos, cend
+            pos = cend
+
+    def _write(self, offset: int, mv: memoryview) -> None:
+        for pos, cend in self._chunks(offset, len(mv)):
+            self._write_chunk(pos, mv[pos - offset : cend - offset])
+
+    def _l2_for_write(self, l1_index: int) -> tuple[int, U64]:
+        """The L2 table of l1_index, allocated or copied so that it is ours alone."""
+        meta = self.meta
+        l2 = meta.l2
+        if l1_index >= l2.l1_size:
+            raise CorruptionError(f"L1 index {l1_index} beyond l1_size {l2.l1_size}")
+        entry = int(l2.l1[l1_index])
+        old = l2.l2_offset(l1_index)
+        if old and entry & C.OFLAG_COPIED:
+            return old, l2.table(old)
+        new = meta.refcounts.allocate(1) * self.cluster_size
+        if old:
+            table = l2.table(old).copy()
+            meta.defer_free(np.array([old >> meta.geom.cluster_bits], dtype=np.int64))
+        else:
+            shape = (meta.geom.l2_entries, 2) if meta.geom.extended_l2 else (meta.geom.l2_entries,)
+            table = np.zeros(shape, dtype=np.uint64)
+        l2.cache.put(new, table, dirty=True)
+        l2.set_l1(l1_index, new | C.OFLAG_COPIED)
+        return new, table
+
+    def _write_chunk(self, pos: int, buf: memoryview) -> None:
+        meta = self.meta
+        g = meta.geom
+        cs = g.cluster_size
+        span = g.l2_span_bytes
+        l1i = pos // span
+        base = l1i * span
+        end = pos + len(buf)
+        c0 = (pos - base) // cs
+        c1 = -(-(end - base) // cs)
+        n = c1 - c0
+        data_file = self.header.has_data_file
+        # current state of the clusters (read-only view; the table may be copied below)
+        l2_off = meta.l2.l2_offset(l1i)
+        ext = g.extended_l2
+        if l2_off:
+            cur = meta.l2.table(l2_off)
+            ent = (cur[c0:c1, 0] if ext else cur[c0:c1]).copy()
+            bmp = cur[c0:c1, 1].copy() if ext else None
+        else:
+            ent = np.zeros(n, dtype=np.uint64)
+            bmp = np.zeros(n, dtype=np.uint64) if ext else None
+        comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
+        copied = ((ent >> np.uint64(63)) & np.uint64(1)).astype(bool)
+        host = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
+        zero = ((ent & np.uint64(1)) != 0) & ~comp & (not ext)
+        raw_host = host.copy()
+        if data_file:
+            host = (base + np.arange(c0, c1, dtype=np.int64) * cs).astype(np.int64)
+            owned = ~comp & (copied | (raw_host != 0))
+        else:
+            owned = copied & ~comp & (host != 0)
+        need_new = ~owned
+        # write windows per cluster, relative to the cluster start
+        ws = np.zeros(n, dtype=np.int64)
+        we = np.full(n, cs, dtype=np.int64)
+        ws[0] = (pos - base) - c0 * cs
+        we[-1] = (end - base) - (c1 - 1) * cs
+        hs = ws.copy()
+        he = we.copy()
+        new_bmp = bmp.copy() if bmp is not None else None
+        if not ext:
+            full_fill = need_new | zero
+            hs[full_fill] = 0
+            he[full_fill] = cs
+        else:
+            assert bmp is not None and new_bmp is not None
+            scs = g.subcluster_size
+            whole = need_new & (comp | (raw_host != 0))  # shared or compressed: copy it
+            hs[whole] = 0
+            he[whole] = cs
+            part = ~whole
+            hs[part] = (ws[part] // scs) * scs
+            he[part] = -(-we[part] // scs) * scs
+            first_sc = hs // scs
+            last_sc = he // scs  # exclusive
+            mask = ((np.uint64(1) << last_sc.astype(np.uint64)) - np.uint64(1)) ^ (
+                (np.uint64(1) << first_sc.astype(np.uint64)) - np.uint64(1)
+            )
+            mask = np.where(whole, np.uint64(C.BITMAP_ALL_ALLOC), mask)
+            # an allocated subcluster inside the window needs no fill: shrink hs/he to ws/we
+            # where the boundary subcluster is already allocated in place
+            alloc = bmp & np.uint64(C.BITMAP_ALL_ALLOC)
+            fs_alloc = ((alloc >> first_sc.astype(np.uint64)) & np.uint64(1)).astype(bool)
+            ls_alloc = ((alloc >> (last_sc - 1).astype(np.uint64)) & np.uint64(1)).astype(bool)
+            keep_start = part & owned & fs_alloc
+            keep_end = part & owned & ls_alloc
+            hs[keep_start] = ws[keep_start]
+            he[keep_end] = we[keep_end]
+            new_bmp = np.where(
+                whole, np.uint64(C.BITMAP_ALL_ALLOC), (bmp | mask) & ~(mask << np.uint64(32))
+            )
+        # old content needed around the write windows, read before anything changes
+        fills: dict[int, tuple[bytes, bytes]] = {}
+        for i in np.flatnonzero((hs < ws) | (he > we)).tolist():
+            gcs = base + (c0 + i) * cs
+            head = self.read_guest(gcs + int(hs[i]), int(ws[i] - hs[i]))
+            tail = self.read_guest(gcs + int(we[i]), int(he[i] - we[i]))
+            fills[i] = (head, tail)
+        # drop references the new clusters replace, once the new mapping is durable
+        new_idx = np.flatnonzero(need_new)
+        if len(new_idx) and not data_file:
+            old_refs = referenced_clusters(ent[new_idx], g, data_file)
+            meta.defer_free(old_refs)
+        l2_off, table = self._l2_for_write(l1i)
+        if len(new_idx) and not data_file:
+            start = meta.refcounts.allocate(len(new_idx))
+            host[new_idx] = (start + np.arange(len(new_idx), dtype=np.int64)) * cs
+        # data goes to disk before the L2 entries that point at it
+        self._write_clusters(buf, pos, base + c0 * cs, host, hs, he, ws, fills)
+        meta.unsynced = True
+        newent = (host.astype(np.uint64) | np.uint64(C.OFLAG_COPIED))
+        if ext:
+            assert new_bmp is not None
+            table[c0:c1, 0] = newent
+            table[c0:c1, 1] = new_bmp
+        else:
+            table[c0:c1] = newent
+        meta.l2.cache.mark_dirty(l2_off)
+
+    def read_guest(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        out = bytearray(length)
+        self._read_into(memoryview(out), offset)
+        return bytes(out)
+
+    def _write_clusters(
+        self,
+        buf: memoryview,
+        pos: int,
+        first_cluster_guest: int,
+        host: I64,
+        hs: I64,
+        he: I64,
+        ws: I64,
+        fills: dict[int, tuple[bytes, bytes]],
+    ) -> None:
+        cs = self.cluster_size
+        target = self.data_storage or self.storage
+        seg_host = -1
+        seg_parts: list[bytes | memoryview] = []
+        seg_len = 0
+
+        def emit() -> None:
+            if seg_parts:
+                payload = seg_parts[0] if len(seg_parts) == 1 else b"".join(seg_parts)
+                target.pwrite(seg_host, payload)
+
+        hs_l, he_l, ws_l, host_l = hs.tolist(), he.tolist(), ws.tolist(), host.tolist()
+        for i in range(len(host_l)):
+            gcs = first_cluster_guest + i * cs
+            a = gcs + ws_l[i] - pos
+            wlen = min(cs - ws_l[i], len(buf) - a)
+            head, tail = fills.get(i, (b"", b""))
+            h = host_l[i] + hs_l[i]
+            if seg_parts and h == seg_host + seg_len and hs_l[i] == 0:
+                pass
+            else:
+                emit()
+                seg_parts, seg_host, seg_len = [], h, 0
+            if head:
+                seg_parts.append(head)
+            seg_parts.append(buf[a : a + wlen])
+            if tail:
+                seg_parts.append(tail)
+            seg_len += he_l[i] - hs_l[i]
+            if he_l[i] != cs:
+                emit()
+                seg_parts, seg_len = [], 0
+        emit()
+
+    # ---- zeroes and discard ---------------------------------------------------------------
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make the guest range read zeros, using zero clusters where the format allows."""
+        self._check_range(offset, length)
+        self._begin_write()
+        try:
+            v2 = self.header.version < 3 and not self.meta.geom.extended_l2
+            if v2 and self.backing is not None:
+                self._write_zero_bytes(offset, length)
+            else:
+                self._for_whole_clusters(offset, length, "discard" if v2 else
+                                         ("zero_unmap" if unmap else "zero"))
+            self.meta.release_pending()
+        except CorruptionError as exc:
+            raise self.meta.mark_corrupt(str(exc)) from None
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop the guest range: it reads as zeros, or as the backing file, afterwards."""
+        self._check_range(offset, length)
+        self._begin_write()
+        try:
+            self._for_whole_clusters(offset, length, "discard")
+            self.meta.release_pending()
+        except CorruptionError as exc:
+            raise self.meta.mark_corrupt(str(exc)) from None
+
+    def _write_zero_bytes(self, offset: int, length: int) -> None:
+        step = 4 << 20
+        zeros = bytes(min(step, length))
+        pos = offset
+        while pos < offset + length:
+            n = min(step, offset + length - pos)
+            self._write(pos, memoryview(zeros)[:n])
+            pos += n
+
+    def _partial_fill(self, offset: int, length: int, mode: str) -> None:
+        """A partial cluster gets the bytes the mode asks for, written normally."""
+        if length <= 0:
+            return
+        if mode == "discard" and self.backing is not None:
+            want = bytearray(length)
+            bsize = self.backing.virtual_size
+            if offset < bsize:
+                n = min(length, bsize - offset)
+                want[:n] = self.backing.read(offset, n)
+            wanted = bytes(want)
+        else:
+            wanted = bytes(length)
+        if self.read_guest(offset, length) != wanted:
+            self._write(offset, memoryview(wanted))
+
+    def _for_whole_clusters(self, offset: int, length: int, mode: str) -> None:
+        cs = self.cluster_size
+        end = offset + length
+        a = -(-offset // cs) * cs
+        b = (end // cs) * cs
+        if end == self.virtual_size:
+            b = -(-end // cs) * cs  # the last partial cluster lies past the disk end
+        if a >= b:
+            self._partial_fill(offset, length, mode)
+            return
+        self._partial_fill(offset, a - offset, mode)
+        self._partial_fill(b, max(0, end - b), mode)
+        for pos, cend in self._chunks(a, b - a):
+            self._clear_chunk(pos, cend, mode)
+
+    def _clear_chunk(self, pos: int, end: int, mode: str) -> None:
+        meta = self.meta
+        g = meta.geom
+        cs = g.cluster_size
+        span = g.l2_span_bytes
+        l1i = pos // span
+        base = l1i * span
+        c0, c1 = (pos - base) // cs, (end - base) // cs
+        l2_off = meta.l2.l2_offset(l1i)
+        data_file = self.header.has_data_file
+        if l2_off == 0 and (mode == "discard" or self.backing is None):
+            return
+        ext = g.extended_l2
+        if l2_off:
+            cur = meta.l2.table(l2_off)
+            ent = (cur[c0:c1, 0] if ext else cur[c0:c1]).copy()
+            bmp = cur[c0:c1, 1].copy() if ext else np.zeros(0, dtype=np.uint64)
+        else:
+            ent = np.zeros(c1 - c0, dtype=np.uint64)
+            bmp = np.zeros(c1 - c0, dtype=np.uint64)
+        comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
+        copied = ((ent >> np.uint64(63)) & np.uint64(1)).astype(bool)
+        host = ent & np.uint64(C.OFFSET_MASK)
+        if mode == "discard":
+            new_ent = np.zeros_like(ent)
+            new_bmp = np.zeros_like(bmp)
+            keep = np.zeros(len(ent), dtype=bool)
+        else:
+            keep = copied & ~comp & (host != 0) & (mode == "zero")
+            if data_file:
+                keep = ~comp & (host != 0) | (copied & ~comp)
+            if ext:
+                new_ent = np.where(keep, ent, np.uint64(0))
+                new_bmp = np.full_like(bmp, np.uint64(C.BITMAP_ALL_ZERO))
+            else:
+                new_ent = np.where(keep, ent | np.uint64(1), np.uint64(1))
+                new_bmp = bmp
+        if np.array_equal(new_ent, ent) and (not ext or np.array_equal(new_bmp, bmp)):
+            return
+        dropped = ~keep
+        refs = referenced_clusters(ent[dropped], g, data_file)
+        if data_file and self.data_storage is not None:
+            for i in np.flatnonzero((ent != 0) & ~comp).tolist():
+                self.data_storage.punch_hole(base + (c0 + i) * cs, cs)
+        l2_off, table = self._l2_for_write(l1i)
+        if ext:
+            table[c0:c1, 0] = new_ent
+            table[c0:c1, 1] = new_bmp
+        else:
+            table[c0:c1] = new_ent
+        meta.l2.cache.mark_dirty(l2_off)
+        meta.defer_free(refs)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def flush(self) -> None:
+        self._check_open()
+        self.meta.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self.writable and not self.meta.corrupt:
+                self.meta.release_pending()
+                self.meta.flush()
+                if self.meta.lazy:
+                    self.meta.clear_dirty_bit()
+        finally:
+            self.closed = True
+            self._close_children()
+            self.storage.close()
+
+    def as_file(self) -> ImageFile:
+        """A seekable binary file object over the virtual disk."""
+        self._check_open()
+        return ImageFile(self)
+
+    # ---- whole-image helpers --------------------------------------------------------------
+    def referenced(self) -> bool:
+        return True
+
+
+class ImageFile(io.RawIOBase):
+    """io.RawIOBase view of an Image's virtual disk (read, readinto, write, seek, tell)."""
+
+    def __init__(self, image: Image) -> None:
+        super().__init__()
+        self.image = image
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return self.image.writable
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            new = offset
+        elif whence == io.SEEK_CUR:
+            new = self.pos + offset
+        elif whence == io.SEEK_END:
+            new = self.image.virtual_size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if new < 0:
+            raise ValueError("negative seek position")
+        self.pos = new
+        return new
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        mv = memoryview(b).cast("B")
+        n = max(0, min(len(mv), self.image.virtual_size - self.pos))
+        if n:
+            mv[:n] = self.image.read(self.pos, n)
+            self.pos += n
+        return n
+
+    def write(self, b: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        mv = memoryview(b).cast("B")
+        if self.pos + len(mv) > self.image.virtual_size:
+            raise OSError(28, "write past the end of the virtual disk")
+        self.image.write(self.pos, mv)
+        self.pos += len(mv)
+        return len(mv)
+
+    def flush(self) -> None:
+        if not self.closed and self.image.writable and not self.image.closed:
+            self.image.flush()
+
+
+__all__ = ["Image", "ImageFile", "RawImage", "open_any", "Qcow2Error"]

@@ -1,0 +1,1 @@
+"""Byte storage underneath an image. Knows nothing about qcow2."""

@@ -1,0 +1,265 @@
+"""L1 + L2 tables: answer "where does guest range X live" for whole runs at once, and hold
+the (cached) tables that writes change.
+
+The L1 table is kept whole in memory (at most 32 MiB); L2 tables live in a bounded cache.
+Writing a dirty L2 table goes through `before_l2_write`, which the owner uses to make the
+refcounts it depends on durable first."""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import CorruptionError
+from ..format import constants as C
+from ..format.geometry import Geometry
+from ..format.tables import decode_table, encode_table
+from ..io.storage import Storage
+from .cache import TableCache
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+
+
+class Kind(enum.IntEnum):
+    UNALLOCATED = 0
+    ZERO = 1
+    DATA = 2
+    COMPRESSED = 3
+
+
+@dataclass(slots=True)
+class Run:
+    """A guest range with one kind of mapping. host_offset is the host byte of guest_offset
+    for DATA (and allocated ZERO, else -1); for COMPRESSED it is the compressed data's byte
+    offset and comp_bytes its length, and the run is exactly one cluster (possibly cut)."""
+
+    guest_offset: int
+    length: int
+    kind: Kind
+    host_offset: int = -1
+    comp_bytes: int = 0
+    comp_guest_cluster: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.guest_offset + self.length
+
+
+class L2Map:
+    def __init__(
+        self,
+        storage: Storage,
+        geom: Geometry,
+        l1_offset: int,
+        l1_size: int,
+        *,
+        data_file: bool,
+        before_l2_write: Callable[[], None],
+        cache_tables: int = 64,
+    ) -> None:
+        self.storage = storage
+        self.geom = geom
+        self.data_file = data_file
+        self.l1_offset = l1_offset
+        self.l1_size = l1_size
+        self.l1 = decode_table(storage.pread(l1_offset, l1_size * 8)).copy()
+        self.l1_dirty: set[int] = set()
+        self._before_l2_write = before_l2_write
+        self.cache: TableCache[U64] = TableCache(cache_tables, self._load, self._store)
+
+    # ---- tables -----------------------------------------------------------------------
+    def l2_offset(self, l1_index: int) -> int:
+        if l1_index >= self.l1_size:
+            return 0
+        entry = int(self.l1[l1_index])
+        if entry & C.L1E_RESERVED_MASK:
+            raise CorruptionError(f"L1 entry {l1_index} has reserved bits set: {entry:#x}")
+        off = entry & C.OFFSET_MASK
+        if off & (self.geom.cluster_size - 1):
+            raise CorruptionError(f"L2 table offset {off:#x} (L1 index {l1_index}) unaligned")
+        return off
+
+    def _load(self, offset: int) -> U64:
+        raw = self.storage.pread(offset, self.geom.cluster_size)
+        return decode_table(raw, self.geom.extended_l2).copy()
+
+    def _store(self, offset: int, table: U64) -> None:
+        self._before_l2_write()
+        self.storage.event("l2_update")
+        self.storage.pwrite(offset, encode_table(table))
+
+    def table(self, offset: int) -> U64:
+        return self.cache.get(offset)
+
+    def write_l1_dirty(self) -> bool:
+        if not self.l1_dirty:
+            return False
+        idx = np.array(sorted(self.l1_dirty), dtype=np.int64)
+        bounds = np.flatnonzero(np.diff(idx) != 1) + 1
+        for part in np.split(idx, bounds):
+            lo, hi = int(part[0]), int(part[-1]) + 1
+            self.storage.event("l1_update")
+            self.storage.pwrite(self.l1_offset + lo * 8, encode_table(self.l1[lo:hi]))
+        self.l1_dirty.clear()
+        return True
+
+    def set_l1(self, index: int, value: int) -> None:
+        self.l1[index] = value
+        self.l1_dirty.add(index)
+
+    # ---- lookup -----------------------------------------------------------------------
+    def classify(self, table: U64, u0: int, u1: int) -> tuple[I64, I64, I64]:
+        """Per allocation unit (cluster, or subcluster with extended L2) in [u0, u1) of an
+        L2 table: kind, host offset of the unit (-1 if none), compressed descriptor."""
+        g = self.geom
+        if not g.extended_l2:
+            ent = table[u0:u1]
+            bitmap = None
+            sub = 1
+            c0 = u0
+        else:
+            sub = C.SUBCLUSTERS_PER_CLUSTER
+            c0, c1 = u0 // sub, -(-u1 // sub)
+            ent = table[c0:c1, 0]
+            bitmap = table[c0:c1, 1]
+        comp = (ent >> np.uint64(62)) & np.uint64(1)
+        host = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
+        copied = (ent >> np.uint64(63)).astype(bool)
+        if not g.extended_l2:
+            if (ent[comp == 0] & np.uint64(C.L2E_STD_RESERVED_MASK)).any():
+                bad = int(ent[(comp == 0) & ((ent & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)][0])
+                raise CorruptionError(f"L2 entry with reserved bits set: {bad:#x}")
+        is_comp = comp.astype(bool)
+        plain = ~is_comp
+        if (host[plain] & (g.cluster_size - 1)).any():
+            bad_host = int(host[plain][(host[plain] & (g.cluster_size - 1)) != 0][0])
+            raise CorruptionError(f"data cluster offset {bad_host:#x} is not cluster-aligned")
+        allocated = plain & ((host != 0) | (copied & self.data_file))
+        if bitmap is None:
+            zero = plain & ((ent & np.uint64(1)) != 0)
+            kind = np.where(
+                is_comp, Kind.COMPRESSED,
+                np.where(zero, Kind.ZERO, np.where(allocated, Kind.DATA, Kind.UNALLOCATED)),
+            ).astype(np.int64)
+            unit_host = np.where(allocated, host, -1)
+            desc = np.where(is_comp, ent & np.uint64((1 << 62) - 1), 0).astype(np.int64)
+            return kind, unit_host, desc
+        shifts = np.arange(sub, dtype=np.uint64)
+        alloc_bits = ((bitmap[:, None] >> shifts) & np.uint64(1)).astype(bool)
+        zero_bits = ((bitmap[:, None] >> (shifts + np.uint64(32))) & np.uint64(1)).astype(bool)
+        if (alloc_bits & zero_bits).any() or (alloc_bits & ~allocated[:, None]).any():
+            if (alloc_bits[plain] & ~allocated[plain, None]).any() or (alloc_bits & zero_bits).any():
+                raise CorruptionError("invalid extended L2 bitmap")
+        scs = g.subcluster_size
+        kind2 = np.full(alloc_bits.shape, Kind.UNALLOCATED, dtype=np.int64)
+        kind2[zero_bits] = Kind.ZERO
+        kind2[alloc_bits] = Kind.DATA
+        kind2[is_comp, :] = Kind.COMPRESSED
+        host2 = np.where(alloc_bits, host[:, None] + (shifts.astype(np.int64) * scs), -1)
+        host2 = np.where(is_comp[:, None], -1, host2)
+        desc2 = np.repeat(np.where(is_comp, ent & np.uint64((1 << 62) - 1), 0).astype(np.int64), sub)
+        lo = u0 - c0 * sub
+        hi = lo + (u1 - u0)
+        return kind2.reshape(-1)[lo:hi], host2.reshape(-1)[lo:hi], desc2[lo:hi]
+
+    def lookup(self, offset: int, length: int) -> list[Run]:
+        g = self.geom
+        span = g.l2_span_bytes
+        unit = g.subcluster_size
+        runs: list[Run] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            l1i = pos // span
+            base = l1i * span
+            chunk_end = min(end, base + span)
+            l2_off = self.l2_offset(l1i)
+            if l2_off == 0:
+                _append(runs, Run(pos, chunk_end - pos, Kind.UNALLOCATED))
+                pos = chunk_end
+                continue
+            table = self.table(l2_off)
+            u0 = (pos - base) // unit
+            u1 = -(-(chunk_end - base) // unit)
+            kind, host, desc = self.classify(table, u0, u1)
+            n = len(kind)
+            brk = np.ones(n, dtype=bool)
+            if n > 1:
+                prev_host = host[:-1]
+                expect = np.where(prev_host >= 0, prev_host + unit, -1)
+                brk[1:] = (
+                    (kind[1:] != kind[:-1])
+                    | (host[1:] != expect)
+                    | (kind[1:] == Kind.COMPRESSED)
+                )
+                if g.extended_l2:
+                    # compressed clusters span 32 units: keep one run per cluster
+                    same_cluster = ((np.arange(1, n) + u0) % C.SUBCLUSTERS_PER_CLUSTER) != 0
+                    brk[1:] &= ~((kind[1:] == Kind.COMPRESSED) & same_cluster & (kind[:-1] == Kind.COMPRESSED))
+            starts = np.flatnonzero(brk)
+            ends = np.append(starts[1:], n)
+            for s, e_ in zip(starts.tolist(), ends.tolist(), strict=True):
+                gs = max(pos, base + (u0 + s) * unit)
+                ge = min(chunk_end, base + (u0 + e_) * unit)
+                k = Kind(int(kind[s]))
+                h = int(host[s])
+                if h >= 0:
+                    h += gs - (base + (u0 + s) * unit)
+                if k == Kind.COMPRESSED:
+                    coff, clen = g.decode_compressed(int(desc[s]))
+                    cluster_guest = (gs // g.cluster_size) * g.cluster_size
+                    _append(runs, Run(gs, ge - gs, k, coff, clen, cluster_guest))
+                else:
+                    _append(runs, Run(gs, ge - gs, k, h))
+            pos = chunk_end
+        return runs
+
+
+def _append(runs: list[Run], run: Run) -> None:
+    if runs and run.kind != Kind.COMPRESSED:
+        last = runs[-1]
+        if last.kind == run.kind and last.end == run.guest_offset:
+            if run.host_offset < 0 and last.host_offset < 0:
+                last.length += run.length
+                return
+            if last.host_offset >= 0 and last.host_offset + last.length == run.host_offset:
+                last.length += run.length
+                return
+    runs.append(run)
+
+
+def pack_u64(value: int) -> bytes:
+    return struct.pack(">Q", value)
+
+
+def referenced_clusters(entries: U64, geom: Geometry, data_file: bool) -> I64:
+    """Host clusters that a set of standard L2 entries (the first word of extended ones)
+    hold a reference on: one per normal / allocated-zero cluster, one per host cluster that
+    each compressed cluster's bytes touch. Repeats are meaningful (shared host clusters)."""
+    ent = np.asarray(entries, dtype=np.uint64)
+    comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
+    out: list[I64] = []
+    if not data_file:
+        host = (ent[~comp] & np.uint64(C.OFFSET_MASK)).astype(np.int64)
+        out.append(host[host != 0] >> geom.cluster_bits)
+    if comp.any():
+        desc = ent[comp] & np.uint64((1 << 62) - 1)
+        x = geom.compressed_offset_bits
+        coff = (desc & np.uint64((1 << x) - 1)).astype(np.int64)
+        nsect = ((desc >> np.uint64(x)) & np.uint64((1 << (geom.cluster_bits - 8)) - 1)).astype(
+            np.int64
+        ) + 1
+        clen = nsect * 512 - (coff & 511)
+        first = coff >> geom.cluster_bits
+        last = (coff + clen - 1) >> geom.cluster_bits
+        out.append(first)
+        for extra in range(1, int((last - first).max(initial=0)) + 1):
+            out.append((first + extra)[last - first >= extra])
+    if not out:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(out)

@@ -1,0 +1,301 @@
+"""Refcount table and refcount blocks: read, adjust, allocate, grow the reftable.
+
+Ordering rules owned here:
+- a new refcount block is written and flushed before the reftable entry points at it;
+- a grown reftable (and the refcount blocks that describe it) is written and flushed
+  before the header switches to it, and the old table is freed only after that switch
+  is durable;
+- decrements are only ever applied by callers *after* the references they drop are
+  durable, so a dirty refcount block may always be written back at any time.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import CorruptionError
+from ..format import constants as C
+from ..format.geometry import Geometry
+from ..format.tables import (
+    decode_refblock,
+    decode_table,
+    encode_refblock,
+    encode_table,
+    refcount_dtype,
+)
+from ..io.storage import Storage
+from .cache import TableCache
+
+I64 = npt.NDArray[np.int64]
+Block = npt.NDArray[np.unsignedinteger]
+
+MAX_CLUSTER_INDEX_BITS = 56
+
+
+class Refcounts:
+    def __init__(
+        self,
+        storage: Storage,
+        geom: Geometry,
+        reftable_offset: int,
+        reftable_clusters: int,
+        *,
+        on_reftable_switch: Callable[[int, int], None],
+        cache_blocks: int = 16,
+    ) -> None:
+        self.storage = storage
+        self.geom = geom
+        self.entries_per_block = geom.refblock_entries
+        self.reftable_offset = reftable_offset
+        self.reftable_clusters = reftable_clusters
+        raw = storage.pread(reftable_offset, reftable_clusters * geom.cluster_size)
+        self.reftable = decode_table(raw).copy()
+        self._on_switch = on_reftable_switch
+        self.cache: TableCache[Block] = TableCache(cache_blocks, self._load, self._store)
+        self.unsynced = False
+        self.hint = 0
+        self.end_cluster = geom.clusters_for(storage.size())
+        self._dtype = refcount_dtype(geom.refcount_order)
+
+    # ---- blocks -----------------------------------------------------------------------
+    def block_offset(self, index: int) -> int:
+        if index >= len(self.reftable):
+            return 0
+        entry = int(self.reftable[index])
+        if entry & C.REFT_RESERVED_MASK:
+            raise CorruptionError(f"refcount table entry {index} has reserved bits set")
+        off = entry & ~C.REFT_RESERVED_MASK
+        if off >= C.MAX_HOST_OFFSET:
+            raise CorruptionError(f"refcount block {index} at {off:#x} beyond the offset limit")
+        return off
+
+    def has_block(self, index: int) -> bool:
+        return self.block_offset(index) != 0
+
+    def _load(self, index: int) -> Block:
+        off = self.block_offset(index)
+        if off == 0:
+            raise CorruptionError(f"refcount block {index} is not allocated")
+        return decode_refblock(self.storage.pread(off, self.geom.cluster_size), self.geom.refcount_order)
+
+    def _store(self, index: int, block: Block) -> None:
+        self.storage.event("refblock_update")
+        self.storage.pwrite(self.block_offset(index), encode_refblock(block, self.geom.refcount_order))
+        self.unsynced = True
+
+    def sync(self) -> bool:
+        """Write dirty refcount blocks and make every refcount write durable."""
+        wrote = self.cache.write_dirty()
+        if self.unsynced:
+            self.storage.flush()
+            self.unsynced = False
+            return True
+        return wrote
+
+    # ---- reading ----------------------------------------------------------------------
+    def get(self, cluster: int) -> int:
+        index, pos = divmod(cluster, self.entries_per_block)
+        if not self.has_block(index):
+            return 0
+        return int(self.cache.get(index)[pos])
+
+    def get_range(self, start: int, count: int) -> npt.NDArray[np.uint64]:
+        out = np.zeros(count, dtype=np.uint64)
+        e = self.entries_per_block
+        pos = start
+        while pos < start + count:
+            index = pos // e
+            lo = pos - index * e
+            hi = min(e, lo + start + count - pos)
+            if self.has_block(index):
+                out[pos - start : pos - start + hi - lo] = self.cache.get(index)[lo:hi]
+            pos += hi - lo
+        return out
+
+    # ---- adjusting --------------------------------------------------------------------
+    def add_range(self, start: int, count: int, delta: int) -> I64:
+        return self.adjust(np.arange(start, start + count, dtype=np.int64), delta)
+
+    def adjust(self, clusters: I64, delta: int | I64) -> I64:
+        """Add delta to the refcount of each (sorted, unique) cluster; return the clusters
+        whose refcount dropped to zero."""
+        if len(clusters) == 0:
+            return np.zeros(0, dtype=np.int64)
+        deltas = np.broadcast_to(np.asarray(delta, dtype=np.int64), clusters.shape)
+        e = self.entries_per_block
+        blocks = clusters // e
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
+        freed: list[I64] = []
+        limit = min(self.geom.refcount_max, (1 << 63) - 1)
+        for part, dpart in zip(np.split(clusters, bounds), np.split(deltas, bounds), strict=True):
+            index = int(part[0] // e)
+            if not self.has_block(index):
+                if (dpart < 0).any():
+                    raise CorruptionError(
+                        f"refcount underflow: cluster {int(part[0])} has no refcount block"
+                    )
+                raise CorruptionError(f"refcount block {index} missing for an increment")
+            block = self.cache.get(index)
+            pos = part - index * e
+            new = block[pos].astype(np.int64) + dpart
+            if (new < 0).any() or (new > limit).any():
+                self._bad_refcount(part, new, limit)
+            block[pos] = new.astype(block.dtype)
+            zero = new == 0
+            self.cache.mark_dirty(index)
+            if zero.any():
+                freed.append(part[zero & (dpart < 0)])
+        out = np.concatenate(freed) if freed else np.zeros(0, dtype=np.int64)
+        if len(out):
+            self.hint = min(self.hint, int(out[0]))
+        return out
+
+    def _bad_refcount(self, part: I64, vals: I64, limit: int) -> None:
+        bad = int(np.flatnonzero((vals < 0) | (vals > limit))[0])
+        word = "underflow" if vals[bad] < 0 else "overflow"
+        raise CorruptionError(
+            f"refcount {word} on cluster {int(part[bad])} (limit {limit})"
+        )
+
+    # ---- allocation -------------------------------------------------------------------
+    def allocate(self, count: int) -> int:
+        """Reserve `count` contiguous free clusters with refcount 1; return the first index.
+        The refcount change stays in the cache: callers sync before referencing."""
+        while True:
+            start = self.find_free(count)
+            e = self.entries_per_block
+            missing = [
+                b for b in range(start // e, (start + count - 1) // e + 1) if not self.has_block(b)
+            ]
+            if not missing:
+                break
+            for b in missing:
+                self.create_block(b)
+        if (start + count) >> (MAX_CLUSTER_INDEX_BITS - self.geom.cluster_bits):
+            raise CorruptionError("allocation beyond the 2^56 byte host offset limit")
+        self.add_range(start, count, 1)
+        self.hint = start + count
+        self.end_cluster = max(self.end_cluster, start + count)
+        return start
+
+    def find_free(self, count: int, start_at: int | None = None) -> int:
+        e = self.entries_per_block
+        pos = max(1, self.hint if start_at is None else start_at)
+        run_start = pos
+        index = pos // e
+        while True:
+            block_end = (index + 1) * e
+            if self.has_block(index):
+                block = self.cache.get(index)
+                lo = pos - index * e
+                used = np.flatnonzero(block[lo:]) + pos
+                if len(used):
+                    starts = np.concatenate(([run_start], used + 1))
+                    ends = np.concatenate((used, [block_end]))
+                    fits = np.flatnonzero(ends[:-1] - starts[:-1] >= count)
+                    if len(fits):
+                        return int(starts[fits[0]])
+                    run_start = int(starts[-1])
+            if block_end - run_start >= count:
+                return run_start
+            index += 1
+            pos = block_end
+
+    def create_block(self, index: int) -> None:
+        """Give block `index` a refcount block placed at the first cluster it describes."""
+        if index >= len(self.reftable):
+            self.grow_reftable(index + 1)
+            if self.has_block(index):
+                return
+        e = self.entries_per_block
+        cluster = index * e
+        block = np.zeros(e, dtype=self._dtype)
+        block[0] = 1  # it describes itself
+        off = cluster * self.geom.cluster_size
+        self.storage.event("refblock_alloc_write")
+        self.storage.pwrite(off, encode_refblock(block, self.geom.refcount_order))
+        self.storage.flush()  # the block is durable before the reftable points at it
+        self.storage.event("refblock_alloc_hookup")
+        self.storage.pwrite(self.reftable_offset + index * 8, struct.pack(">Q", off))
+        self.unsynced = True
+        self.reftable[index] = off
+        self.cache.put(index, block, dirty=False)
+        self.end_cluster = max(self.end_cluster, cluster + 1)
+
+    def grow_reftable(self, min_entries: int) -> None:
+        """New table (with the blocks that describe it), flush, switch header, free old."""
+        cs = self.geom.cluster_size
+        e = self.entries_per_block
+        cur = len(self.reftable)
+        want = max(min_entries, cur + cur // 2 + 1)
+        while True:
+            n_table = -(-want * 8 // cs)
+            total = n_table
+            missing: list[int] = []
+            for _ in range(64):
+                start = self.find_free(total, start_at=self.end_cluster)
+                missing = [
+                    b
+                    for b in range(start // e, (start + total - 1) // e + 1)
+                    if not self.has_block(b)
+                ]
+                if n_table + len(missing) == total:
+                    break
+                total = n_table + len(missing)
+            if not missing or max(missing) < want:
+                break
+            want = max(missing) + 1
+        if n_table * cs > C.MAX_REFTABLE_BYTES:
+            raise CorruptionError("the refcount table would exceed its 8 MiB limit")
+        region = np.arange(start, start + total, dtype=np.int64)
+        new_blocks: dict[int, Block] = {}
+        for j, b in enumerate(missing):
+            block = np.zeros(e, dtype=self._dtype)
+            inside = region[(region // e) == b] - b * e
+            block[inside] = 1
+            new_blocks[b] = block
+            self.storage.event("refblock_alloc_write")
+            self.storage.pwrite(
+                (start + n_table + j) * cs, encode_refblock(block, self.geom.refcount_order)
+            )
+        covered = region[np.isin(region // e, missing, invert=True)]
+        if len(covered):
+            self.adjust(covered, 1)
+        self.sync()
+        self.storage.flush()
+        table = np.zeros(n_table * cs // 8, dtype=np.uint64)
+        table[:cur] = self.reftable
+        for j, b in enumerate(missing):
+            table[b] = (start + n_table + j) * cs
+        self.storage.event("reftable_grow")
+        self.storage.pwrite(start * cs, encode_table(table))
+        self.storage.flush()
+        old_offset, old_clusters = self.reftable_offset, self.reftable_clusters
+        self.storage.event("header_update")
+        self.storage.pwrite(
+            C.HEADER_REFTABLE_OFFSET, struct.pack(">QI", start * cs, n_table)
+        )
+        self.storage.flush()
+        self.reftable = table
+        self.reftable_offset, self.reftable_clusters = start * cs, n_table
+        for b, block in new_blocks.items():
+            self.cache.put(b, block, dirty=False)
+        self.end_cluster = max(self.end_cluster, start + total)
+        self._on_switch(start * cs, n_table)
+        self.add_range(old_offset // cs, old_clusters, -1)
+
+    # ---- whole-table views ------------------------------------------------------------
+    def last_used_cluster(self) -> int:
+        """Index of the highest cluster with a non-zero refcount (-1 if none)."""
+        e = self.entries_per_block
+        for index in range(len(self.reftable) - 1, -1, -1):
+            if not self.has_block(index):
+                continue
+            nz = np.flatnonzero(self.cache.get(index))
+            if len(nz):
+                return index * e + int(nz[-1])
+        return -1

@@ -1,0 +1,1 @@
+"""Whole-image operations: create, info, map, convert, compare, resize, check, compact."""

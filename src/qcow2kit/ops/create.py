@@ -1,0 +1,246 @@
+"""create: lay out and write a new qcow2 image (optionally preallocated)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import FormatError, UnsupportedFeatureError
+from ..format import constants as C
+from ..format.extensions import Extension, feature_table_bytes
+from ..format.features import Autoclear, Compatible, Incompatible
+from ..format.geometry import Geometry
+from ..format.header import Header
+from ..format.tables import encode_refblock, encode_table, refcount_dtype
+from ..image import open_any
+from ..io.file import FileStorage
+
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def create(
+    path: str,
+    size: int | None,
+    *,
+    cluster_size: int = 65536,
+    compat: str = "1.1",
+    refcount_bits: int = 16,
+    lazy_refcounts: bool = False,
+    extended_l2: bool = False,
+    compression_type: str = "zlib",
+    preallocation: str = "off",
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    data_file: str | None = None,
+    data_file_raw: bool = False,
+) -> None:
+    """Create a qcow2 image at path. Raises ValueError for bad options."""
+    if compat in ("0.10", "v2"):
+        version = 2
+    elif compat in ("1.1", "v3"):
+        version = 3
+    else:
+        raise ValueError(f"Invalid compatibility level: '{compat}'")
+    if not _power_of_two(cluster_size) or not 512 <= cluster_size <= 2 * 1024 * 1024:
+        raise ValueError(
+            "Cluster size must be a power of two between 512 and 2048k "
+            f"(got {cluster_size})"
+        )
+    if not _power_of_two(refcount_bits) or refcount_bits > 64:
+        raise ValueError("Refcount width must be a power of two and may not exceed 64 bits")
+    if preallocation not in PREALLOCATION_MODES:
+        raise ValueError(f"Invalid preallocation mode: '{preallocation}'")
+    if compression_type not in ("zlib", "zstd"):
+        raise ValueError(f"Invalid compression type: '{compression_type}'")
+    if version == 2:
+        for flag, name in (
+            (lazy_refcounts, "Lazy refcounts"),
+            (extended_l2, "Extended L2 entries"),
+            (data_file is not None, "External data files"),
+            (compression_type != "zlib", "Compression types other than zlib"),
+        ):
+            if flag:
+                raise ValueError(f"{name} only supported with compatibility level 1.1 and above")
+        if refcount_bits != 16:
+            raise ValueError(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above"
+            )
+    if extended_l2 and cluster_size < 16384:
+        raise ValueError("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+    if data_file_raw and data_file is None:
+        raise ValueError("data-file-raw requires data-file")
+    if data_file_raw and backing_file is not None:
+        raise ValueError("Backing file and data-file-raw cannot be used together")
+    if backing_file is not None and preallocation != "off" and not extended_l2:
+        raise ValueError(
+            "Backing file and preallocation can only be used at the same time if "
+            "extended_l2 is on"
+        )
+    if backing_file is not None and (size is None or backing_fmt is None):
+        bpath = backing_file
+        if not os.path.isabs(bpath):
+            bpath = os.path.join(os.path.dirname(path), bpath)
+        backing = open_any(bpath, backing_fmt, force_share=True)
+        try:
+            backing_fmt = backing_fmt or backing.format_name
+            if size is None:
+                size = backing.virtual_size
+        finally:
+            backing.close()
+    if size is None:
+        raise ValueError("Image creation needs a size parameter")
+    if size < 0:
+        raise ValueError("Image size must be non-negative")
+    if size % 512:
+        raise ValueError(f"Image size must be a multiple of 512 bytes (got {size})")
+
+    order = refcount_bits.bit_length() - 1
+    cluster_bits = cluster_size.bit_length() - 1
+    geom = Geometry(cluster_bits, order, extended_l2)
+    l1_entries = geom.l1_entries_for(size)
+    if l1_entries * 8 > C.MAX_L1_BYTES:
+        raise ValueError(f"Image size {size} is too big for cluster size {cluster_size}")
+    l1_clusters = max(1, geom.clusters_for(l1_entries * 8))
+    prealloc = preallocation != "off"
+    n_l2 = l1_entries if prealloc else 0
+    n_data = geom.clusters_for(size) if prealloc and data_file is None else 0
+    e = geom.refblock_entries
+    n_reftable, n_blocks = 1, 1
+    while True:
+        total = 1 + n_reftable + n_blocks + l1_clusters + n_l2 + n_data
+        blocks = -(-total // e)
+        tables = max(1, geom.clusters_for(blocks * 8))
+        if (blocks, tables) == (n_blocks, n_reftable):
+            break
+        n_blocks, n_reftable = blocks, tables
+    if n_reftable * cluster_size > C.MAX_REFTABLE_BYTES:
+        raise ValueError(f"Image size {size} needs a refcount table beyond the 8 MiB limit")
+    reftable_off = cluster_size
+    blocks_off = reftable_off + n_reftable * cluster_size
+    l1_off = blocks_off + n_blocks * cluster_size
+    l2_off = l1_off + l1_clusters * cluster_size
+    data_off = l2_off + n_l2 * cluster_size
+
+    incompat = 0
+    compatible = 0
+    autoclear = 0
+    exts: list[Extension] = []
+    if backing_fmt is not None and backing_file is not None:
+        exts.append(Extension(C.EXT_BACKING_FORMAT, backing_fmt.encode()))
+    if data_file is not None:
+        incompat |= Incompatible.EXTERNAL_DATA_FILE
+        exts.append(Extension(C.EXT_DATA_FILE, data_file.encode()))
+        if data_file_raw:
+            autoclear |= Autoclear.DATA_FILE_RAW
+    if version == 3:
+        exts.append(Extension(C.EXT_FEATURE_TABLE, feature_table_bytes()))
+    if extended_l2:
+        incompat |= Incompatible.EXTENDED_L2
+    ctype = C.COMPRESSION_ZLIB if compression_type == "zlib" else C.COMPRESSION_ZSTD
+    if ctype != C.COMPRESSION_ZLIB:
+        incompat |= Incompatible.COMPRESSION_TYPE
+    if lazy_refcounts:
+        compatible |= Compatible.LAZY_REFCOUNTS
+    header = Header(
+        version=version,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=cluster_bits,
+        size=size,
+        crypt_method=0,
+        l1_size=l1_entries,
+        l1_table_offset=l1_off,
+        refcount_table_offset=reftable_off,
+        refcount_table_clusters=n_reftable,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        incompatible_features=incompat,
+        compatible_features=compatible,
+        autoclear_features=autoclear,
+        refcount_order=order,
+        header_length=C.V3_HEADER_LENGTH if version == 3 else C.V2_HEADER_LENGTH,
+        compression_type=ctype,
+        extensions=tuple(exts),
+        backing_file=backing_file,
+    ).relayout()
+
+    total = 1 + n_reftable + n_blocks + l1_clusters + n_l2 + n_data
+    refcounts = np.zeros(n_blocks * e, dtype=refcount_dtype(order))
+    refcounts[:total] = 1
+    reftable = np.zeros(n_reftable * cluster_size // 8, dtype=np.uint64)
+    reftable[:n_blocks] = blocks_off + np.arange(n_blocks, dtype=np.uint64) * cluster_size
+    l1 = np.zeros(l1_entries, dtype=np.uint64)
+    if data_file is not None:
+        dpath = data_file
+        if not os.path.isabs(dpath):
+            dpath = os.path.join(os.path.dirname(path), dpath)
+        mode = "r+b" if os.path.exists(dpath) else "wb"
+        with open(dpath, mode) as df:
+            df.truncate(size if (prealloc or data_file_raw) else 0)
+    storage = FileStorage(path, True, create=True)
+    try:
+        storage.pwrite(0, header.to_bytes())
+        storage.pwrite(reftable_off, encode_table(reftable))
+        storage.pwrite(blocks_off, encode_refblock(refcounts, order))
+        if prealloc:
+            _preallocate(storage, geom, size, l1, l2_off, data_off, data_file is not None)
+            if preallocation == "falloc" and n_data:
+                storage.allocate(data_off, n_data * cluster_size)
+            elif preallocation == "full" and n_data:
+                _write_zeros(storage, data_off, n_data * cluster_size)
+            end = data_off + n_data * cluster_size
+            if storage.size() < end:
+                storage.truncate(end)
+        storage.pwrite(l1_off, encode_table(l1) if l1_entries else b"")
+        if l1_entries == 0 and storage.size() < l1_off:
+            storage.truncate(l1_off)
+        storage.flush()
+    except BaseException:
+        storage.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    storage.close()
+
+
+def _preallocate(
+    storage: FileStorage, geom: Geometry, size: int, l1: np.ndarray, l2_off: int,
+    data_off: int, data_file: bool,
+) -> None:
+    cs = geom.cluster_size
+    n_clusters = geom.clusters_for(size)
+    per = geom.l2_entries
+    for i in range(len(l1)):
+        lo = i * per
+        hi = min(n_clusters, lo + per)
+        table = np.zeros((per, 2) if geom.extended_l2 else per, dtype=np.uint64)
+        guest = np.arange(lo, hi, dtype=np.uint64) * np.uint64(cs)
+        host = guest if data_file else np.uint64(data_off) + guest
+        entries = host | np.uint64(C.OFLAG_COPIED)
+        if geom.extended_l2:
+            table[: hi - lo, 0] = entries
+            table[: hi - lo, 1] = C.BITMAP_ALL_ALLOC
+        else:
+            table[: hi - lo] = entries
+        off = l2_off + i * cs
+        storage.pwrite(off, encode_table(table))
+        l1[i] = off | C.OFLAG_COPIED
+
+
+def _write_zeros(storage: FileStorage, offset: int, length: int) -> None:
+    chunk = bytes(min(length, 8 << 20))
+    pos = offset
+    while pos < offset + length:
+        n = min(len(chunk), offset + length - pos)
+        storage.pwrite(pos, chunk[:n])
+        pos += n
+
+
+__all__ = ["create", "PREALLOCATION_MODES", "UnsupportedFeatureError", "FormatError"]

@@ -1,0 +1,2 @@
+"""Helpers shipped for tests: fault-injecting storage, reference model, strategies.
+Nothing under src/ imports this package."""
