@@ -1,0 +1,537 @@
+"""Fault injection for crash and error-path tests.
+
+RecordingStorage
+    An in-memory Storage that logs every operation that changes what the disk holds
+    (``("write", offset, bytes)``, ``("truncate", size)``, ``("punch", offset, length)``,
+    ``("allocate", offset, length)``), every ``("flush",)`` and every ``("event", name)``.
+crash_images
+    Rebuilds the images a power cut could leave behind: every prefix of the log, and sampled
+    subsets of the writes of each flush epoch (unflushed writes may be lost, or torn at sector
+    granularity) on top of the state at that epoch's start.
+check_crash_states
+    Writes each such image to a file and asks ``qemu-img check`` that it has no corruption
+    (leaks are allowed), then calls a caller's verify(path).
+FaultyStorage
+    A MemoryStorage that raises OSError (ENOSPC, EIO, ...) at the N-th write, N-th flush, or at
+    a named metadata event, for error-path tests.
+
+This module is test support: nothing under src/ outside qcow2kit.testing imports it.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageStateError
+from ..io.memory import MemoryStorage
+
+LogEntry = tuple[Any, ...]
+SECTOR = 512
+_HEADER_INCOMPAT_OFFSET = 72
+_DIRTY_BIT = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# recording
+# ---------------------------------------------------------------------------------------------
+class RecordingStorage:
+    """A Storage over an in-memory copy of ``initial`` that records everything done to it.
+
+    ``log`` holds the operations in order; ``initial`` the bytes the log starts from.
+    ``restart()`` makes the current contents the new ``initial`` and empties the log, so a test
+    can open an image first and record only its workload.
+    """
+
+    def __init__(
+        self, initial: bytes = b"", name: str = "<recording>", writable: bool = True
+    ) -> None:
+        self.buf = bytearray(initial)
+        self.initial = bytes(initial)
+        self.log: list[LogEntry] = []
+        self.name = name
+        self.writable = writable
+        self.closed = False
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], writable: bool = True) -> RecordingStorage:
+        return cls(Path(path).read_bytes(), name=str(path), writable=writable)
+
+    def restart(self) -> None:
+        """Forget the log so far: the current contents become ``initial``."""
+        self.initial = bytes(self.buf)
+        self.log.clear()
+
+    def contents(self) -> bytes:
+        return bytes(self.buf)
+
+    @property
+    def ops(self) -> list[LogEntry]:
+        """The log without events."""
+        return [e for e in self.log if e[0] != "event"]
+
+    def _check_write(self) -> None:
+        if not self.writable:
+            raise ImageStateError(f"{self.name} is read-only")
+
+    # ---- Storage protocol -----------------------------------------------------------------
+    def pread(self, offset: int, length: int) -> bytes:
+        out = bytes(self.buf[offset : offset + length])
+        return out + b"\0" * (length - len(out))
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_write()
+        payload = bytes(data)
+        _apply(self.buf, ("write", offset, payload))
+        self.log.append(("write", offset, payload))
+
+    def flush(self) -> None:
+        self.log.append(("flush",))
+
+    def truncate(self, size: int) -> None:
+        self._check_write()
+        _apply(self.buf, ("truncate", size))
+        self.log.append(("truncate", size))
+
+    def size(self) -> int:
+        return len(self.buf)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        self._check_write()
+        _apply(self.buf, ("punch", offset, length))
+        self.log.append(("punch", offset, length))
+
+    def allocate(self, offset: int, length: int) -> None:
+        self._check_write()
+        _apply(self.buf, ("allocate", offset, length))
+        self.log.append(("allocate", offset, length))
+
+    def allocated_bytes(self) -> int:
+        return len(self.buf)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def event(self, name: str) -> None:
+        self.log.append(("event", name))
+
+
+def _apply(buf: bytearray, op: LogEntry) -> None:
+    kind = op[0]
+    if kind == "write":
+        offset, data = op[1], op[2]
+        end = offset + len(data)
+        if end > len(buf):
+            buf.extend(bytes(end - len(buf)))
+        buf[offset:end] = data
+    elif kind == "truncate":
+        size = op[1]
+        if size < len(buf):
+            del buf[size:]
+        else:
+            buf.extend(bytes(size - len(buf)))
+    elif kind == "punch":
+        offset, length = op[1], op[2]
+        end = min(offset + length, len(buf))
+        if end > offset:
+            buf[offset:end] = bytes(end - offset)
+    elif kind == "allocate":
+        end = op[1] + op[2]
+        if end > len(buf):
+            buf.extend(bytes(end - len(buf)))
+    elif kind in ("flush", "event"):
+        pass
+    else:
+        raise ValueError(f"unknown log entry {op!r}")
+
+
+def _describe(op: LogEntry, event: str | None) -> str:
+    kind = op[0]
+    if kind == "write":
+        what = f"write {len(op[2])}@{op[1]:#x}"
+    elif kind == "truncate":
+        what = f"truncate {op[1]:#x}"
+    elif kind in ("punch", "allocate"):
+        what = f"{kind} {op[2]}@{op[1]:#x}"
+    else:
+        what = kind
+    return f"{what} ({event})" if event else what
+
+
+# ---------------------------------------------------------------------------------------------
+# crash states
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Prefix:
+    k: int  # number of ops applied
+
+
+@dataclass(frozen=True)
+class _Sample:
+    epoch: int
+    start: int  # ops[start:end] are the epoch's state-changing ops; state at start is the base
+    end: int
+    keep: tuple[int, ...]  # indices (into ops) of the ops that reached the disk, program order
+    torn: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (op index, sectors that reached disk)
+    index: int = 0
+
+
+@dataclass
+class _Plan:
+    ops: list[LogEntry]
+    events: list[str | None]
+    states: list[_Prefix | _Sample] = field(default_factory=list)
+
+
+def _split_log(log: Sequence[LogEntry]) -> tuple[list[LogEntry], list[str | None]]:
+    ops: list[LogEntry] = []
+    events: list[str | None] = []
+    last_event: str | None = None
+    for entry in log:
+        if entry[0] == "event":
+            last_event = str(entry[1])
+            continue
+        ops.append(entry)
+        events.append(last_event if entry[0] != "flush" else None)
+        if entry[0] != "flush":
+            last_event = None
+    return ops, events
+
+
+def _epochs(ops: Sequence[LogEntry]) -> list[tuple[int, int]]:
+    """[start, end) ranges of ops between flushes (flush ops excluded)."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i, op in enumerate(ops):
+        if op[0] == "flush":
+            if i > start:
+                out.append((start, i))
+            start = i + 1
+    if len(ops) > start:
+        out.append((start, len(ops)))
+    return out
+
+
+def _plan(log: Sequence[LogEntry], reorder_samples: int, seed: int) -> _Plan:
+    ops, events = _split_log(log)
+    plan = _Plan(ops, events)
+    # every prefix whose state differs from the previous one (a flush changes no bytes)
+    plan.states.append(_Prefix(0))
+    for k in range(1, len(ops) + 1):
+        if ops[k - 1][0] != "flush":
+            plan.states.append(_Prefix(k))
+    if reorder_samples <= 0:
+        return plan
+    rng = random.Random(seed)
+    for e, (start, end) in enumerate(_epochs(ops)):
+        n = end - start
+        if n < 2:
+            continue
+        seen: set[tuple[tuple[int, ...], tuple[tuple[int, tuple[int, ...]], ...]]] = set()
+        for j in range(reorder_samples):
+            p = rng.random()
+            keep = tuple(i for i in range(start, end) if rng.random() < p)
+            torn: list[tuple[int, tuple[int, ...]]] = []
+            # sometimes tear one multi-sector write: only some of its sectors made it
+            multi = [i for i in keep if ops[i][0] == "write" and len(ops[i][2]) > SECTOR]
+            if multi and rng.random() < 0.5:
+                i = rng.choice(multi)
+                nsec = -(-len(ops[i][2]) // SECTOR)
+                sectors = tuple(s for s in range(nsec) if rng.random() < 0.5)
+                torn.append((i, sectors))
+            key = (keep, tuple(torn))
+            # a sample equal to a prefix adds nothing; nor does a repeat
+            is_prefix = not torn and keep == tuple(range(start, start + len(keep)))
+            if key in seen or is_prefix:
+                continue
+            seen.add(key)
+            plan.states.append(_Sample(e, start, end, keep, tuple(torn), j))
+    return plan
+
+
+def _apply_torn(buf: bytearray, op: LogEntry, sectors: tuple[int, ...]) -> None:
+    offset, data = op[1], op[2]
+    for s in sectors:
+        piece = data[s * SECTOR : (s + 1) * SECTOR]
+        _apply(buf, ("write", offset + s * SECTOR, piece))
+
+
+def _materialise(
+    initial: bytes, plan: _Plan, selected: Sequence[_Prefix | _Sample]
+) -> Iterator[tuple[str, bytes]]:
+    ops, events = plan.ops, plan.events
+    prefixes = sorted({s.k for s in selected if isinstance(s, _Prefix)})
+    samples: dict[int, list[_Sample]] = {}
+    for s in selected:
+        if isinstance(s, _Sample):
+            samples.setdefault(s.start, []).append(s)
+    total = len(ops)
+    buf = bytearray(initial)
+    pi = 0
+    for k in range(total + 1):
+        # state after ops[:k]
+        if k in samples:
+            base = bytes(buf)
+            for s in samples[k]:
+                state = bytearray(base)
+                torn = dict(s.torn)
+                for i in s.keep:
+                    if i in torn:
+                        _apply_torn(state, ops[i], torn[i])
+                    else:
+                        _apply(state, ops[i])
+                tear = f", torn {len(s.torn)}" if s.torn else ""
+                label = (
+                    f"epoch {s.epoch} (ops {s.start}..{s.end - 1}) sample {s.index}: "
+                    f"kept {len(s.keep)}/{s.end - s.start}{tear}"
+                )
+                yield label, bytes(state)
+        if pi < len(prefixes) and prefixes[pi] == k:
+            last = f" after {_describe(ops[k - 1], events[k - 1])}" if k else ""
+            yield f"prefix {k}/{total}{last}", bytes(buf)
+            pi += 1
+        if k < total:
+            _apply(buf, ops[k])
+
+
+def crash_images(
+    initial: bytes,
+    log: Sequence[LogEntry],
+    *,
+    reorder_samples: int = 0,
+    seed: int = 0,
+    max_states: int | None = None,
+) -> Iterator[tuple[str, bytes]]:
+    """Yield (label, image bytes) for every state a power cut during `log` could leave.
+
+    Every prefix: the power went out after op k (flushes change no bytes, so the state after a
+    flush is not repeated). With reorder_samples > 0, for every flush epoch (the ops between two
+    flushes, or after the last one), that many random subsets of the epoch's writes (truncates
+    and punches count as writes) applied in program order on top of the state at the epoch's
+    start; sometimes one multi-sector write is torn at 512-byte sectors. Overlapping writes keep
+    their program order (a device never lets an older write overtake a newer one to the same
+    sector), so a subset stands for every order of the kept writes.
+
+    With max_states, an evenly spread, seeded sample of at most that many states is yielded
+    (always including the empty and the full prefix).
+    """
+    plan = _plan(log, reorder_samples, seed)
+    states = plan.states
+    if max_states is not None and len(states) > max_states:
+        states = _sample_states(states, max_states, seed)
+    yield from _materialise(initial, plan, states)
+
+
+def _sample_states(
+    states: list[_Prefix | _Sample], max_states: int, seed: int
+) -> list[_Prefix | _Sample]:
+    prefixes = [s for s in states if isinstance(s, _Prefix)]
+    others = [s for s in states if not isinstance(s, _Prefix)]
+    rng = random.Random(seed ^ 0x5EED)
+    n_pref = min(len(prefixes), max(2, max_states * 2 // 3 if others else max_states))
+    n_other = min(len(others), max_states - n_pref)
+    chosen: list[_Prefix | _Sample] = [prefixes[0], prefixes[-1]]
+    middle = prefixes[1:-1]
+    chosen += rng.sample(middle, min(len(middle), n_pref - 2))
+    chosen += rng.sample(others, n_other)
+    return chosen
+
+
+def count_states(log: Sequence[LogEntry], *, reorder_samples: int = 0, seed: int = 0) -> int:
+    """How many states crash_images would yield without max_states."""
+    return len(_plan(log, reorder_samples, seed).states)
+
+
+# ---------------------------------------------------------------------------------------------
+# checking
+# ---------------------------------------------------------------------------------------------
+class CrashStateError(AssertionError):
+    """A crash state that qemu-img check does not accept."""
+
+
+def _qemu_img() -> str:
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise RuntimeError("qemu-img is required for crash checks (Debian package qemu-utils)")
+    return exe
+
+
+def qemu_check_json(path: str, *, repair: str | None = None) -> dict[str, Any]:
+    """Run `qemu-img check --output=json [-r repair]`; the JSON plus 'rc' and 'stderr'."""
+    argv = [_qemu_img(), "check", "--output=json"]
+    if repair:
+        argv += ["-r", repair]
+    argv.append(path)
+    res = subprocess.run(argv, capture_output=True, text=True)
+    try:
+        out: dict[str, Any] = json.loads(res.stdout) if res.stdout.strip() else {}
+    except json.JSONDecodeError:
+        out = {}
+    out["rc"] = res.returncode
+    out["stderr"] = res.stderr
+    out["stdout_raw"] = res.stdout
+    return out
+
+
+def is_dirty(image: bytes) -> bool:
+    """The qcow2 v3 dirty bit (lazy refcounts: refcounts may lag behind the tables)."""
+    if len(image) < 80 or struct.unpack_from(">I", image, 4)[0] < 3:
+        return False
+    return bool(struct.unpack_from(">Q", image, _HEADER_INCOMPAT_OFFSET)[0] & _DIRTY_BIT)
+
+
+def check_crash_states(
+    initial: bytes,
+    log: Sequence[LogEntry],
+    tmp_path: str | os.PathLike[str],
+    *,
+    verify: Callable[[str], None] | None = None,
+    reorder_samples: int = 4,
+    max_states: int | None = 300,
+    seed: int = 0,
+    filename: str = "crash-state.qcow2",
+    allow_leaks: bool = True,
+) -> int:
+    """Check every crash state of `log` with qemu-img check; returns how many were checked.
+
+    Each state is written to tmp_path/filename (put backing files next to it when the image
+    names one by a relative path). Requirements: qemu-img check produces its JSON, reports 0
+    corruptions and 0 check errors (leaks allowed unless allow_leaks=False). A state with the
+    dirty bit set (lazy refcounts) is first repaired with `check -r all`, as QEMU does on open,
+    and must then be clean. Then verify(path) runs, e.g. to read back data that was flushed
+    before the workload. Failures raise CrashStateError naming the state.
+    """
+    path = os.path.join(os.fspath(tmp_path), filename)
+    count = 0
+    for label, image in crash_images(
+        initial, log, reorder_samples=reorder_samples, seed=seed, max_states=max_states
+    ):
+        with open(path, "wb") as f:
+            f.write(image)
+        repair = "all" if is_dirty(image) else None
+        out = qemu_check_json(path, repair=repair)
+        if repair:
+            out = qemu_check_json(path)
+        problems = []
+        if "check-errors" not in out:
+            problems.append("no JSON from qemu-img check")
+        else:
+            if out.get("corruptions", 0):
+                problems.append(f"{out['corruptions']} corruptions")
+            if out.get("check-errors", 0):
+                problems.append(f"{out['check-errors']} check errors")
+            if not allow_leaks and out.get("leaks", 0):
+                problems.append(f"{out['leaks']} leaks")
+        if problems:
+            detail = out.get("stderr", "") or out.get("stdout_raw", "")
+            raise CrashStateError(f"crash state {label}: {', '.join(problems)}\n{detail}")
+        if verify is not None:
+            try:
+                verify(path)
+            except AssertionError as exc:
+                raise CrashStateError(f"crash state {label}: verify failed: {exc}") from exc
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# failing storage
+# ---------------------------------------------------------------------------------------------
+class FaultyStorage(MemoryStorage):
+    """MemoryStorage that raises OSError at a chosen point.
+
+    fail_write_at: the N-th pwrite (1-based, counted from construction or `arm()`) fails.
+    fail_flush_at: the N-th flush fails.
+    fail_event / fail_event_at: the N-th time `event(fail_event)` is called it raises, i.e.
+        just before that metadata write.
+    sticky: once failed, every later pwrite/flush/truncate fails too (a dead disk); otherwise
+        only the one operation fails.
+    error: the errno raised (ENOSPC by default; EIO is the other common one).
+    `failed` tells whether the fault fired; `events` lists every event seen.
+    """
+
+    def __init__(
+        self,
+        data: bytes = b"",
+        *,
+        name: str = "<faulty>",
+        writable: bool = True,
+        fail_write_at: int | None = None,
+        fail_flush_at: int | None = None,
+        fail_event: str | None = None,
+        fail_event_at: int = 1,
+        error: int = _errno.ENOSPC,
+        sticky: bool = False,
+    ) -> None:
+        super().__init__(data, name=name, writable=writable)
+        self.fail_write_at = fail_write_at
+        self.fail_flush_at = fail_flush_at
+        self.fail_event = fail_event
+        self.fail_event_at = fail_event_at
+        self.error = error
+        self.sticky = sticky
+        self.failed = False
+        self.events: list[str] = []
+        self.writes = 0
+        self.flushes = 0
+        self.event_hits = 0
+
+    def arm(self, **settings: Any) -> None:
+        """Reset counters (and optionally change settings) so faults count from now."""
+        for key, value in settings.items():
+            if not hasattr(self, key):
+                raise AttributeError(key)
+            setattr(self, key, value)
+        self.writes = self.flushes = self.event_hits = 0
+        self.failed = False
+
+    def _raise(self, what: str) -> None:
+        self.failed = True
+        raise OSError(self.error, f"{os.strerror(self.error)} (injected at {what})")
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
+        if (self.sticky and self.failed) or self.writes == self.fail_write_at:
+            self._raise(f"write #{self.writes}")
+        super().pwrite(offset, data)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        if (self.sticky and self.failed) or self.flushes == self.fail_flush_at:
+            self._raise(f"flush #{self.flushes}")
+
+    def truncate(self, size: int) -> None:
+        if self.sticky and self.failed:
+            self._raise("truncate")
+        super().truncate(size)
+
+    def event(self, name: str) -> None:
+        self.events.append(name)
+        if self.sticky and self.failed:
+            self._raise(f"event {name}")
+        if self.fail_event is not None and name == self.fail_event:
+            self.event_hits += 1
+            if self.event_hits == self.fail_event_at:
+                self._raise(f"event {name} #{self.event_hits}")
+
+
+__all__ = [
+    "CrashStateError",
+    "FaultyStorage",
+    "LogEntry",
+    "RecordingStorage",
+    "check_crash_states",
+    "count_states",
+    "crash_images",
+    "is_dirty",
+    "qemu_check_json",
+]
