@@ -1,0 +1,42 @@
+"""qcow2kit info [--output=human|json] [--backing-chain] [-f FMT] [-U] FILE"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .common import add_output
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "info",
+        help="show information about an image (like qemu-img info)",
+        description="Show the facts qemu-img info reports; --output=json gives the same JSON value.",
+    )
+    add_output(p)
+    p.add_argument("--backing-chain", action="store_true", help="also show every backing file")
+    p.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format (probed if omitted)")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
+                   help="open the image even if another process has it open for writing")
+    p.add_argument("filename")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..ops.info import chain_info, human, human_chain, image_info
+
+    if args.backing_chain:
+        infos = chain_info(args.filename, args.fmt, force_share=args.force_share)
+        if args.output == "json":
+            print(json.dumps(infos, indent=4))
+        else:
+            print(human_chain(infos), end="")
+        return 0
+    info = image_info(args.filename, args.fmt, force_share=args.force_share)
+    if args.output == "json":
+        print(json.dumps(info, indent=4))
+    else:
+        print(human(info), end="")
+    return 0
