@@ -1,0 +1,40 @@
+"""qcow2kit map [--output=human|json] [-f FMT] [-U] FILE"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .common import add_output
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "map",
+        help="show where each guest range lives (like qemu-img map)",
+        description="Dump the allocation of the virtual disk through the backing chain; "
+        "--output=json gives the same JSON value as qemu-img map.",
+    )
+    add_output(p)
+    p.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format (probed if omitted)")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
+                   help="open the image even if another process has it open for writing")
+    p.add_argument("filename")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..ops.map import format_human, format_json, map_path
+
+    entries = map_path(args.filename, args.fmt, force_share=args.force_share)
+    if args.output == "json":
+        sys.stdout.write(format_json(entries))
+        return 0
+    text, err = format_human(entries)
+    sys.stdout.write(text)
+    if err:
+        sys.stdout.flush()
+        print(f"qcow2kit: {err}", file=sys.stderr)
+        return 1
+    return 0
