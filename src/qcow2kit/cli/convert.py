@@ -1,0 +1,73 @@
+"""qcow2kit convert [-f FMT] [-O qcow2|raw] [-c] [-o key=value,...] [-p] [-B BACKING [-F FMT]]
+[-U] SRC DST"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import UsageError, parse_options
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "convert",
+        help="copy a disk image to a raw file or a new qcow2 image",
+        description="Convert SRC (qcow2 or raw) to DST. Raw output is sparse; qcow2 output "
+        "takes the options of 'create' (-o) and leaves all-zero clusters unallocated.",
+    )
+    p.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="source format (probed if omitted)")
+    p.add_argument("-O", dest="out_fmt", default="raw", choices=("qcow2", "raw"),
+                   help="output format (default raw)")
+    p.add_argument("-c", dest="compressed", action="store_true",
+                   help="compress the output clusters (qcow2 only)")
+    p.add_argument("-o", dest="options", action="append", help="output options key=value[,...]")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("-B", dest="backing", help="backing file of the output: write only what differs")
+    p.add_argument("-F", dest="backing_fmt", choices=("qcow2", "raw"), help="format of -B's file")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
+                   help="open the source even if another process has it open for writing")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("source")
+    p.add_argument("target")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..ops.convert import convert
+    from .create import options_to_kwargs
+
+    opts = parse_options(args.options)
+    if args.out_fmt == "raw" and opts:
+        raise UsageError(f"Invalid parameter '{next(iter(opts))}' for output format 'raw'")
+    kwargs = options_to_kwargs(opts)
+    backing = args.backing or kwargs.pop("backing_file", None)
+    backing_fmt = args.backing_fmt or kwargs.pop("backing_fmt", None)
+    if "preallocation" in kwargs and kwargs["preallocation"] != "off":
+        raise UsageError("preallocation is not supported by convert")
+    if args.compressed and args.out_fmt != "qcow2":
+        raise UsageError("Compression not supported for file format 'raw'")
+    bar: Any = None
+    progress = None
+    if args.progress and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="convert")
+
+        def progress(n: int) -> None:
+            bar.update(n)
+
+    try:
+        if bar is not None:
+            from ..ops.info import image_info
+
+            bar.total = image_info(args.source, args.fmt, force_share=True)["virtual-size"]
+        convert(
+            args.source, args.target, src_fmt=args.fmt, out_fmt=args.out_fmt,
+            options=kwargs, compressed=args.compressed, backing=backing,
+            backing_fmt=backing_fmt, force_share=args.force_share, progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    return 0

@@ -1,0 +1,482 @@
+"""convert: copy a virtual disk (qcow2 or raw) to a raw file or a new qcow2 image.
+
+- Raw output is sparse: ranges the source maps as zeros are never read, and 4 KiB blocks
+  of read data that are all zero are skipped; the file is sized with truncate, so every
+  skipped range is a hole (as `qemu-img convert -S 4k` does).
+- qcow2 output is created with ops.create, then written through Image.write in large
+  coalesced pieces; cluster-aligned all-zero blocks stay unallocated.
+- `compressed=True` deflates (or zstd-compresses, per compression_type) each cluster in a
+  thread pool and packs the results at byte granularity into host clusters, as QEMU does;
+  a cluster that does not shrink below the cluster size is stored uncompressed.
+  Ordering: compressed bytes are written, and their refcounts are in the refcount cache,
+  before the L2 entries that point at them are installed; metadata writes the refcounts
+  durably before any L2 table (Metadata._before_l2_write).
+- With a backing file (-B), only clusters that read differently from the backing file are
+  written; a zero cluster over non-zero backing data becomes a zero cluster.
+
+Also the shared chunked reader (`Source`) that compare uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+from ..format.compression import compress
+from ..image import Image, RawImage, open_any
+from ..metadata.l2map import Kind
+from .create import create
+from .map import host_segments
+
+CHUNK_BYTES = 8 << 20
+SPARSE_BYTES = 4096
+
+Progress = Callable[[int], None]
+
+
+# ---- reading -------------------------------------------------------------------------
+class Source:
+    """A virtual disk read in chunks, knowing which ranges read as zeros without I/O."""
+
+    def __init__(self, img: Image | RawImage) -> None:
+        self.img = img
+        self.size = img.virtual_size
+
+    def segments(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """(start, end, known_zero) pieces covering [start, end), merged."""
+        out: list[tuple[int, int, bool]] = []
+        _segments(self.img, start, end, out)
+        return out
+
+    def read_into(self, mv: memoryview, pos: int) -> None:
+        """Fill mv with guest bytes from pos (mv need not be zeroed)."""
+        _read_into(self.img, mv, pos)
+
+
+def _add(out: list[tuple[int, int, bool]], a: int, b: int, zero: bool) -> None:
+    if a >= b:
+        return
+    if out and out[-1][2] == zero and out[-1][1] == a:
+        out[-1] = (out[-1][0], b, zero)
+    else:
+        out.append((a, b, zero))
+
+
+def _segments(img: Image | RawImage, start: int, end: int, out: list[tuple[int, int, bool]]) -> None:
+    if start >= end:
+        return
+    if isinstance(img, RawImage):
+        fd = getattr(img.storage, "fd", None)
+        if fd is None:
+            _add(out, start, end, False)
+            return
+        for a, b, is_data in host_segments(fd, start, end):
+            _add(out, a, b, not is_data)
+        return
+    for run in img.runs(start, end - start):
+        a, b = run.guest_offset, run.end
+        if run.kind == Kind.ZERO:
+            _add(out, a, b, True)
+        elif run.kind == Kind.UNALLOCATED:
+            if img.backing is None:
+                _add(out, a, b, True)
+            else:
+                bsize = img.backing.virtual_size
+                _segments(img.backing, a, min(b, bsize), out)
+                _add(out, max(a, bsize), b, True)
+        else:
+            _add(out, a, b, False)
+
+
+def _preadinto(storage: Any, mv: memoryview, offset: int) -> None:
+    fd = getattr(storage, "fd", None)
+    if fd is None:
+        data = storage.pread(offset, len(mv))
+        mv[: len(data)] = data
+        mv[len(data) :] = bytes(len(mv) - len(data))
+        return
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            mv[done:] = bytes(len(mv) - done)
+            return
+        done += n
+
+
+def _read_into(img: Image | RawImage, mv: memoryview, pos: int) -> None:
+    if isinstance(img, RawImage):
+        n = max(0, min(len(mv), img.virtual_size - pos))
+        if n:
+            _preadinto(img.storage, mv[:n], pos)
+        if n < len(mv):
+            mv[n:] = bytes(len(mv) - n)
+        return
+    data = img.data_storage or img.storage
+    for run in img.runs(pos, len(mv)):
+        a = run.guest_offset - pos
+        b = a + run.length
+        if run.kind == Kind.DATA:
+            _preadinto(data, mv[a:b], run.host_offset)
+        elif run.kind == Kind.UNALLOCATED and img.backing is not None:
+            bsize = img.backing.virtual_size
+            n = max(0, min(run.length, bsize - run.guest_offset))
+            if n:
+                _read_into(img.backing, mv[a : a + n], run.guest_offset)
+            if a + n < b:
+                mv[a + n : b] = bytes(b - a - n)
+        elif run.kind == Kind.COMPRESSED:
+            mv[a:b] = img.read(run.guest_offset, run.length)
+        else:
+            mv[a:b] = bytes(b - a)
+
+
+def nonzero_blocks(mv: memoryview, block: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Per block of `block` bytes (the last may be short): does it hold a non-zero byte?"""
+    n = len(mv)
+    nblocks = -(-n // block)
+    out = np.ones(nblocks, dtype=bool)
+    full = n // block
+    if full:
+        words = np.frombuffer(mv[: full * block], dtype=np.uint64).reshape(full, block // 8)
+        # cheap pre-test on a few words, then a full test only where those are zero
+        cand = (words[:, 0] == 0) & (words[:, -1] == 0) & (words[:, block // 16] == 0)
+        idx = np.flatnonzero(cand)
+        if len(idx):
+            out[idx] = words[idx].any(axis=1)
+    if nblocks > full:
+        out[full] = any(mv[full * block :])
+    return out
+
+
+def _runs_of(mask: np.ndarray[Any, np.dtype[np.bool_]]) -> list[tuple[int, int]]:
+    """[start, end) index runs where mask is True."""
+    if not len(mask):
+        return []
+    d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    starts = np.flatnonzero(d == 1)
+    ends = np.flatnonzero(d == -1)
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+# ---- raw output ----------------------------------------------------------------------
+def _convert_raw(src: Source, dst: str, progress: Progress) -> None:
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        os.ftruncate(fd, src.size)
+        buf = bytearray(CHUNK_BYTES)
+        for a, b, zero in src.segments(0, src.size):
+            if zero:
+                progress(b - a)
+                continue
+            pos = a
+            while pos < b:
+                n = min(CHUNK_BYTES, b - pos)
+                mv = memoryview(buf)[:n]
+                src.read_into(mv, pos)
+                for s, e in _runs_of(nonzero_blocks(mv, SPARSE_BYTES)):
+                    lo, hi = s * SPARSE_BYTES, min(n, e * SPARSE_BYTES)
+                    _pwrite_all(fd, mv[lo:hi], pos + lo)
+                pos += n
+                progress(n)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+# ---- compressed clusters -------------------------------------------------------------
+class CompressedWriter:
+    """Packs compressed clusters at byte granularity into host clusters of an open image."""
+
+    def __init__(self, img: Image) -> None:
+        self.img = img
+        self.meta = img.meta
+        self.cs = img.cluster_size
+        self.tail_cluster = -1  # host cluster holding the last compressed bytes
+        self.tail_used = 0  # bytes of it in use
+
+    def _alloc(self, count: int) -> int:
+        return self.meta.refcounts.allocate(count)
+
+    def write(self, items: list[tuple[int, bytes]]) -> None:
+        """items: (guest cluster offset, compressed bytes), guest offsets unallocated."""
+        if not items:
+            return
+        meta, img, cs = self.meta, self.img, self.cs
+        g = meta.geom
+        span = g.l2_span_bytes
+        # L2 tables first, so that their allocations do not split the data region
+        tables = {}
+        for l1i in sorted({guest // span for guest, _ in items}):
+            tables[l1i] = img._l2_for_write(l1i)
+        total = sum(len(c) for _, c in items)
+        if self.tail_cluster >= 0 and self.tail_used < cs:
+            cursor = self.tail_cluster * cs + self.tail_used
+            last = (cursor + total - 1) // cs
+            extra = last - self.tail_cluster
+            start = self._alloc(extra) if extra else self.tail_cluster + 1
+            if extra and start != self.tail_cluster + 1:
+                # not contiguous: give the clusters back and start a fresh region
+                meta.refcounts.add_range(start, extra, -1)
+                meta.refcounts.hint = min(meta.refcounts.hint, start)
+                cursor = -1
+        else:
+            cursor = -1
+        if cursor < 0:
+            count = -(-total // cs)
+            start = self._alloc(count)
+            cursor = start * cs
+        # host offsets, and per host cluster the number of compressed clusters touching it
+        offsets = []
+        touches: dict[int, int] = {}
+        pos = cursor
+        for _, comp in items:
+            offsets.append(pos)
+            for c in range(pos // cs, (pos + len(comp) - 1) // cs + 1):
+                touches[c] = touches.get(c, 0) + 1
+            pos += len(comp)
+        first_new = cursor // cs if cursor % cs == 0 else cursor // cs + 1
+        clusters = np.array(sorted(touches), dtype=np.int64)
+        deltas = np.array([touches[c] - (1 if c >= first_new else 0) for c in sorted(touches)],
+                          dtype=np.int64)
+        keep = deltas != 0
+        if keep.any():
+            meta.refcounts.adjust(clusters[keep], deltas[keep])
+        # data before the entries that point at it
+        storage = img.storage
+        storage.pwrite(cursor, b"".join(c for _, c in items))
+        end_sector = -(-pos // 512) * 512
+        if storage.size() < end_sector:
+            storage.truncate(end_sector)
+        meta.unsynced = True
+        self.tail_cluster = (pos - 1) // cs
+        self.tail_used = pos - self.tail_cluster * cs
+        for (guest, comp), host in zip(items, offsets, strict=True):
+            l1i = guest // span
+            l2_off, table = tables[l1i]
+            idx = (guest - l1i * span) // cs
+            desc = g.encode_compressed(host, len(comp))
+            if g.extended_l2:
+                table[idx, 0] = desc
+                table[idx, 1] = 0
+            else:
+                table[idx] = desc
+        for l2_off, _ in tables.values():
+            meta.l2.cache.mark_dirty(l2_off)
+
+
+def _compress_one(args: tuple[bytes, int, int]) -> bytes | None:
+    data, ctype, cs = args
+    out = compress(data, ctype)
+    return out if len(out) < cs else None
+
+
+# ---- qcow2 output --------------------------------------------------------------------
+def _convert_qcow2(
+    src: Source,
+    dst: str,
+    *,
+    options: dict[str, Any],
+    compressed: bool,
+    backing: str | None,
+    backing_fmt: str | None,
+    progress: Progress,
+) -> None:
+    opts = dict(options)
+    if backing is not None:
+        opts["backing_file"] = backing
+        if backing_fmt is not None:
+            opts["backing_fmt"] = backing_fmt
+    create(dst, src.size, **opts)
+    img = Image.open_path(dst, writable=True)
+    pool: ThreadPoolExecutor | None = None
+    try:
+        cs = img.cluster_size
+        ctype = img.header.compression_type
+        writer = CompressedWriter(img) if compressed else None
+        if compressed:
+            pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+        base = Source(img) if img.backing is not None else None
+        chunk = max(CHUNK_BYTES // cs, 1) * cs
+        buf = bytearray(chunk)
+        bbuf = bytearray(chunk) if base is not None else None
+        ranges = _aligned_data_ranges(src.segments(0, src.size), cs, src.size)
+        if base is not None:
+            ranges = _union(ranges, _aligned_data_ranges(base.segments(0, src.size), cs, src.size))
+        done = 0
+        for a, b in ranges:
+            progress(a - done)
+            pos = a
+            while pos < b:
+                n = min(chunk, b - pos)
+                mv = memoryview(buf)[:n]
+                src.read_into(mv, pos)
+                want = nonzero_blocks(mv, cs)
+                zero_clusters: list[tuple[int, int]] = []
+                if base is not None and bbuf is not None:
+                    bmv = memoryview(bbuf)[:n]
+                    base.read_into(bmv, pos)
+                    differs = _differs(mv, bmv, cs)
+                    zero_clusters = _runs_of(differs & ~want)
+                    want &= differs
+                if writer is not None and pool is not None:
+                    _write_compressed(img, writer, pool, mv, pos, want, cs, ctype)
+                else:
+                    for s, e in _runs_of(want):
+                        lo, hi = s * cs, min(n, e * cs)
+                        img.write(pos + lo, mv[lo:hi])
+                for s, e in zero_clusters:
+                    lo, hi = s * cs, min(n, e * cs)
+                    img.write_zeroes(pos + lo, hi - lo)
+                progress(n)
+                pos += n
+            done = b
+        progress(src.size - done)
+        img.flush()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        img.close()
+
+
+def _aligned_data_ranges(
+    segs: list[tuple[int, int, bool]], cs: int, size: int
+) -> list[tuple[int, int]]:
+    """Cluster-aligned ranges holding every non-zero segment, merged."""
+    out: list[tuple[int, int]] = []
+    for a, b, zero in segs:
+        if zero:
+            continue
+        lo, hi = (a // cs) * cs, min(size, -(-b // cs) * cs)
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _union(x: list[tuple[int, int]], y: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(x + y):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _differs(a: memoryview, b: memoryview, cs: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    n = len(a)
+    full = n // cs
+    out = np.ones(-(-n // cs), dtype=bool)
+    if full:
+        x = np.frombuffer(a[: full * cs], dtype=np.uint8).reshape(full, cs)
+        y = np.frombuffer(b[: full * cs], dtype=np.uint8).reshape(full, cs)
+        out[:full] = (x != y).any(axis=1)
+    if len(out) > full:
+        out[full] = bytes(a[full * cs :]) != bytes(b[full * cs :])
+    return out
+
+
+def _write_compressed(
+    img: Image,
+    writer: CompressedWriter,
+    pool: ThreadPoolExecutor,
+    mv: memoryview,
+    pos: int,
+    want: np.ndarray[Any, np.dtype[np.bool_]],
+    cs: int,
+    ctype: int,
+) -> None:
+    idx = np.flatnonzero(want).tolist()
+    if not idx:
+        return
+    jobs = []
+    for i in idx:
+        data = bytes(mv[i * cs : (i + 1) * cs])
+        if len(data) < cs:
+            data += bytes(cs - len(data))  # the last cluster of a disk that ends inside it
+        jobs.append((data, ctype, cs))
+    results = list(pool.map(_compress_one, jobs))
+    items: list[tuple[int, bytes]] = []
+    plain: list[int] = []
+    for i, comp in zip(idx, results, strict=True):
+        if comp is None:
+            plain.append(i)
+        else:
+            items.append((pos + i * cs, comp))
+    writer.write(items)
+    for i in plain:
+        lo, hi = i * cs, min(len(mv), (i + 1) * cs)
+        img.write(pos + lo, mv[lo:hi])
+    # a normal write may have allocated after the compressed tail: keep packing only
+    # while the next allocation is still contiguous (CompressedWriter checks that)
+
+
+# ---- entry point ---------------------------------------------------------------------
+def convert(
+    src_path: str,
+    dst_path: str,
+    *,
+    src_fmt: str | None = None,
+    out_fmt: str = "raw",
+    options: dict[str, Any] | None = None,
+    compressed: bool = False,
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+    force_share: bool = False,
+    progress: Progress | None = None,
+) -> None:
+    """Copy the virtual disk at src_path into a new raw file or qcow2 image at dst_path."""
+    if out_fmt not in ("raw", "qcow2"):
+        raise FormatError(f"Unknown file format '{out_fmt}'")
+    if out_fmt == "raw" and (compressed or backing is not None):
+        what = "Compression" if compressed else "Backing files"
+        raise FormatError(f"{what} not supported for file format 'raw'")
+    if os.path.exists(dst_path) and os.path.exists(src_path) and os.path.samefile(
+        src_path, dst_path
+    ):
+        raise FormatError("source and target are the same file")
+    img = open_any(src_path, src_fmt, force_share=force_share)
+    try:
+        src = Source(img)
+        prog = progress or (lambda n: None)
+        if out_fmt == "raw":
+            _convert_raw(src, dst_path, prog)
+        else:
+            _convert_qcow2(
+                src, dst_path, options=options or {}, compressed=compressed,
+                backing=backing, backing_fmt=backing_fmt, progress=prog,
+            )
+    finally:
+        img.close()
+
+
+def iter_chunks(src: Source, chunk: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview | None]]:
+    """(offset, data or None when known zero) over the whole disk, in pieces <= chunk."""
+    buf = bytearray(chunk)
+    for a, b, zero in src.segments(0, src.size):
+        pos = a
+        while pos < b:
+            n = min(chunk, b - pos)
+            if zero:
+                yield pos, None
+            else:
+                mv = memoryview(buf)[:n]
+                src.read_into(mv, pos)
+                yield pos, mv
+            pos += n
+
+
+__all__ = ["convert", "Source", "CompressedWriter", "nonzero_blocks", "iter_chunks"]
