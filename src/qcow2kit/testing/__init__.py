@@ -8,6 +8,7 @@ from .faults import (
     check_crash_states,
     count_states,
     crash_images,
+    is_prefix_label,
 )
 from .model import DiskModel
 
@@ -19,4 +20,5 @@ __all__ = [
     "check_crash_states",
     "count_states",
     "crash_images",
+    "is_prefix_label",
 ]

@@ -346,6 +346,11 @@ def _sample_states(
     return chosen
 
 
+def is_prefix_label(label: str) -> bool:
+    """True for a crash_images label of a prefix state (every op up to k, in order)."""
+    return label.startswith("prefix ")
+
+
 def count_states(log: Sequence[LogEntry], *, reorder_samples: int = 0, seed: int = 0) -> int:
     """How many states crash_images would yield without max_states."""
     return len(_plan(log, reorder_samples, seed).states)
@@ -395,6 +400,7 @@ def check_crash_states(
     tmp_path: str | os.PathLike[str],
     *,
     verify: Callable[[str], None] | None = None,
+    verify_state: Callable[[str, str], None] | None = None,
     reorder_samples: int = 4,
     max_states: int | None = 300,
     seed: int = 0,
@@ -408,7 +414,9 @@ def check_crash_states(
     corruptions and 0 check errors (leaks allowed unless allow_leaks=False). A state with the
     dirty bit set (lazy refcounts) is first repaired with `check -r all`, as QEMU does on open,
     and must then be clean. Then verify(path) runs, e.g. to read back data that was flushed
-    before the workload. Failures raise CrashStateError naming the state.
+    before the workload; verify_state(path, label) likewise, for checks that depend on the
+    kind of state (`is_prefix_label(label)`: the writes reached the disk in program order).
+    Failures raise CrashStateError naming the state.
     """
     path = os.path.join(os.fspath(tmp_path), filename)
     count = 0
@@ -434,11 +442,13 @@ def check_crash_states(
         if problems:
             detail = out.get("stderr", "") or out.get("stdout_raw", "")
             raise CrashStateError(f"crash state {label}: {', '.join(problems)}\n{detail}")
-        if verify is not None:
-            try:
+        try:
+            if verify is not None:
                 verify(path)
-            except AssertionError as exc:
-                raise CrashStateError(f"crash state {label}: verify failed: {exc}") from exc
+            if verify_state is not None:
+                verify_state(path, label)
+        except AssertionError as exc:
+            raise CrashStateError(f"crash state {label}: verify failed: {exc}") from exc
         count += 1
     return count
 
@@ -533,5 +543,6 @@ __all__ = [
     "count_states",
     "crash_images",
     "is_dirty",
+    "is_prefix_label",
     "qemu_check_json",
 ]
