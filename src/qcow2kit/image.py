@@ -28,6 +28,7 @@ from .format.snapshot import Snapshot
 from .io.file import FileStorage
 from .io.storage import Storage
 from .metadata import header_io
+from .metadata.check import CheckResult, check_image
 from .metadata.l2map import Kind, Run, referenced_clusters
 from .metadata.meta import Metadata
 
@@ -664,6 +665,10 @@ class Image:
         return ImageFile(self)
 
     # ---- whole-image helpers --------------------------------------------------------------
+    def check(self, repair: str | None = None) -> CheckResult:
+        """qemu-img check: repair None, "leaks" or "all" (see metadata.check)."""
+        return check_image(self.meta, repair)
+
     def referenced(self) -> bool:
         return True
 

@@ -1,0 +1,67 @@
+"""qcow2kit check [-r leaks|all] [--output=human|json] [-q] [-U] [-f FMT] FILE
+
+Exit codes as qemu-img check: 0 consistent (or repaired), 1 the check could not complete,
+2 corruptions, 3 leaked clusters only, 63 the format has no checks (raw)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..errors import UnsupportedFeatureError
+from .common import UsageError, add_output
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "check",
+        help="check (and repair) an image's consistency, like qemu-img check",
+        description="Check a qcow2 image for refcount and metadata errors. With -r leaks, "
+        "too-high refcounts are lowered; with -r all, every repairable error is fixed, "
+        "rebuilding the refcount structure if needed.",
+    )
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair mode")
+    p.add_argument("-f", dest="fmt", help="image format (qcow2; raw has no checks)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="no summary on stdout")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
+                   help="open the image even if another process holds it")
+    add_output(p)
+    p.add_argument("filename")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..ops.check import check_path, probe_format, repair_banner, to_human, to_json
+
+    if args.repair and args.force_share:
+        raise UsageError("-U (force share) cannot be used with -r: a repair needs exclusive access")
+    fmt = args.fmt or probe_format(args.filename)
+    if fmt != "qcow2":
+        print("qcow2kit: This image format does not support checks", file=sys.stderr)
+        return 63
+    try:
+        result = check_path(args.filename, args.repair, force_share=args.force_share)
+    except UnsupportedFeatureError as exc:
+        print(f"qcow2kit: {exc}", file=sys.stderr)
+        return 63 if "does not support checks" in str(exc) else 1
+    for line in result.messages:
+        print(line, file=sys.stderr)
+    if result.rechecked:
+        if args.output == "human" and not args.quiet:
+            sys.stdout.write(repair_banner(result))
+            sys.stdout.flush()
+        for line in result.recheck_messages:
+            print(line, file=sys.stderr)
+    if result.error is not None:
+        print(f"qcow2kit: Check failed: {result.error}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        if args.output == "json":
+            sys.stdout.write(to_json(result, args.filename))
+        else:
+            sys.stdout.write(to_human(result))
+    if result.check_errors:
+        print("qcow2kit: Check failed", file=sys.stderr)
+        return 1
+    return result.exit_code
