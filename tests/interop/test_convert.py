@@ -1,0 +1,263 @@
+"""convert and compare against qemu-img: outputs read equal (qemu-img compare), qcow2 outputs
+pass qemu-img check with no leaks, raw outputs are sparse, compare agrees with qemu-img."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import qcow2kit
+from qcow2kit.ops.compare import compare
+from qcow2kit.ops.convert import convert
+from tests.conftest import assert_clean, qemu_compare, qemu_img, qemu_io
+
+
+def _source_raw(path: Path, size: int = 6 << 20, seed: int = 3) -> bytes:
+    """Random, compressible, zero and tiny-non-zero regions at odd boundaries."""
+    rng = random.Random(seed)
+    data = bytearray(size)
+    pos = 0
+    kind = 0
+    while pos < size:
+        n = min(size - pos, rng.choice([512, 4096, 65536, 100_000, 300_000, 1 << 20]))
+        if kind % 4 == 0:
+            data[pos : pos + n] = rng.randbytes(n)
+        elif kind % 4 == 1:
+            data[pos : pos + n] = bytes([kind & 255]) * n
+        elif kind % 4 == 3:
+            data[pos + n // 2] = 1
+        kind += 1
+        pos += n
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def _qemu_chain(tmp: Path) -> Path:
+    base = tmp / "cbase.raw"
+    qemu_img("create", "-f", "raw", str(base), "4M")
+    qemu_io(base, "write -P 1 0 2M", fmt="raw")
+    top = tmp / "ctop.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "raw", str(top), "6M")
+    qemu_io(top, "write -P 2 1M 100k", "write -z 1536k 64k", "write -c -P 3 3M 64k",
+            "write -P 4 5M 4k")
+    return top
+
+
+def _check(path: Path) -> dict[str, Any]:
+    return assert_clean(path)
+
+
+def test_raw_to_qcow2_to_raw(tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    data = _source_raw(src)
+    q = tmp_path / "out.qcow2"
+    convert(str(src), str(q), out_fmt="qcow2")
+    _check(q)
+    qemu_compare(q, src)
+    back = tmp_path / "back.raw"
+    convert(str(q), str(back), out_fmt="raw")
+    assert back.read_bytes() == data
+
+
+def test_zero_clusters_stay_unallocated(tmp_path: Path) -> None:
+    src = tmp_path / "z.raw"
+    data = bytearray(4 << 20)
+    data[65536 * 3 : 65536 * 3 + 10] = b"x" * 10
+    data[65536 * 40 + 65535] = 7
+    src.write_bytes(bytes(data))
+    q = tmp_path / "z.qcow2"
+    convert(str(src), str(q), out_fmt="qcow2")
+    _check(q)
+    qemu_compare(q, src)
+    extents = json.loads(qemu_img("map", "--output=json", str(q)).stdout)
+    data_bytes = sum(e["length"] for e in extents if e["data"])
+    assert data_bytes == 2 * 65536
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "cluster_size=512",
+        "cluster_size=4096,refcount_bits=1",
+        "cluster_size=2M",
+        "compat=0.10",
+        "extended_l2=on",
+        "refcount_bits=64,lazy_refcounts=on",
+    ],
+)
+def test_qcow2_output_options(tmp_path: Path, opts: str) -> None:
+    src = tmp_path / "s.raw"
+    _source_raw(src, 3 << 20)
+    q = tmp_path / "o.qcow2"
+    kw: dict[str, Any] = {}
+    for part in opts.split(","):
+        k, v = part.split("=")
+        if k in ("cluster_size", "refcount_bits"):
+            kw[k] = 2 << 20 if v == "2M" else int(v)
+        elif v in ("on", "off"):
+            kw[k] = v == "on"
+        else:
+            kw[k] = v
+    convert(str(src), str(q), out_fmt="qcow2", options=kw)
+    _check(q)
+    qemu_compare(q, src)
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+@pytest.mark.parametrize("cs", [4096, 65536])
+def test_compressed_output(tmp_path: Path, ctype: str, cs: int) -> None:
+    src = tmp_path / "c.raw"
+    _source_raw(src, 4 << 20)
+    q = tmp_path / "c.qcow2"
+    convert(str(src), str(q), out_fmt="qcow2", compressed=True,
+            options={"compression_type": ctype, "cluster_size": cs})
+    out = _check(q)
+    qemu_compare(q, src)
+    assert out.get("compressed-clusters", 0) > 0
+    info = json.loads(qemu_img("info", "--output=json", str(q)).stdout)
+    assert info["format-specific"]["data"]["compression-type"] == ctype
+    # packed at byte granularity: far smaller than one host cluster per compressed cluster
+    mine = q.stat().st_size
+    theirs = tmp_path / "qemu.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype},cluster_size={cs}",
+             str(src), str(theirs))
+    assert mine <= theirs.stat().st_size * 1.1 + 4 * cs
+    with qcow2kit.open(str(q)) as img:
+        assert img.read(0, img.virtual_size) == src.read_bytes()
+
+
+def test_compressed_incompressible_stored_plain(tmp_path: Path) -> None:
+    src = tmp_path / "rand.raw"
+    src.write_bytes(random.Random(5).randbytes(1 << 20))
+    q = tmp_path / "rand.qcow2"
+    convert(str(src), str(q), out_fmt="qcow2", compressed=True)
+    out = _check(q)
+    assert out.get("compressed-clusters", 0) == 0
+    qemu_compare(q, src)
+
+
+def test_compressed_extended_l2_and_odd_size(tmp_path: Path) -> None:
+    src = tmp_path / "odd.raw"
+    data = bytes([7]) * ((1 << 20) + 3 * 512)
+    src.write_bytes(data)
+    q = tmp_path / "odd.qcow2"
+    convert(str(src), str(q), out_fmt="qcow2", compressed=True, options={"extended_l2": True})
+    _check(q)
+    qemu_compare(q, src)
+
+
+def test_qcow2_chain_to_raw_and_qcow2(tmp_path: Path) -> None:
+    top = _qemu_chain(tmp_path)
+    raw = tmp_path / "chain.raw"
+    convert(str(top), str(raw))
+    qemu_compare(top, raw)
+    ref = tmp_path / "ref.raw"
+    qemu_img("convert", "-O", "raw", str(top), str(ref))
+    assert raw.read_bytes() == ref.read_bytes()
+    # sparse: no more allocated than qemu-img's own output
+    assert raw.stat().st_blocks <= ref.stat().st_blocks
+    q = tmp_path / "chain.qcow2"
+    convert(str(top), str(q), out_fmt="qcow2")
+    _check(q)
+    qemu_compare(q, top, "qcow2", "qcow2")
+
+
+def test_raw_output_is_sparse(tmp_path: Path) -> None:
+    p = tmp_path / "sp.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "256M")
+    qemu_io(p, "write -P 1 100M 64k", "write -P 0 150M 1M")  # an allocated all-zero range
+    raw = tmp_path / "sp.raw"
+    convert(str(p), str(raw))
+    assert raw.stat().st_size == 256 << 20
+    assert raw.stat().st_blocks * 512 <= 128 << 10
+    qemu_compare(p, raw)
+
+
+def test_backing_output_writes_only_differences(tmp_path: Path) -> None:
+    base = tmp_path / "bb.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "4M")
+    qemu_io(base, "write -P 1 0 4M")
+    src = tmp_path / "bsrc.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(src))
+    qemu_io(src, "write -P 2 1M 64k", "write -z 2M 128k")
+    flat = tmp_path / "bflat.raw"
+    qemu_img("convert", "-O", "raw", str(src), str(flat))
+    out = tmp_path / "bout.qcow2"
+    convert(str(flat), str(out), out_fmt="qcow2", backing=str(base), backing_fmt="qcow2")
+    _check(out)
+    qemu_compare(out, flat)
+    extents = json.loads(qemu_img("map", "--output=json", str(out)).stdout)
+    own = [(e["start"], e["length"], e["zero"]) for e in extents if e["depth"] == 0]
+    assert own == [(1 << 20, 65536, False), (2 << 20, 131072, True)]
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_qemu_compressed_source_roundtrip(tmp_path: Path, ctype: str) -> None:
+    src = tmp_path / "r.raw"
+    _source_raw(src, 2 << 20, seed=9)
+    qc = tmp_path / "qc.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}", str(src), str(qc))
+    out = tmp_path / "qc.raw"
+    convert(str(qc), str(out))
+    assert out.read_bytes() == src.read_bytes()
+    again = tmp_path / "again.qcow2"
+    convert(str(qc), str(again), out_fmt="qcow2", compressed=True,
+            options={"compression_type": ctype})
+    _check(again)
+    qemu_compare(again, src)
+
+
+# ---- compare ---------------------------------------------------------------------------
+def _pair(tmp: Path, name: str, size: str, *cmds: str) -> Path:
+    p = tmp / name
+    qemu_img("create", "-f", "qcow2", str(p), size)
+    if cmds:
+        qemu_io(p, *cmds)
+    return p
+
+
+@pytest.mark.parametrize(
+    "a_cmds,b_cmds,b_size",
+    [
+        (("write -P 1 1M 64k",), ("write -P 1 1M 64k",), "4M"),
+        (("write -P 1 1M 64k",), ("write -P 1 1M 64k", "write -P 2 1040000 3"), "4M"),
+        (("write -P 1 1M 64k",), ("write -P 1 1M 64k", "write -P 0 1M 64k"), "4M"),
+        (("write -P 1 1M 64k",), (), "8M"),
+        (("write -P 1 1M 64k",), ("write -P 1 1M 64k", "write -P 3 6000000 1"), "8M"),
+        (("write -P 1 1M 64k",), ("write -P 1 1M 64k", "write -z 6M 64k"), "8M"),
+        (("write -z 0 64k",), (), "4M"),
+    ],
+)
+def test_compare_matches_qemu(tmp_path: Path, a_cmds: tuple[str, ...], b_cmds: tuple[str, ...],
+                              b_size: str) -> None:
+    a = _pair(tmp_path, "a.qcow2", "4M", *a_cmds)
+    b = _pair(tmp_path, "b.qcow2", b_size, *b_cmds)
+    theirs = qemu_img("compare", str(a), str(b), check=False)
+    ours = subprocess.run([sys.executable, "-m", "qcow2kit", "compare", str(a), str(b)],
+                          capture_output=True, text=True)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
+    res = compare(str(a), str(b))
+    assert res.identical == (theirs.returncode == 0)
+
+
+def test_compare_raw_vs_qcow2(tmp_path: Path) -> None:
+    src = tmp_path / "cr.raw"
+    _source_raw(src, 2 << 20)
+    q = tmp_path / "cr.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(src), str(q))
+    assert compare(str(q), str(src)).identical
+    with open(src, "r+b") as f:
+        f.seek(777_777)
+        old = f.read(1)
+        f.seek(777_777)
+        f.write(bytes([old[0] ^ 0xFF]))
+    res = compare(str(q), str(src), fmt_b="raw")
+    assert not res.identical and res.mismatch_offset == 777_777 // 512 * 512
+    theirs = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(q), str(src), check=False)
+    assert f"offset {res.mismatch_offset}!" in theirs.stdout
