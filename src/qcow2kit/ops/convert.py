@@ -184,7 +184,7 @@ def _convert_raw(src: Source, dst: str, progress: Progress) -> None:
                     _pwrite_all(fd, mv[lo:hi], pos + lo)
                 pos += n
                 progress(n)
-        os.fsync(fd)
+        # no fsync: like qemu-img convert (cache=unsafe), durability is left to the caller
     finally:
         os.close(fd)
 

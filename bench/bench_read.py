@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Read-path benchmark (issue 2): qcow2kit against qemu-img on the same files, same run.
+
+    python3 bench/bench_read.py [--repeat N] [--keep DIR]
+
+Cases:
+  convert -O raw  of a 1 GiB fully allocated image
+  convert -O raw  of a 1 GiB image that is half unallocated
+  convert -O raw  of a 1 TiB sparse image
+  map --output=json of the 1 TiB sparse image
+Each command runs as a separate process (start-up included, as a user sees it); the best of
+--repeat runs is kept. Prints seconds for both tools and the ratio ours / qemu-img
+(<= 1.0 means qcow2kit is at least as fast). Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 1 << 30
+OURS = [sys.executable, "-m", "qcow2kit"]
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+def timed(argv: list[str], cleanup: Path | None, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        if cleanup is not None and cleanup.exists():
+            cleanup.unlink()
+        os.sync()  # write back the previous run's output outside the timed region
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t0)
+    if cleanup is not None and cleanup.exists():
+        cleanup.unlink()
+    return best
+
+
+def make_images(d: Path) -> dict[str, Path]:
+    block = os.urandom(16 << 20)
+    full_raw = d / "full.raw"
+    with open(full_raw, "wb") as f:
+        for _ in range(GIB // len(block)):
+            f.write(block)
+    full = d / "full.qcow2"
+    sh("qemu-img", "convert", "-O", "qcow2", str(full_raw), str(full))
+    full_raw.unlink()
+    half_raw = d / "half.raw"
+    with open(half_raw, "wb") as f:
+        f.truncate(GIB)
+        step = 2 << 20  # 1 MiB of data, then 1 MiB never written
+        for pos in range(0, GIB, step):
+            f.seek(pos)
+            k = (pos // step) % 16
+            f.write(block[k << 20 : (k + 1) << 20])
+    half = d / "half.qcow2"
+    sh("qemu-img", "convert", "-O", "qcow2", str(half_raw), str(half))
+    half_raw.unlink()
+    sparse = d / "sparse.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", str(sparse), "1T")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4M", "-c", "write -P 2 300G 1M",
+       "-c", "write -P 3 700G 64k", "-c", "write -z 800G 1G", "-c", "write -P 4 1023G 2M",
+       str(sparse))
+    return {"full": full, "half": half, "sparse": sparse}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--keep", help="use/keep images in this directory instead of a temp dir")
+    args = ap.parse_args()
+    for tool in ("qemu-img", "qemu-io"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is required", file=sys.stderr)
+            return 1
+    d = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qcow2kit-bench-"))
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        imgs = make_images(d)
+        print(f"images ready in {time.perf_counter() - t0:.1f}s under {d}")
+        out = d / "out.raw"
+        cases = [
+            (f"convert -O raw {name}", ["convert", "-O", "raw", str(imgs[name]), str(out)], out)
+            for name in ("full", "half", "sparse")
+        ]
+        cases.append(("map --output=json sparse", ["map", "--output=json", str(imgs["sparse"])],
+                      None))
+        print(f"{'case':<30}{'qemu-img s':>12}{'qcow2kit s':>12}{'ratio':>8}")
+        for label, argv, cleanup in cases:
+            theirs = timed(["qemu-img", *argv], cleanup, args.repeat)
+            ours = timed([*OURS, *argv], cleanup, args.repeat)
+            print(f"{label:<30}{theirs:>12.3f}{ours:>12.3f}{ours / theirs:>8.2f}")
+        start = timed([sys.executable, "-c", "import qcow2kit.ops.convert"], None, args.repeat)
+        print(f"(python start-up + imports of qcow2kit.ops.convert alone: {start:.3f}s)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
