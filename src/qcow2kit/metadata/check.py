@@ -31,6 +31,7 @@ from ..errors import ImageStateError, UnsupportedFeatureError
 from ..format import constants as C
 from ..format.extensions import BitmapsExtension
 from ..format.features import Autoclear, Incompatible
+from ..format.snapshot import parse_snapshots
 from ..format.tables import decode_refblock, encode_refblock, encode_table
 from . import header_io
 from .meta import Metadata
@@ -107,6 +108,10 @@ class _SnapEntry:
     id_str: str
     name: str
     extra_data_size: int
+    fixed: tuple[int, ...] = ()
+    extra: bytes = b""
+    raw_id: bytes = b""
+    raw_name: bytes = b""
 
 
 def check_image(meta: Metadata, repair: str | None = None) -> CheckResult:
@@ -201,6 +206,16 @@ class _Checker:
         out.allocated_clusters = self.allocated
         out.fragmented_clusters = self.fragmented
         out.compressed_clusters = self.compressed
+        if snap.corruptions and self.fix & FIX_ERRORS:
+            try:
+                self._rewrite_snapshot_table()
+            except _CheckFailedError as exc:
+                snap.check_errors += 1
+                _add(out, snap)
+                out.error = str(exc)
+                return out
+            snap.corruptions_fixed += snap.corruptions
+            snap.corruptions = 0
         _add(out, snap)
         if self.fix and out.check_errors == 0 and out.corruptions == 0:
             self._mark_clean()
@@ -305,7 +320,10 @@ class _Checker:
         for k in over.tolist():
             for _ in range(int(self.imrt[k]) - self.rmax):
                 self.msgs.append(f"ERROR: overflow cluster offset=0x{k << self.cb:x}")
-                self.msgs.append("Use qemu-img convert to correct this error")
+                self.msgs.append(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert "
+                    "to create a clean copy if the image cannot be opened for writing"
+                )
                 self.res.corruptions += 1
             self.imrt[k] = self.rmax
 
@@ -907,7 +925,7 @@ class _Checker:
         for i in range(nb):
             pos = (pos + 7) & ~7
             fixed = self.storage.pread(pos, _SNAP_FIXED.size)
-            l1_off, l1_size, id_len, name_len, _ds, _dn, _vm, _vs, extra = _SNAP_FIXED.unpack(fixed)
+            l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vm32, extra = _SNAP_FIXED.unpack(fixed)
             pos += _SNAP_FIXED.size
             if extra > C.MAX_SNAPSHOT_EXTRA_BYTES:
                 res.check_errors += 1
@@ -930,6 +948,9 @@ class _Checker:
             table.append(_SnapEntry(
                 l1_off, l1_size, names[:id_len].decode("utf-8", "replace"),
                 names[id_len:].decode("utf-8", "replace"), extra,
+                fixed=(dsec, dnsec, vmclock, vm32),
+                extra=self.storage.pread(pos - id_len - name_len - extra, extra),
+                raw_id=names[:id_len], raw_name=names[id_len:],
             ))
         self.snapshots = table
         self.snapshots_offset = offset
@@ -941,8 +962,48 @@ class _Checker:
                     res.corruptions += 1
                     word = "Repairing" if self.fix & FIX_ERRORS else "ERROR"
                     self.msgs.append(f"{word} snapshot table entry {i} is incomplete")
-        if res.corruptions and self.fix & FIX_ERRORS:
-            raise _CheckFailedError("repairing the snapshot table is not supported")
+
+    def _rewrite_snapshot_table(self) -> None:
+        """Write the snapshot table anew with complete entries (new table, flush, switch
+        the header with one write, flush, free the old table)."""
+        meta = self.meta
+        cs, cb = self.cs, self.cb
+        size_now = meta.header.size
+        parts: list[bytes] = []
+        for sn in self.snapshots:
+            date_sec, date_nsec, vm_clock, vm32 = sn.fixed
+            ex = sn.extra
+            vm_size = int.from_bytes(ex[0:8], "big") if len(ex) >= 8 else vm32
+            disk = int.from_bytes(ex[8:16], "big") if len(ex) >= 16 else size_now
+            icount = ex[16:24] if len(ex) >= 24 else b"\xff" * 8
+            extra = vm_size.to_bytes(8, "big") + disk.to_bytes(8, "big") + icount + ex[24:]
+            entry = _SNAP_FIXED.pack(
+                sn.l1_table_offset, sn.l1_size, len(sn.raw_id), len(sn.raw_name), date_sec,
+                date_nsec, vm_clock, vm_size if vm_size <= 0xFFFFFFFF else 0, len(extra),
+            ) + extra + sn.raw_id + sn.raw_name
+            parts.append(entry + b"\0" * (-len(entry) % 8))
+        table = b"".join(parts)
+        clusters = -(-len(table) // cs)
+        rc = meta.refcounts
+        start = rc.allocate(clusters)
+        rc.sync()  # the new table's refcounts are durable before anything points at it
+        self.storage.event("snapshot_table_write")
+        self.storage.pwrite(start << cb, table + b"\0" * (clusters * cs - len(table)))
+        self.storage.flush()
+        self.storage.event("header_update")
+        self.storage.pwrite(C.HEADER_SNAPSHOTS_OFFSET, struct.pack(">IQ", len(parts), start << cb))
+        self.storage.flush()
+        old_off, old_size = self.snapshots_offset, self.snapshots_size
+        meta.header = replace(meta.header, nb_snapshots=len(parts), snapshots_offset=start << cb)
+        if old_size:
+            first, last = old_off >> cb, (old_off + old_size - 1) >> cb
+            freed = rc.adjust(np.arange(first, last + 1, dtype=np.int64), -1)
+            rc.sync()
+            meta.forget_freed(freed, punch=True)
+        try:
+            meta.snapshots = parse_snapshots(table, len(parts), cs)
+        except ValueError:
+            pass
 
 
 def _add(out: CheckResult, c: _Counts) -> None:

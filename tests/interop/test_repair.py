@@ -1,0 +1,222 @@
+"""Repair against qemu-img check -r on the damaged images of test_check.py.
+
+For every case, three copies of the same damaged file: qemu-img repairs one, we repair
+another. We require: the same exit code and JSON as qemu-img's repair run; afterwards
+`qemu-img check` finds the image clean whenever QEMU's own repair got it clean; the guest
+data reads the same as before the repair (where QEMU could read the damaged image) and the
+same as QEMU's repaired copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import qemu_check, qemu_img
+from tests.interop.test_check import CASES, Poke, make_case, run_ours, run_qemu
+
+# cases where QEMU 7.2's rebuild fails ("ERROR writing refblock", its overlap check refuses
+# to reuse the cluster of the invalid refcount block); ours must leave a clean image
+QEMU_REBUILD_FAILS = {"refblock_unaligned", "reftable_reserved_bits"}
+
+
+def _raw(path: Path, out: Path) -> bytes | None:
+    res = qemu_img("convert", "-U", "-O", "raw", str(path), str(out), check=False)
+    if res.returncode != 0:
+        return None
+    return out.read_bytes()
+
+
+def _triple(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
+    orig = make_case(tmp_path, name)
+    ours = tmp_path / "ours.qcow2"
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copy(orig, ours)
+    shutil.copy(orig, theirs)
+    return orig, ours, theirs
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_repair_all_matches_qemu(tmp_path: Path, name: str) -> None:
+    orig, ours, theirs = _triple(tmp_path, name)
+    before = _raw(orig, tmp_path / "before.raw")
+    q = run_qemu(theirs, "-r", "all", "--output=json")
+    o = run_ours(ours, "-r", "all", "--output=json")
+    if name in QEMU_REBUILD_FAILS:
+        assert q.rc == 1 and o.rc == 0, (o, q)
+        assert qemu_check(ours)["rc"] == 0
+        data_o = _raw(ours, tmp_path / "ours.raw")
+        assert data_o is not None and (before is None or data_o == before)
+        return
+    assert o.rc == q.rc, (o, q)
+    assert o.json == q.json
+    after_q = qemu_check(theirs)
+    after_o = qemu_check(ours)
+    for key in ("corruptions", "leaks", "check-errors", "rc"):
+        assert after_o.get(key, 0) == after_q.get(key, 0), (key, after_o, after_q)
+    if after_q["rc"] == 0:
+        assert after_o["rc"] == 0
+    data_o = _raw(ours, tmp_path / "ours.raw")
+    data_q = _raw(theirs, tmp_path / "theirs.raw")
+    assert data_o == data_q, "our repair and QEMU's read differently"
+    if before is not None and data_o is not None:
+        assert data_o == before, "the repair changed guest data"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_repair_leaks_matches_qemu(tmp_path: Path, name: str) -> None:
+    orig, ours, theirs = _triple(tmp_path, name)
+    before = _raw(orig, tmp_path / "before.raw")
+    q = run_qemu(theirs, "-r", "leaks", "--output=json")
+    o = run_ours(ours, "-r", "leaks", "--output=json")
+    assert o.rc == q.rc, (o, q)
+    assert o.json == q.json
+    assert o.stderr == q.stderr
+    if q.rc == 0:
+        assert qemu_check(ours)["rc"] == 0
+    if before is not None and q.rc in (0, 2, 3):
+        assert _raw(ours, tmp_path / "ours.raw") == before
+
+
+def test_rebuild_needed_without_all(tmp_path: Path) -> None:
+    path = make_case(tmp_path, "zero_refcount_data")
+    o = run_ours(path, "-r", "leaks")
+    assert o.rc == 1
+    assert "ERROR need to rebuild refcount structures" in o.stderr
+    assert o.stdout == ""
+
+
+def test_leak_repair_truncates_file(tmp_path: Path) -> None:
+    path = make_case(tmp_path, "leak_appended")
+    size = path.stat().st_size
+    o = run_ours(path, "-r", "leaks", "--output=json")
+    assert o.rc == 0 and o.json is not None and o.json["leaks-fixed"] == 2
+    assert path.stat().st_size == o.json["image-end-offset"] < size
+    assert qemu_check(path)["rc"] == 0
+
+
+def test_rebuild_layout_same_as_qemu(tmp_path: Path) -> None:
+    """The rebuilt refcount structure lands where QEMU puts it."""
+    _orig, ours, theirs = _triple(tmp_path, "zero_refcount_data")
+    run_qemu(theirs, "-r", "all")
+    run_ours(ours, "-r", "all")
+    po, pq = Poke(ours), Poke(theirs)
+    assert (po.reftable_offset, po.reftable_clusters) == (pq.reftable_offset, pq.reftable_clusters)
+    assert po.refblock(0) == pq.refblock(0)
+
+
+def test_corrupt_bit_cleared_by_repair(tmp_path: Path) -> None:
+    import qcow2kit
+    from qcow2kit.errors import ImageStateError
+
+    path = make_case(tmp_path, "leak_appended")
+    p = Poke(path)
+    incompat = p.u64(72)
+    p.put64(72, incompat | 2)
+    with pytest.raises(ImageStateError):
+        qcow2kit.open(str(path), "r+")
+    o = run_ours(path, "-r", "all")
+    assert o.rc == 0
+    assert Poke(path).u64(72) & 2 == 0
+    with qcow2kit.open(str(path), "r+") as img:
+        img.write(0, b"x")
+    assert qemu_check(path)["rc"] == 0
+
+
+def test_dirty_image_repaired_on_open(tmp_path: Path) -> None:
+    import qcow2kit
+
+    path = make_case(tmp_path, "lazy_dirty")
+    assert Poke(path).u64(72) & 1
+    before = _raw(path, tmp_path / "before.raw")
+    with qcow2kit.open(str(path), "r+"):
+        pass
+    assert Poke(path).u64(72) & 1 == 0
+    assert qemu_check(path)["rc"] == 0
+    assert _raw(path, tmp_path / "after.raw") == before
+
+
+def test_api_repair(tmp_path: Path) -> None:
+    import qcow2kit
+
+    path = make_case(tmp_path, "doubled_reference")
+    with qcow2kit.open(str(path), "r+") as img:
+        res = img.check(repair="all")
+        assert res.rechecked and res.corruptions_fixed >= 1
+        assert res.corruptions == 0 and res.leaks == 0 and res.exit_code == 0
+        again = img.check()
+        assert again.exit_code == 0
+    assert qemu_check(path)["rc"] == 0
+
+
+def test_repair_crash_states(tmp_path: Path) -> None:
+    """A power cut after any write of a rebuild leaves an image a second repair fixes,
+    with the guest data intact."""
+    path = make_case(tmp_path, "zero_refcount_data")
+    before = _raw(path, tmp_path / "before.raw")
+    assert before is not None
+    script = f"""
+import sys
+from qcow2kit.io.file import FileStorage
+from qcow2kit.metadata import header_io
+from qcow2kit.metadata.meta import Metadata
+from qcow2kit.metadata.check import check_image
+
+class Crash(Exception):
+    pass
+
+class Counting(FileStorage):
+    left = int(sys.argv[2])
+    def pwrite(self, offset, data):
+        if Counting.left == 0:
+            raise Crash()
+        Counting.left -= 1
+        super().pwrite(offset, data)
+
+st = Counting(sys.argv[1], True)
+meta = Metadata(st, header_io.read_header(st))
+try:
+    check_image(meta, "all")
+except Crash:
+    sys.exit(7)
+sys.exit(0)
+"""
+    writes = 0
+    while True:
+        copy = tmp_path / f"crash{writes}.qcow2"
+        shutil.copy(path, copy)
+        res = subprocess.run([sys.executable, "-c", script, str(copy), str(writes)],
+                             capture_output=True, text=True)
+        assert res.returncode in (0, 7), res.stderr
+        state = qemu_check(copy)
+        assert state["check-errors"] == 0
+        o = run_ours(copy, "-r", "all")
+        assert o.rc == 0, (writes, o)
+        assert qemu_check(copy)["rc"] == 0
+        assert _raw(copy, tmp_path / "after.raw") == before
+        if res.returncode == 0:
+            break
+        writes += 1
+        assert writes < 50
+    assert writes >= 3  # the rebuild did write blocks, table and header
+
+
+def test_refcount_order_rebuild(tmp_path: Path) -> None:
+    """Rebuild writes refcount blocks of every width correctly."""
+    for bits in (1, 2, 8, 32, 64):
+        path = tmp_path / f"r{bits}.qcow2"
+        qemu_img("create", "-f", "qcow2", "-o", f"refcount_bits={bits}", str(path), "16M")
+        subprocess.run(["qemu-io", "-c", "write -P 9 0 256k", str(path)], capture_output=True)
+        p = Poke(path)
+        block = p.refblock(0)
+        # zero the first byte(s) of the refblock: clusters 0.. get refcount 0
+        p.put(block, b"\0" * 8)
+        o = run_ours(path, "-r", "all", "--output=json")
+        assert o.rc == 0, (bits, o)
+        assert qemu_check(path)["rc"] == 0, bits
+        assert struct.unpack(">I", path.read_bytes()[96:100])[0] == {1: 0, 2: 1, 8: 3, 32: 5, 64: 6}[bits]
