@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "resize":
+        # a relative size like -1G must not be taken for an option
+        for i, a in enumerate(argv):
+            if a[:1] == "-" and a[1:2].isdigit():
+                argv = argv[:i] + ["--"] + argv[i:]
+                break
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()

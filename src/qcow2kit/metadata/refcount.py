@@ -59,6 +59,9 @@ class Refcounts:
         self.unsynced = False
         self.hint = 0
         self.end_cluster = geom.clusters_for(storage.size())
+        # set by the owner: names the metadata (L1, L2, snapshot tables) a cluster range
+        # overlaps, or None; refcount structures are checked here
+        self.overlap_check: Callable[[int, int], str | None] | None = None
         self._dtype = refcount_dtype(geom.refcount_order)
 
     # ---- blocks -----------------------------------------------------------------------
@@ -71,6 +74,14 @@ class Refcounts:
         off = entry & ~C.REFT_RESERVED_MASK
         if off >= C.MAX_HOST_OFFSET:
             raise CorruptionError(f"refcount block {index} at {off:#x} beyond the offset limit")
+        if off & (self.geom.cluster_size - 1):
+            raise CorruptionError(
+                f"refcount block {index} offset {off:#x} is not aligned to the cluster size"
+            )
+        if off >= self.end_cluster * self.geom.cluster_size:
+            raise CorruptionError(
+                f"refcount block {index} at {off:#x} lies beyond the end of the image file"
+            )
         return off
 
     def has_block(self, index: int) -> bool:
@@ -164,23 +175,61 @@ class Refcounts:
     # ---- allocation -------------------------------------------------------------------
     def allocate(self, count: int) -> int:
         """Reserve `count` contiguous free clusters with refcount 1; return the first index.
-        The refcount change stays in the cache: callers sync before referencing."""
+        Where the run reaches clusters no refcount block describes yet, the new blocks are
+        placed at the head of the run (describing themselves and the run) and the data
+        follows them. Block contents are durable before the reftable points at them; the
+        data's counts stay in the cache, and callers sync before referencing them."""
+        e = self.entries_per_block
         while True:
-            start = self.find_free(count)
-            e = self.entries_per_block
-            missing = [
-                b for b in range(start // e, (start + count - 1) // e + 1) if not self.has_block(b)
-            ]
-            if not missing:
-                break
-            for b in missing:
-                self.create_block(b)
-        if (start + count) >> (MAX_CLUSTER_INDEX_BITS - self.geom.cluster_bits):
+            total = count
+            missing: list[int] = []
+            for _ in range(64):
+                start = self.find_free(total)
+                missing = [
+                    b for b in range(start // e, (start + total - 1) // e + 1)
+                    if not self.has_block(b)
+                ]
+                if count + len(missing) == total:
+                    break
+                total = count + len(missing)
+            else:
+                raise CorruptionError("could not place new refcount blocks")
+            if missing and max(missing) >= len(self.reftable):
+                self.grow_reftable(max(missing) + 1)
+                continue
+            break
+        if (start + total) >> (MAX_CLUSTER_INDEX_BITS - self.geom.cluster_bits):
             raise CorruptionError("allocation beyond the 2^56 byte host offset limit")
-        self.add_range(start, count, 1)
-        self.hint = start + count
-        self.end_cluster = max(self.end_cluster, start + count)
-        return start
+        region = np.arange(start, start + total, dtype=np.int64)
+        self.adjust(region[np.isin(region // e, missing, invert=True)], 1)
+        if missing:
+            self._hook_new_blocks(start, total, missing)
+        data_start = start + len(missing)
+        self.hint = start + total
+        self.end_cluster = max(self.end_cluster, start + total)
+        return data_start
+
+    def _hook_new_blocks(self, start: int, total: int, missing: list[int]) -> None:
+        e = self.entries_per_block
+        cs = self.geom.cluster_size
+        region = np.arange(start, start + total, dtype=np.int64)
+        blocks: dict[int, Block] = {}
+        for j, b in enumerate(missing):
+            block = np.zeros(e, dtype=self._dtype)
+            block[region[(region // e) == b] - b * e] = 1
+            blocks[b] = block
+            self.storage.event("refblock_alloc_write")
+            self.storage.pwrite((start + j) * cs, encode_refblock(block, self.geom.refcount_order))
+        # the new blocks, and the counts existing blocks hold for them, are durable before
+        # the reftable points at them
+        self.sync()
+        self.storage.flush()
+        for j, b in enumerate(missing):
+            self.storage.event("refblock_alloc_hookup")
+            self.storage.pwrite(self.reftable_offset + b * 8, struct.pack(">Q", (start + j) * cs))
+            self.reftable[b] = (start + j) * cs
+            self.cache.put(b, blocks[b], dirty=False)
+        self.unsynced = True
 
     def find_free(self, count: int, start_at: int | None = None) -> int:
         e = self.entries_per_block
@@ -204,27 +253,6 @@ class Refcounts:
                 return run_start
             index += 1
             pos = block_end
-
-    def create_block(self, index: int) -> None:
-        """Give block `index` a refcount block placed at the first cluster it describes."""
-        if index >= len(self.reftable):
-            self.grow_reftable(index + 1)
-            if self.has_block(index):
-                return
-        e = self.entries_per_block
-        cluster = index * e
-        block = np.zeros(e, dtype=self._dtype)
-        block[0] = 1  # it describes itself
-        off = cluster * self.geom.cluster_size
-        self.storage.event("refblock_alloc_write")
-        self.storage.pwrite(off, encode_refblock(block, self.geom.refcount_order))
-        self.storage.flush()  # the block is durable before the reftable points at it
-        self.storage.event("refblock_alloc_hookup")
-        self.storage.pwrite(self.reftable_offset + index * 8, struct.pack(">Q", off))
-        self.unsynced = True
-        self.reftable[index] = off
-        self.cache.put(index, block, dirty=False)
-        self.end_cluster = max(self.end_cluster, cluster + 1)
 
     def grow_reftable(self, min_entries: int) -> None:
         """New table (with the blocks that describe it), flush, switch header, free old."""
