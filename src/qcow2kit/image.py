@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -18,6 +19,7 @@ from .errors import (
     FormatError,
     ImageStateError,
     Qcow2Error,
+    ResizeError,
     UnsupportedFeatureError,
 )
 from .format import constants as C
@@ -27,7 +29,7 @@ from .format.header import Header
 from .format.snapshot import Snapshot
 from .io.file import FileStorage
 from .io.storage import Storage
-from .metadata import header_io
+from .metadata import header_io, resize
 from .metadata.check import CheckResult, check_image
 from .metadata.l2map import Kind, Run, referenced_clusters
 from .metadata.meta import Metadata
@@ -114,7 +116,8 @@ class Image:
             if header.has_data_file:
                 self.data_storage = data_storage or self._open_data_file(header)
             self.meta = Metadata(storage, header, data_storage=self.data_storage)
-            if backing and header.backing_file is not None:
+            self.meta.refcounts.overlap_check = self._metadata_overlap
+            if backing and header.backing_file:  # an empty name means none, as in QEMU
                 self.backing = self._open_backing(header, _chain)
             if storage.writable and header.incompatible_features & Incompatible.DIRTY:
                 self._repair_dirty()
@@ -143,28 +146,47 @@ class Image:
             raise
 
     def _validate_open(self, header: Header) -> None:
-        cs = header.cluster_size
+        """Open-time checks that need the file size: every table the header points at lies
+        inside the file, so nothing is read (or allocated) in proportion to a header field
+        that the file cannot back."""
         size = self.storage.size()
         if header.incompatible_features & Incompatible.CORRUPT and self.storage.writable:
             raise ImageStateError(
                 f"{self.filename}: Image is corrupt; cannot be opened read/write "
                 "(run 'qcow2kit check -r all' to repair it)"
             )
-        if header.l1_table_offset + header.l1_size * 8 > max(size, 0) + cs * 0 and header.l1_size:
-            if header.l1_table_offset >= size:
-                raise FormatError(
-                    f"l1_table_offset {header.l1_table_offset:#x} lies beyond the end of the "
-                    f"file ({size} bytes)"
-                )
-        if header.refcount_table_offset >= size:
-            raise FormatError(
-                f"refcount_table_offset {header.refcount_table_offset:#x} lies beyond the end "
-                f"of the file ({size} bytes)"
-            )
-        if header.l1_table_offset == 0 and header.l1_size:
-            raise FormatError("l1_table_offset is 0 but l1_size is not")
-        if header.refcount_table_offset == 0:
-            raise FormatError("refcount_table_offset is 0 (it would overlap the header)")
+        header.check_fits(size)  # read_header checked it too; Image(storage) may skip it
+
+    def _metadata_overlap(self, start: int, count: int) -> str | None:
+        """Which metadata (besides the refcount structures, which Refcounts checks itself)
+        the host clusters [start, start+count) hold, or None: the guard that stops a corrupt
+        refcount table from handing out clusters that are still in use as tables."""
+        meta = self.meta
+        bits = meta.geom.cluster_bits
+        end = start + count
+
+        def hits(offset: int, nbytes: int) -> bool:
+            return nbytes > 0 and offset >> bits < end and start <= (offset + nbytes - 1) >> bits
+
+        l2 = meta.l2
+        if hits(l2.l1_offset, l2.l1_size * 8):
+            return "the active L1 table"
+        tables = (l2.l1 & np.uint64(C.OFFSET_MASK)) >> np.uint64(bits)
+        if ((tables >= start) & (tables < end) & (tables != 0)).any():
+            return "an active L2 table"
+        header = meta.header
+        if meta.snapshots:
+            table_bytes = sum(len(sn.to_bytes()) for sn in meta.snapshots)
+            if hits(header.snapshots_offset, table_bytes):
+                return "the snapshot table"
+            for sn in meta.snapshots:
+                if hits(sn.l1_table_offset, sn.l1_size * 8):
+                    return "an inactive L1 table"
+        if header.extension(C.EXT_BITMAPS) is not None and header.autoclear_features & 1:
+            ext = header.bitmaps
+            if ext is not None and hits(ext.directory_offset, ext.directory_size):
+                return "the bitmap directory"
+        return None
 
     def _relative(self, name: str) -> str:
         if os.path.isabs(name) or not self.filename:
@@ -172,18 +194,35 @@ class Image:
         return os.path.join(os.path.dirname(self.filename), name)
 
     def _check_plain_file(self, name: str, what: str) -> str:
-        if ":" in name.split("/")[0] and not os.path.exists(self._relative(name)):
+        """The path of a file named inside the image, refused unless it is a regular file:
+        never a protocol URL, a directory, a FIFO (which would block), or a device."""
+        if "\0" in name:
+            raise FormatError(f"{what} name {name!r} contains a NUL byte")
+        path = self._relative(name)
+        if ":" in name.split("/")[0] and not os.path.lexists(path):
             raise UnsupportedFeatureError(
                 f"{what} '{name}' looks like a protocol URL; only plain files are opened"
             )
-        return self._relative(name)
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise FormatError(f"Could not open {what} '{path}': {reason}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsupportedFeatureError(
+                f"{what} '{path}' is not a regular file; only plain files are opened"
+            )
+        return path
 
     def _open_data_file(self, header: Header) -> Storage:
         name = header.data_file
         if name is None:
             raise FormatError("'data-file' is required for this image (no data file extension)")
         path = self._check_plain_file(name, "data file")
-        return FileStorage(path, self.storage.writable, lock=False)
+        try:
+            return FileStorage(path, self.storage.writable, lock=False)
+        except OSError as exc:
+            raise FormatError(f"Could not open data file '{path}': {exc.strerror}") from exc
 
     def _open_backing(self, header: Header, chain: tuple[str, ...]) -> Image | RawImage:
         assert header.backing_file is not None
@@ -194,12 +233,11 @@ class Image:
             raise FormatError(f"backing chain loops back to '{header.backing_file}'")
         if len(chain) >= MAX_BACKING_DEPTH:
             raise FormatError(f"backing chain deeper than {MAX_BACKING_DEPTH} images")
-        if not os.path.exists(path):
-            raise FormatError(
-                f"Could not open backing file '{path}': No such file or directory"
-            )
         fmt = header.backing_format
-        return open_any(path, fmt, force_share=True, _chain=chain + (me,))
+        try:
+            return open_any(path, fmt, force_share=True, _chain=chain + (me,))
+        except OSError as exc:
+            raise FormatError(f"Could not open backing file '{path}': {exc.strerror}") from exc
 
     def _repair_dirty(self) -> None:
         from .metadata.check import check_image
@@ -348,6 +386,17 @@ class Image:
         for pos, cend in self._chunks(offset, len(mv)):
             self._write_chunk(pos, mv[pos - offset : cend - offset])
 
+    def _check_in_place(self, host_offsets: I64, what: str) -> None:
+        """A cluster about to be rewritten in place must lie inside the image file (below
+        the allocation high-water mark): hostile metadata pointing far past the end would
+        otherwise make the file huge, or fail with EFBIG."""
+        limit = self.meta.refcounts.end_cluster * self.cluster_size
+        if len(host_offsets) and int(host_offsets.max()) >= limit:
+            bad = int(host_offsets[host_offsets >= limit][0])
+            raise CorruptionError(
+                f"{what} at {bad:#x} lies beyond the end of the image file ({limit} bytes)"
+            )
+
     def _l2_for_write(self, l1_index: int) -> tuple[int, U64]:
         """The L2 table of l1_index, allocated or copied so that it is ours alone."""
         meta = self.meta
@@ -357,6 +406,7 @@ class Image:
         entry = int(l2.l1[l1_index])
         old = l2.l2_offset(l1_index)
         if old and entry & C.OFLAG_COPIED:
+            self._check_in_place(np.array([old], dtype=np.int64), "L2 table")
             return old, l2.table(old)
         new = meta.refcounts.allocate(1) * self.cluster_size
         if old:
@@ -402,6 +452,8 @@ class Image:
         else:
             owned = copied & ~comp & (host != 0)
         need_new = ~owned
+        if not data_file:
+            self._check_in_place(host[owned], "data cluster")
         # write windows per cluster, relative to the cluster start
         ws = np.zeros(n, dtype=np.int64)
         we = np.full(n, cs, dtype=np.int64)
@@ -658,6 +710,144 @@ class Image:
             self.closed = True
             self._close_children()
             self.storage.close()
+
+    # ---- resize -------------------------------------------------------------------------
+    def resize(self, new_size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
+        """Change the virtual size. Shrinking needs shrink=True and frees everything past
+        the new end; every step keeps the image consistent (at worst leaking) on a crash."""
+        self._check_open()
+        self.meta.check_writable()
+        old_size = self.virtual_size
+        if new_size <= 0:
+            raise ResizeError("New image size must be positive")
+        if new_size % 512:
+            raise ResizeError("The new size must be a multiple of 512")
+        if preallocation not in ("off", "metadata", "falloc", "full"):
+            raise ResizeError(f"Unsupported preallocation mode '{preallocation}'")
+        if new_size < old_size and preallocation != "off":
+            raise ResizeError("Preallocation can only be used for growing images")
+        if new_size < old_size and not shrink:
+            raise ResizeError(
+                "Use the --shrink option to perform a shrink operation.\n"
+                "warning: Shrinking an image will delete all data beyond the shrunken image's "
+                "end. Before performing such an operation, make sure there is no important "
+                "data there."
+            )
+        if self.snapshots and self.header.version < 3:
+            raise ResizeError("Can't resize a v2 image which has snapshots")
+        if self.header.bitmaps is not None:
+            raise ResizeError(
+                "Cannot resize an image with persistent dirty bitmaps (not supported by "
+                "qcow2kit); remove them with qemu-img bitmap --remove first"
+            )
+        if new_size > self.meta.geom.l2_span_bytes * (C.MAX_L1_BYTES // 8):
+            raise ResizeError(f"New size {new_size} exceeds the largest size the L1 table allows")
+        if new_size == old_size:
+            return
+        if self.meta.lazy:
+            self.meta.set_dirty_bit()
+        try:
+            if new_size < old_size:
+                self._shrink(new_size)
+            else:
+                self._grow(old_size, new_size, preallocation)
+        except CorruptionError as exc:
+            raise self.meta.mark_corrupt(str(exc)) from None
+
+    def _grow(self, old_size: int, new_size: int, preallocation: str) -> None:
+        meta = self.meta
+        cs = self.cluster_size
+        # bytes past the old end inside its last cluster must read as zeros once visible
+        tail_end = min(-(-old_size // cs) * cs, new_size)
+        if tail_end > old_size and any(self.read_guest(old_size, tail_end - old_size)):
+            self._write(old_size, memoryview(bytes(tail_end - old_size)))
+        meta.release_pending()
+        resize.grow_l1(meta, meta.geom.l1_entries_for(new_size))
+        if self.data_storage is not None and self.data_storage.size() < new_size:
+            self.data_storage.truncate(new_size)
+        if preallocation != "off":
+            self._preallocate(-(-old_size // cs) * cs, new_size, preallocation)
+        meta.flush()
+        meta.write_size(new_size)
+        meta.storage.flush()
+
+    def _preallocate(self, start: int, end: int, mode: str) -> None:
+        meta = self.meta
+        cs = self.cluster_size
+        for pos, cend in self._chunks(start, end - start):
+            l1i = pos // meta.geom.l2_span_bytes
+            base = l1i * meta.geom.l2_span_bytes
+            c0, c1 = (pos - base) // cs, -(-(cend - base) // cs)
+            l2_off, table = self._l2_for_write(l1i)
+            if self.header.has_data_file:
+                host = base + np.arange(c0, c1, dtype=np.int64) * cs
+            else:
+                first = meta.refcounts.allocate(c1 - c0)
+                host = (first + np.arange(c1 - c0, dtype=np.int64)) * cs
+                meta.storage.punch_hole(first * cs, (c1 - c0) * cs)
+                if mode == "falloc":
+                    meta.storage.allocate(first * cs, (c1 - c0) * cs)
+                elif mode == "full":
+                    self._fill_zeros(meta.storage, first * cs, (c1 - c0) * cs)
+                if meta.storage.size() < (first + c1 - c0) * cs:
+                    meta.storage.truncate((first + c1 - c0) * cs)
+            entries = host.astype(np.uint64) | np.uint64(C.OFLAG_COPIED)
+            if meta.geom.extended_l2:
+                table[c0:c1, 0] = entries
+                table[c0:c1, 1] = C.BITMAP_ALL_ALLOC
+            else:
+                table[c0:c1] = entries
+            meta.l2.cache.mark_dirty(l2_off)
+            meta.unsynced = True
+
+    @staticmethod
+    def _fill_zeros(storage: Storage, offset: int, length: int) -> None:
+        step = 8 << 20
+        zeros = bytes(min(step, length))
+        pos = offset
+        while pos < offset + length:
+            n = min(step, offset + length - pos)
+            storage.pwrite(pos, zeros[:n])
+            pos += n
+
+    def _shrink(self, new_size: int) -> None:
+        meta = self.meta
+        cs = self.cluster_size
+        old_size = self.virtual_size
+        meta.release_pending()
+        meta.flush()
+        # 1. the bytes past the new end in its last cluster: zeros, so a later grow never
+        #    shows them again
+        cut = -(-new_size // cs) * cs
+        if cut > new_size and any(self.read_guest(new_size, cut - new_size)):
+            self._write(new_size, memoryview(bytes(cut - new_size)))
+            meta.release_pending()
+        # 2. unreference everything past the cut: the straddling L2 table's tail entries
+        #    and whole L2 tables past the new L1 end. release_pending writes and flushes
+        #    the tables before any refcount falls.
+        new_l1 = meta.geom.l1_entries_for(new_size)
+        span = meta.geom.l2_span_bytes
+        if cut < old_size:
+            boundary_end = min(old_size, new_l1 * span)
+            if cut < boundary_end:
+                self._clear_chunk(cut, boundary_end, "discard")
+            resize.drop_l1_tail(meta, new_l1)
+        meta.release_pending()
+        meta.refcounts.sync()
+        # 3. refcount blocks left counting nothing but themselves (or each other)
+        resize.drop_empty_refblocks(meta)
+        # 4. size and L1 size in one header write; then the data file and the file tail
+        resize.switch_header(meta, new_size, new_l1)
+        if self.data_storage is not None:
+            self.data_storage.truncate(new_size)
+            self.data_storage.flush()
+        last = meta.refcounts.last_used_cluster()
+        end = (last + 1) * cs
+        if 0 < end < meta.storage.size():
+            meta.storage.event("truncate")
+            meta.storage.truncate(end)
+            meta.storage.flush()
+            meta.refcounts.end_cluster = last + 1
 
     def as_file(self) -> ImageFile:
         """A seekable binary file object over the virtual disk."""
