@@ -20,8 +20,10 @@ Also the shared chunked reader (`Source`) that compare uses.
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,9 @@ from .create import create
 from .map import host_segments
 
 CHUNK_BYTES = 8 << 20
+# raw output goes through a small buffer that stays in the CPU cache between the read and
+# the write (measured: 1 MiB pieces copy about twice as fast as 8 MiB ones)
+RAW_CHUNK_BYTES = 1 << 20
 SPARSE_BYTES = 4096
 
 Progress = Callable[[int], None]
@@ -165,25 +170,69 @@ def _runs_of(mask: np.ndarray[Any, np.dtype[np.bool_]]) -> list[tuple[int, int]]
 
 
 # ---- raw output ----------------------------------------------------------------------
+RAW_WORKERS = 2
+
+
+def _pieces(src: Source, a: int, b: int) -> Iterator[tuple[int, int, int, Any]]:
+    """(guest offset, length, host offset, storage) pieces of at most RAW_CHUNK_BYTES; host
+    offset -1 means "read through the image" (compressed, backing, zero)."""
+    img = src.img
+    if isinstance(img, RawImage):
+        for pos in range(a, b, RAW_CHUNK_BYTES):
+            yield pos, min(RAW_CHUNK_BYTES, b - pos), pos, img.storage
+        return
+    data = img.data_storage or img.storage
+    span = 256 << 20
+    for lo in range(a, b, span):
+        for run in img.runs(lo, min(span, b - lo)):
+            direct = run.kind == Kind.DATA
+            for pos in range(run.guest_offset, run.end, RAW_CHUNK_BYTES):
+                n = min(RAW_CHUNK_BYTES, run.end - pos)
+                host = run.host_offset + (pos - run.guest_offset) if direct else -1
+                yield pos, n, host, data
+
+
 def _convert_raw(src: Source, dst: str, progress: Progress) -> None:
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    local = threading.local()
+
+    def copy(mv: memoryview, pos: int) -> None:
+        for s, e in _runs_of(nonzero_blocks(mv, SPARSE_BYTES)):
+            lo, hi = s * SPARSE_BYTES, min(len(mv), e * SPARSE_BYTES)
+            _pwrite_all(fd, mv[lo:hi], pos + lo)
+
+    def direct(pos: int, n: int, host: int, storage: Any) -> int:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(RAW_CHUNK_BYTES)
+        mv = memoryview(buf)[:n]
+        _preadinto(storage, mv, host)
+        copy(mv, pos)
+        return n
+
     try:
         os.ftruncate(fd, src.size)
-        buf = bytearray(CHUNK_BYTES)
-        for a, b, zero in src.segments(0, src.size):
-            if zero:
-                progress(b - a)
-                continue
-            pos = a
-            while pos < b:
-                n = min(CHUNK_BYTES, b - pos)
-                mv = memoryview(buf)[:n]
-                src.read_into(mv, pos)
-                for s, e in _runs_of(nonzero_blocks(mv, SPARSE_BYTES)):
-                    lo, hi = s * SPARSE_BYTES, min(n, e * SPARSE_BYTES)
-                    _pwrite_all(fd, mv[lo:hi], pos + lo)
-                pos += n
-                progress(n)
+        own = bytearray(RAW_CHUNK_BYTES)
+        # host reads and output writes of plain data run in a small pool (the image object
+        # itself is only touched by this thread)
+        with ThreadPoolExecutor(max_workers=RAW_WORKERS) as pool:
+            inflight: deque[Future[int]] = deque()
+            for a, b, zero in src.segments(0, src.size):
+                if zero:
+                    progress(b - a)
+                    continue
+                for pos, n, host, storage in _pieces(src, a, b):
+                    if host >= 0:
+                        inflight.append(pool.submit(direct, pos, n, host, storage))
+                        while len(inflight) > 4 * RAW_WORKERS:
+                            progress(inflight.popleft().result())
+                    else:
+                        mv = memoryview(own)[:n]
+                        src.read_into(mv, pos)
+                        copy(mv, pos)
+                        progress(n)
+            while inflight:
+                progress(inflight.popleft().result())
         # no fsync: like qemu-img convert (cache=unsafe), durability is left to the caller
     finally:
         os.close(fd)
