@@ -261,3 +261,28 @@ def test_compare_raw_vs_qcow2(tmp_path: Path) -> None:
     assert not res.identical and res.mismatch_offset == 777_777 // 512 * 512
     theirs = qemu_img("compare", "-f", "qcow2", "-F", "raw", str(q), str(src), check=False)
     assert f"offset {res.mismatch_offset}!" in theirs.stdout
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"cluster_size": 512},
+        {"cluster_size": 1024, "refcount_bits": 1},
+        {"refcount_bits": 2, "cluster_size": 4096},
+        {"cluster_size": 2 << 20},
+        {"extended_l2": True, "cluster_size": 16384, "compression_type": "zstd"},
+        {"compat": "0.10"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_compressed_output_geometries(tmp_path: Path, opts: dict[str, Any]) -> None:
+    """Many L2 tables (small clusters) interleave with the packed data; narrow refcounts
+    cap how many compressed clusters may share one host cluster."""
+    src = tmp_path / "g.raw"
+    rng = random.Random(11)
+    src.write_bytes(rng.randbytes(1 << 20).hex().encode()[: 3 << 20] + bytes(1 << 20))
+    q = tmp_path / "g.qcow2"
+    convert(str(src), str(q), out_fmt="qcow2", compressed=True, options=opts)
+    out = _check(q)
+    assert out.get("compressed-clusters", 0) > 0
+    qemu_compare(q, src)

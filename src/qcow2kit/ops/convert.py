@@ -246,74 +246,95 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
 
 # ---- compressed clusters -------------------------------------------------------------
 class CompressedWriter:
-    """Packs compressed clusters at byte granularity into host clusters of an open image."""
+    """Packs compressed clusters at byte granularity into host clusters of an open image.
+
+    A host cluster's refcount is the number of compressed clusters whose bytes touch it;
+    when that would pass the refcount width's maximum (refcount_bits=1: one), the next
+    compressed cluster starts in a fresh host cluster instead, as QEMU does."""
 
     def __init__(self, img: Image) -> None:
         self.img = img
         self.meta = img.meta
         self.cs = img.cluster_size
+        self.max_refs = img.meta.geom.refcount_max
         self.tail_cluster = -1  # host cluster holding the last compressed bytes
         self.tail_used = 0  # bytes of it in use
+        self.tail_refs = 0  # compressed clusters touching it
 
-    def _alloc(self, count: int) -> int:
-        return self.meta.refcounts.allocate(count)
+    def _place(
+        self, base: int, sizes: list[int], first_refs: int
+    ) -> tuple[list[int], int, dict[int, int]]:
+        """Byte offsets for `sizes` from `base`, the end, and touches per host cluster."""
+        cs = self.cs
+        touches: dict[int, int] = {base // cs: first_refs} if base % cs else {}
+        offsets: list[int] = []
+        pos = base
+        for n in sizes:
+            if pos % cs and touches.get(pos // cs, 0) >= self.max_refs:
+                pos = (pos // cs + 1) * cs
+            offsets.append(pos)
+            for c in range(pos // cs, (pos + n - 1) // cs + 1):
+                touches[c] = touches.get(c, 0) + 1
+            pos += n
+        return offsets, pos, touches
 
     def write(self, items: list[tuple[int, bytes]]) -> None:
-        """items: (guest cluster offset, compressed bytes), guest offsets unallocated."""
+        """items: (guest cluster offset, compressed bytes), guest clusters unallocated."""
         if not items:
             return
         meta, img, cs = self.meta, self.img, self.cs
         g = meta.geom
         span = g.l2_span_bytes
+        refs = meta.refcounts
         # L2 tables first, so that their allocations do not split the data region
         tables = {}
         for l1i in sorted({guest // span for guest, _ in items}):
             tables[l1i] = img._l2_for_write(l1i)
-        total = sum(len(c) for _, c in items)
-        if self.tail_cluster >= 0 and self.tail_used < cs:
-            cursor = self.tail_cluster * cs + self.tail_used
-            last = (cursor + total - 1) // cs
-            extra = last - self.tail_cluster
-            start = self._alloc(extra) if extra else self.tail_cluster + 1
-            if extra and start != self.tail_cluster + 1:
-                # not contiguous: give the clusters back and start a fresh region
-                meta.refcounts.add_range(start, extra, -1)
-                meta.refcounts.hint = min(meta.refcounts.hint, start)
-                cursor = -1
-        else:
-            cursor = -1
-        if cursor < 0:
-            count = -(-total // cs)
-            start = self._alloc(count)
-            cursor = start * cs
-        # host offsets, and per host cluster the number of compressed clusters touching it
-        offsets = []
-        touches: dict[int, int] = {}
-        pos = cursor
-        for _, comp in items:
-            offsets.append(pos)
-            for c in range(pos // cs, (pos + len(comp) - 1) // cs + 1):
-                touches[c] = touches.get(c, 0) + 1
-            pos += len(comp)
-        first_new = cursor // cs if cursor % cs == 0 else cursor // cs + 1
+        sizes = [len(c) for _, c in items]
+        placed = None
+        if 0 <= self.tail_cluster and self.tail_used < cs and self.tail_refs < self.max_refs:
+            base = self.tail_cluster * cs + self.tail_used
+            offsets, end, touches = self._place(base, sizes, self.tail_refs)
+            extra = (end - 1) // cs - self.tail_cluster
+            start = refs.allocate(extra) if extra else self.tail_cluster + 1
+            if extra == 0 or start == self.tail_cluster + 1:
+                placed = (offsets, end, touches, self.tail_cluster + 1)
+            else:
+                refs.add_range(start, extra, -1)  # not contiguous: give them back
+        if placed is None:
+            offsets, end, touches = self._place(0, sizes, 0)
+            start = refs.allocate(-(-end // cs))
+            shift = start * cs
+            offsets = [o + shift for o in offsets]
+            touches = {c + start: t for c, t in touches.items()}
+            placed = (offsets, end + shift, touches, start)
+        offsets, end, touches, first_new = placed
+        # refcounts: allocate() gave each new cluster 1; the tail cluster already counts
         clusters = np.array(sorted(touches), dtype=np.int64)
-        deltas = np.array([touches[c] - (1 if c >= first_new else 0) for c in sorted(touches)],
-                          dtype=np.int64)
+        deltas = np.array(
+            [touches[c] - (1 if c >= first_new else self.tail_refs) for c in sorted(touches)],
+            dtype=np.int64,
+        )
         keep = deltas != 0
         if keep.any():
-            meta.refcounts.adjust(clusters[keep], deltas[keep])
+            refs.adjust(clusters[keep], deltas[keep])
         # data before the entries that point at it
         storage = img.storage
-        storage.pwrite(cursor, b"".join(c for _, c in items))
-        end_sector = -(-pos // 512) * 512
+        lo = offsets[0]
+        payload = bytearray(end - lo)
+        for (_, comp), off in zip(items, offsets, strict=True):
+            payload[off - lo : off - lo + len(comp)] = comp
+        storage.pwrite(lo, payload)
+        end_sector = -(-end // 512) * 512
         if storage.size() < end_sector:
             storage.truncate(end_sector)
         meta.unsynced = True
-        self.tail_cluster = (pos - 1) // cs
-        self.tail_used = pos - self.tail_cluster * cs
+        self.tail_cluster = (end - 1) // cs
+        self.tail_used = end - self.tail_cluster * cs
+        self.tail_refs = touches[self.tail_cluster]
         for (guest, comp), host in zip(items, offsets, strict=True):
             l1i = guest // span
-            l2_off, table = tables[l1i]
+            _, table = tables[l1i]
             idx = (guest - l1i * span) // cs
             desc = g.encode_compressed(host, len(comp))
             if g.extended_l2:
