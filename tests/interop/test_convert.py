@@ -89,6 +89,8 @@ def test_zero_clusters_stay_unallocated(tmp_path: Path) -> None:
         "compat=0.10",
         "extended_l2=on",
         "refcount_bits=64,lazy_refcounts=on",
+        "preallocation=metadata",
+        "preallocation=full,cluster_size=4096",
     ],
 )
 def test_qcow2_output_options(tmp_path: Path, opts: str) -> None:

@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs = options_to_kwargs(opts)
     backing = args.backing or kwargs.pop("backing_file", None)
     backing_fmt = args.backing_fmt or kwargs.pop("backing_fmt", None)
-    if "preallocation" in kwargs and kwargs["preallocation"] != "off":
-        raise UsageError("preallocation is not supported by convert")
+    if args.compressed and kwargs.get("preallocation", "off") != "off":
+        raise UsageError("Compression and preallocation not supported at the same time")
     if args.compressed and args.out_fmt != "qcow2":
         raise UsageError("Compression not supported for file format 'raw'")
     bar: Any = None
