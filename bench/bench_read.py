@@ -32,6 +32,9 @@ def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
 
 
+ENV = dict(os.environ)
+
+
 def timed(argv: list[str], cleanup: Path | None, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -39,7 +42,7 @@ def timed(argv: list[str], cleanup: Path | None, repeat: int) -> float:
             cleanup.unlink()
         os.sync()  # write back the previous run's output outside the timed region
         t0 = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=ENV)
         best = min(best, time.perf_counter() - t0)
     if cleanup is not None and cleanup.exists():
         cleanup.unlink()
@@ -47,6 +50,9 @@ def timed(argv: list[str], cleanup: Path | None, repeat: int) -> float:
 
 
 def make_images(d: Path) -> dict[str, Path]:
+    names = {k: d / f"{k}.qcow2" for k in ("full", "half", "sparse")}
+    if all(p.exists() for p in names.values()):
+        return names  # --keep directory from an earlier run
     block = os.urandom(16 << 20)
     full_raw = d / "full.raw"
     with open(full_raw, "wb") as f:
@@ -88,10 +94,15 @@ def main() -> int:
             return 1
     d = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qcow2kit-bench-"))
     d.mkdir(parents=True, exist_ok=True)
+    # byte-compiled modules, as an installed package has them (PYTHONDONTWRITEBYTECODE would
+    # make every run compile qcow2kit from source); kept out of the source tree
+    ENV.pop("PYTHONDONTWRITEBYTECODE", None)
+    ENV["PYTHONPYCACHEPREFIX"] = str(d / "pycache")
     try:
         t0 = time.perf_counter()
         imgs = make_images(d)
         print(f"images ready in {time.perf_counter() - t0:.1f}s under {d}")
+        timed([*OURS, "--help"], None, 1)  # warm the bytecode cache
         out = Path(args.out_dir or d) / f"qcow2kit-bench-{os.getpid()}.raw"
         cases = [
             (f"convert -O raw {name}", ["convert", "-O", "raw", str(imgs[name]), str(out)], out)
@@ -105,6 +116,8 @@ def main() -> int:
             ours = timed([*OURS, *argv], cleanup, args.repeat)
             print(f"{label:<30}{theirs:>12.3f}{ours:>12.3f}{ours / theirs:>8.2f}")
         start = timed([sys.executable, "-c", "import qcow2kit.ops.convert"], None, args.repeat)
+        bare = timed([sys.executable, "-c", "pass"], None, args.repeat)
+        print(f"(python start-up alone: {bare:.3f}s)")
         print(f"(python start-up + imports of qcow2kit.ops.convert alone: {start:.3f}s)")
     finally:
         if not args.keep:
