@@ -832,7 +832,8 @@ class Image:
             if cut < boundary_end:
                 self._clear_chunk(cut, boundary_end, "discard")
             resize.drop_l1_tail(meta, new_l1)
-        meta.release_pending()
+        # holes are punched at the end, and only below the final end of the file
+        freed = meta.release_pending(punch=False)
         meta.refcounts.sync()
         # 3. refcount blocks left counting nothing but themselves (or each other)
         resize.drop_empty_refblocks(meta)
@@ -848,6 +849,9 @@ class Image:
             meta.storage.truncate(end)
             meta.storage.flush()
             meta.refcounts.end_cluster = last + 1
+        keep = freed[freed <= last]
+        if len(keep):
+            meta.forget_freed(keep, punch=True)
 
     def as_file(self) -> ImageFile:
         """A seekable binary file object over the virtual disk."""

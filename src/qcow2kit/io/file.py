@@ -8,7 +8,7 @@ import fcntl
 import os
 import struct
 
-from ..errors import ImageStateError, LockError
+from ..errors import CorruptionError, ImageStateError, LockError
 
 _F_OFD_GETLK = 36
 _F_OFD_SETLK = 37
@@ -20,17 +20,23 @@ PERM_NAMES = ("consistent read", "write", "write unchanged", "resize")
 PERM_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE = 1, 2, 4, 8
 LOCK_PERM_BASE = 100
 LOCK_SHARED_BASE = 200
+_MAX_FILE_OFFSET = (1 << 63) - 1
+_MAX_BYTES_PAST_EOF = 64 << 20  # zeros a read may return past the end of the file
+
+
+_libc: object | None = None
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     import ctypes
-    import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    res = libc.fallocate(
-        ctypes.c_int(fd), ctypes.c_int(mode), ctypes.c_longlong(offset), ctypes.c_longlong(length)
-    )
-    if res != 0:
+    global _libc
+    if _libc is None:
+        # the C library already loaded into this process: no find_library() subprocesses
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = _libc.fallocate  # type: ignore[attr-defined]
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -106,6 +112,17 @@ class FileStorage:
             raise ImageStateError(f"{self.name} is opened read-only")
 
     def pread(self, offset: int, length: int) -> bytes:
+        """Read; bytes past the end of the file read as zeros. A request that reaches far
+        past the end (metadata of a hostile image) is refused before any buffer is made."""
+        if offset < 0 or length < 0 or offset + length > _MAX_FILE_OFFSET:
+            raise CorruptionError(
+                f"{self.name}: read of {length} bytes at offset {offset:#x} lies outside any file"
+            )
+        if length > _MAX_BYTES_PAST_EOF and offset + length > self.size() + _MAX_BYTES_PAST_EOF:
+            raise CorruptionError(
+                f"{self.name}: read of {length} bytes at offset {offset:#x} reaches far past "
+                f"the end of the file ({self.size()} bytes)"
+            )
         data = os.pread(self.fd, length, offset)
         if len(data) == length:
             return data
