@@ -49,6 +49,7 @@ _BME_ALL_ONES = 1
 _SNAP_FIXED = struct.Struct(">QIHHIIQII")
 _BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
 _REF_FLUSH_ELEMENTS = 1 << 22
+_L2_KEEP_BYTES = 64 << 20  # L2 tables kept between the refcount pass and the COPIED pass
 
 
 @dataclass
@@ -99,6 +100,16 @@ class _Counts:
     check_errors: int = 0
     corruptions_fixed: int = 0
     leaks_fixed: int = 0
+
+
+@dataclass
+class _L2Masks:
+    comp: npt.NDArray[np.bool_]
+    normal: npt.NDArray[np.bool_]
+    off: I64
+    coff: I64
+    csize: I64
+    bad: npt.NDArray[np.bool_]
 
 
 @dataclass
@@ -182,6 +193,11 @@ class _Checker:
         self.snapshots: list[_SnapEntry] = []
         self.snapshots_offset = 0
         self.snapshots_size = 0
+        self.l2_bytes: dict[int, bytes] = {}
+        # (offsets, entries, masks) of the active L2 tables from the refcount pass, reused
+        # by the COPIED pass as long as no L2 table was rewritten in between
+        self.active_rows: list[tuple[list[int], U64, _L2Masks]] = []
+        self.l2_bytes_total = 0
 
     # ---- driver ---------------------------------------------------------------------------
     def run(self) -> CheckResult:
@@ -339,14 +355,14 @@ class _Checker:
         for sn in self.snapshots:
             if sn.l1_table_offset & (self.cs - 1):
                 self.msgs.append(
-                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset=0x{sn.l1_table_offset:x}: "
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={_hx(sn.l1_table_offset)}: "
                     "L1 table is not cluster aligned; snapshot table entry corrupted"
                 )
                 self.res.corruptions += 1
                 continue
             if sn.l1_size > C.MAX_L1_BYTES // 8:
                 self.msgs.append(
-                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size=0x{sn.l1_size:x}: "
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={_hx(sn.l1_size)}: "
                     "L1 table is too large; snapshot table entry corrupted"
                 )
                 self.res.corruptions += 1
@@ -366,45 +382,87 @@ class _Checker:
     def _check_l1(self, l1_offset: int, l1_size: int, fix: int, *, active: bool) -> None:
         if l1_size == 0:
             return
+        cs = self.cs
         self._inc_region(l1_offset, l1_size * 8)
         l1 = np.frombuffer(self.storage.pread(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
-        for i in np.flatnonzero(l1).tolist():
-            entry = int(l1[i])
-            if entry & C.L1E_RESERVED_MASK:
-                self.msgs.append(f"ERROR found L1 entry with reserved bits set: {entry:x}")
-                self.res.corruptions += 1
-            l2_offset = entry & C.OFFSET_MASK
-            self._inc_region(l2_offset, self.cs)
-            if l2_offset & (self.cs - 1):
-                self.msgs.append(
-                    f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"
-                )
-                self.res.corruptions += 1
-            self._check_l2(l2_offset, fix, active=active)
+        idx = np.flatnonzero(l1)
+        entries = l1[idx]
+        l2offs = (entries & np.uint64(C.OFFSET_MASK)).astype(np.int64)
+        plain = (
+            ((entries & np.uint64(C.L1E_RESERVED_MASK)) == 0)
+            & ((l2offs & (cs - 1)) == 0)
+            & (l2offs < self.file_len)
+        ).tolist()
+        batch = max(1, (32 << 20) // cs)
+        pos, n = 0, len(idx)
+        while pos < n:
+            if not plain[pos]:
+                self._check_l1_entry(int(entries[pos]), fix, active)
+                pos += 1
+                continue
+            end = pos
+            while end < n and plain[end] and end - pos < batch:
+                end += 1
+            offs = l2offs[pos:end]
+            self._inc_clusters(offs >> self.cb)
+            self._check_l2_tables(offs.tolist(), fix, active)
+            pos = end
+
+    def _check_l1_entry(self, entry: int, fix: int, active: bool) -> None:
+        """An L1 entry that needs diagnostics (reserved bits, unaligned, outside the file)."""
+        if entry & C.L1E_RESERVED_MASK:
+            self.msgs.append(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+            self.res.corruptions += 1
+        l2_offset = entry & C.OFFSET_MASK
+        self._inc_region(l2_offset, self.cs)
+        if l2_offset & (self.cs - 1):
+            self.msgs.append(
+                f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"
+            )
+            self.res.corruptions += 1
+        self._check_l2_tables([l2_offset], fix, active)
+
+    def _read_l2_tables(self, offsets: list[int]) -> tuple[U64, U64 | None]:
+        """Entries (and extended-L2 bitmaps) of the tables at offsets, one row per table."""
+        cs = self.cs
+        raws = []
+        for o in offsets:
+            raw = self.l2_bytes.get(o)
+            if raw is None:
+                raw = self.storage.pread(o, cs)
+                if self.l2_bytes_total + cs <= _L2_KEEP_BYTES:
+                    self.l2_bytes[o] = raw
+                    self.l2_bytes_total += cs
+            raws.append(raw)
+        tab = np.frombuffer(b"".join(raws), dtype=">u8").astype(np.uint64)
+        tab = tab.reshape(len(offsets), -1)
+        if self.ext:
+            return tab[:, 0::2].copy(), tab[:, 1::2].copy()
+        return tab, None
 
     def _read_l2(self, l2_offset: int) -> tuple[U64, U64 | None]:
-        raw = np.frombuffer(self.storage.pread(l2_offset, self.cs), dtype=">u8").astype(np.uint64)
-        if self.ext:
-            return raw[0::2].copy(), raw[1::2].copy()
-        return raw, None
+        ent, bmp = self._read_l2_tables([l2_offset])
+        return ent[0], (bmp[0] if bmp is not None else None)
 
-    def _check_l2(self, l2_offset: int, fix: int, *, active: bool) -> None:
+    def _classify(self, ent: U64, bmp: U64 | None) -> _L2Masks:
+        """Vectorised view of L2 entries of any shape; `bad` marks the entries that need
+        a diagnostic (they go through _l2_entry_slow, in table order)."""
         cs, cb = self.cs, self.cb
-        ent, bmp = self._read_l2(l2_offset)
-        n = len(ent)
         comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
         copied = (ent >> np.uint64(63)).astype(bool)
         off = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
-        zero = ~comp & ((ent & np.uint64(1)) != 0) if not self.ext else np.zeros(n, dtype=bool)
+        if self.ext:
+            zero = np.zeros(ent.shape, dtype=bool)
+        else:
+            zero = ~comp & ((ent & np.uint64(1)) != 0)
         normal = ~comp & ((off != 0) | (~zero & copied & self.data_file))
-        # compressed descriptors
         x = self.geom.compressed_offset_bits
-        desc = ent & np.uint64((1 << 62) - 1)
-        coff = (desc & np.uint64((1 << x) - 1)).astype(np.int64)
-        nsect = ((desc >> np.uint64(x)) & np.uint64((1 << (cb - 8)) - 1)).astype(np.int64) + 1
+        coff = (ent & np.uint64((1 << x) - 1)).astype(np.int64)
+        nsect = ((ent >> np.uint64(x)) & np.uint64((1 << (cb - 8)) - 1)).astype(np.int64) + 1
         csize = nsect * 512 - (coff & 511)
         bad = ~comp & ((ent & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)
-        bad |= comp & (copied | self.data_file | (coff + csize - self.file_len >= cs))
+        if comp.any():
+            bad |= comp & (copied | self.data_file | (coff + csize - self.file_len >= cs))
         bad |= normal & ((off & (cs - 1)) != 0)
         if not self.data_file:
             bad |= normal & (off >= self.file_len)
@@ -412,46 +470,59 @@ class _Checker:
             bad |= comp & (bmp != 0)
             bad |= normal & (((bmp >> np.uint64(32)) & bmp) != 0)
             bad |= ~comp & ~normal & ((bmp & np.uint64(C.BITMAP_ALL_ALLOC)) != 0)
-        counted = normal.copy()  # normal / allocated-zero clusters that reach the frag count
-        comp_ok = comp & ~bad
-        plain_ok = normal & ~bad
-        comp_counted = comp_ok.copy()
-        if bad.any():
+        return _L2Masks(comp, normal, off, coff, csize, bad)
+
+    def _check_l2_tables(self, offsets: list[int], fix: int, active: bool) -> None:
+        ent, bmp = self._read_l2_tables(offsets)
+        m = self._classify(ent, bmp)
+        if active:
+            self.active_rows.append((offsets, ent, m))
+        bad_rows = m.bad.any(axis=1)
+        counted = m.normal.copy()  # normal / allocated-zero clusters that reach the frag count
+        comp_counted = m.comp & ~m.bad
+        for r in np.flatnonzero(bad_rows).tolist():
             table_dirty = False
-            for i in np.flatnonzero(bad).tolist():
+            row_bmp = bmp[r] if bmp is not None else None
+            for i in np.flatnonzero(m.bad[r]).tolist():
                 state = self._l2_entry_slow(
-                    l2_offset, i, int(ent[i]), int(bmp[i]) if bmp is not None else 0, fix, active
+                    i, int(ent[r, i]), int(row_bmp[i]) if row_bmp is not None else 0, fix
                 )
                 if state == "skip":
-                    counted[i] = False
-                    ent[i] = np.uint64(C.OFLAG_ZERO if not self.ext else 0)
-                    if bmp is not None:
-                        bmp[i] = bmp[i] & np.uint64(C.BITMAP_ALL_ZERO)
+                    counted[r, i] = False
+                    ent[r, i] = np.uint64(C.OFLAG_ZERO if not self.ext else 0)
+                    if row_bmp is not None:
+                        row_bmp[i] = row_bmp[i] & np.uint64(C.BITMAP_ALL_ZERO)
                     table_dirty = True
                 elif state == "comp":
-                    comp_counted[i] = True
+                    comp_counted[r, i] = True
             if table_dirty:
-                self._write_l2(l2_offset, ent, bmp)
-        # references of the well-formed entries, all at once
-        if plain_ok.any() and not self.data_file:
-            self._inc_clusters(off[plain_ok] >> cb)
+                self._write_l2(offsets[r], ent[r], row_bmp)
+        cb = self.cb
+        plain_ok = m.normal & ~m.bad
+        comp_ok = m.comp & ~m.bad
+        if not self.data_file and plain_ok.any():
+            self._inc_clusters(m.off[plain_ok] >> cb)
         if comp_ok.any():
-            first = coff[comp_ok] >> cb
-            last = (coff[comp_ok] + csize[comp_ok] - 1) >> cb
+            coff, csize = m.coff[comp_ok], m.csize[comp_ok]
+            first = coff >> cb
+            last = (coff + csize - 1) >> cb
             self._inc_clusters(first)
             for extra in range(1, int((last - first).max()) + 1):
                 self._inc_clusters((first + extra)[last - first >= extra])
         if active:
-            seq = off[counted]
-            frag = int(np.count_nonzero(seq[1:] != seq[:-1] + cs)) if len(seq) > 1 else 0
+            rows, _cols = np.nonzero(counted)
+            seq = m.off[counted]
+            if len(seq) > 1:
+                same_table = rows[1:] == rows[:-1]
+                frag = int(np.count_nonzero(same_table & (seq[1:] != seq[:-1] + self.cs)))
+            else:
+                frag = 0
             ncomp = int(np.count_nonzero(comp_counted))
             self.allocated += len(seq) + ncomp
             self.compressed += ncomp
             self.fragmented += frag + ncomp
 
-    def _l2_entry_slow(
-        self, l2_offset: int, i: int, entry: int, bitmap: int, fix: int, active: bool
-    ) -> str:
+    def _l2_entry_slow(self, i: int, entry: int, bitmap: int, fix: int) -> str:
         """One L2 entry that needs diagnostics, in qemu-img's order. Returns "comp" for a
         compressed cluster counted as allocated, "skip" for an entry repaired to a zero
         cluster, "" otherwise."""
@@ -527,6 +598,8 @@ class _Checker:
         self.storage.pwrite(l2_offset, encode_table(table))
         self.storage.flush()
         self.meta.l2.cache.discard(l2_offset)
+        self.l2_bytes.pop(l2_offset, None)
+        self.active_rows.clear()
 
     # ---- bitmaps ------------------------------------------------------------------------------
     def _check_bitmaps(self) -> None:
@@ -658,8 +731,8 @@ class _Checker:
             first = bad[0]
             off = int(self.meta.refcounts.reftable[first[2]]) & _REFT_OFFSET_MASK
             lines.append((-1, (
-                f"qcow2: Image is corrupt: Refblock offset 0x{off:x} unaligned (reftable index: "
-                f"0x{first[2]:x}); further non-fatal corruption events will be suppressed"
+                f"qcow2: Image is corrupt: Refblock offset {_hx(off)} unaligned (reftable index: "
+                f"{_hx(first[2])}); further non-fatal corruption events will be suppressed"
             )))
             for lo, hi, _b in bad:
                 for k in range(lo, hi):
@@ -815,7 +888,7 @@ class _Checker:
                     vals[j] = v
             return vals, okay
 
-        for i in np.flatnonzero(l1).tolist():
+        for i in self._copied_suspects(l1, disk, unreadable).tolist():
             l1_entry = int(l1[i])
             l2_offset = l1_entry & C.OFFSET_MASK
             if not l2_offset:
@@ -874,6 +947,63 @@ class _Checker:
                 self._write_l2(l2_offset, ent, bmp)
                 self.res.corruptions -= dirty
                 self.res.corruptions_fixed += dirty
+
+    def _copied_suspects(
+        self, l1: U64, disk: npt.NDArray[np.uint64], unreadable: npt.NDArray[np.bool_]
+    ) -> I64:
+        """L1 indices whose entry or L2 table may have a wrong COPIED flag, found with
+        whole-table numpy operations; only those are examined entry by entry."""
+        cb = self.cb
+        n_disk = len(disk)
+        idx = np.flatnonzero(l1 & np.uint64(C.OFFSET_MASK))
+        if len(idx) == 0:
+            return idx
+        entries = l1[idx]
+        l2c = ((entries & np.uint64(C.OFFSET_MASK)) >> np.uint64(cb)).astype(np.int64)
+        inside = l2c < n_disk
+        suspect = ~inside.copy()
+        l2c_in = np.where(inside, l2c, 0)
+        rc = disk[l2c_in].astype(np.int64)
+        suspect |= inside & ~unreadable[l2c_in] & ((rc == 1) != ((entries >> np.uint64(63)) != 0))
+        batch = max(1, (32 << 20) // self.cs)
+        offsets = (entries & np.uint64(C.OFFSET_MASK)).astype(np.int64).tolist()
+        reuse = [o for rows in self.active_rows for o in rows[0]] == offsets
+        chunks: list[tuple[int, U64, npt.NDArray[np.bool_], I64]] = []
+        if reuse:
+            lo = 0
+            for offs, ent, m in self.active_rows:
+                chunks.append((lo, ent, m.normal, m.off))
+                lo += len(offs)
+        for lo, ent, normal, off in chunks or self._copied_chunks(offsets, batch):
+            copied = (ent >> np.uint64(63)).astype(bool)
+            if self.data_file:
+                wrong = normal & ~copied
+            else:
+                clusters = off >> cb
+                far = normal & (clusters >= n_disk)
+                safe = np.where(normal & ~far, clusters, 0)
+                refc = disk[safe].astype(np.int64)
+                wrong = normal & ~far & ~unreadable[safe] & ((refc == 1) != copied)
+                wrong |= far
+            suspect[lo : lo + len(ent)] |= wrong.any(axis=1)
+        return idx[suspect]
+
+    def _copied_chunks(
+        self, offsets: list[int], batch: int
+    ) -> list[tuple[int, U64, npt.NDArray[np.bool_], I64]]:
+        out = []
+        for lo in range(0, len(offsets), batch):
+            ent, _bmp = self._read_l2_tables(offsets[lo : lo + batch])
+            comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
+            copied = (ent >> np.uint64(63)).astype(bool)
+            off = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
+            if self.ext:
+                zero = np.zeros(ent.shape, dtype=bool)
+            else:
+                zero = ~comp & ((ent & np.uint64(1)) != 0)
+            normal = ~comp & ((off != 0) | (~zero & copied & self.data_file))
+            out.append((lo, ent, normal, off))
+        return out
 
     def _overlaps_metadata(self, offset: int) -> bool:
         """Would writing one cluster at offset hit the header, L1, reftable or a refblock?"""
@@ -1004,6 +1134,11 @@ class _Checker:
             meta.snapshots = parse_snapshots(table, len(parts), cs)
         except ValueError:
             pass
+
+
+def _hx(value: int) -> str:
+    """C's %#x: "0" for zero, else 0x-prefixed hex."""
+    return f"0x{value:x}" if value else "0"
 
 
 def _add(out: CheckResult, c: _Counts) -> None:
