@@ -13,6 +13,11 @@ from . import constants as C
 from .features import FEATURE_NAMES
 
 _EXT_HEADER = struct.Struct(">II")
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_BYTES = 1024 * MAX_BITMAPS
+MAX_BACKING_FORMAT_BYTES = 15  # QEMU keeps the name in a 16-byte buffer
+CRYPTO_EXTENSION_BYTES = 16
+CRYPT_LUKS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +40,32 @@ class BitmapsExtension:
             raise FormatError(f"bitmaps extension: length {len(data)}, expected 24")
         nb, reserved, dsize, doff = cls.STRUCT.unpack(data)
         if reserved != 0:
-            raise FormatError("bitmaps extension: reserved field is not zero")
+            raise FormatError(f"bitmaps extension: reserved field is {reserved:#x}, not zero")
         return cls(nb, dsize, doff)
+
+    def validate(self, cluster_size: int) -> None:
+        """QEMU's limits on the bitmaps extension (checked when the autoclear bit is set)."""
+        if self.nb_bitmaps == 0:
+            raise FormatError("bitmaps extension: nb_bitmaps is 0 (an extension with no bitmaps)")
+        if self.nb_bitmaps > MAX_BITMAPS:
+            raise FormatError(
+                f"bitmaps extension: nb_bitmaps {self.nb_bitmaps} exceeds the limit {MAX_BITMAPS}"
+            )
+        if self.directory_size > MAX_BITMAP_DIRECTORY_BYTES:
+            raise FormatError(
+                f"bitmaps extension: directory_size {self.directory_size} exceeds the limit "
+                f"{MAX_BITMAP_DIRECTORY_BYTES}"
+            )
+        if self.directory_offset % cluster_size or self.directory_offset == 0:
+            raise FormatError(
+                f"bitmaps extension: directory_offset {self.directory_offset:#x} is not a "
+                f"non-zero multiple of the cluster size {cluster_size}"
+            )
+        if self.directory_offset >= C.MAX_HOST_OFFSET:
+            raise FormatError(
+                f"bitmaps extension: directory_offset {self.directory_offset:#x} is beyond the "
+                "2^56 host offset limit"
+            )
 
     def to_bytes(self) -> bytes:
         return self.STRUCT.pack(self.nb_bitmaps, 0, self.directory_size, self.directory_offset)

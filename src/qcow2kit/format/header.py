@@ -13,6 +13,9 @@ from typing import ClassVar
 from ..errors import FormatError, UnsupportedFeatureError
 from . import constants as C
 from .extensions import (
+    CRYPT_LUKS,
+    CRYPTO_EXTENSION_BYTES,
+    MAX_BACKING_FORMAT_BYTES,
     BitmapsExtension,
     Extension,
     encode_extensions,
@@ -20,6 +23,8 @@ from .extensions import (
     parse_extensions,
 )
 from .features import KNOWN_AUTOCLEAR, KNOWN_INCOMPATIBLE, Autoclear, Incompatible
+
+SNAPSHOT_MIN_ENTRY_BYTES = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +192,12 @@ class Header:
             raise FormatError(
                 f"extended L2 needs clusters of at least 16 KiB (cluster_bits {self.cluster_bits})"
             )
-        if self.has_data_file is False and self.data_file_raw:
-            # QEMU silently ignores it when reading; keep tolerant, it is an autoclear bit.
-            pass
+        if self.data_file_raw and not self.has_data_file:
+            raise FormatError(
+                "autoclear bit 1 (data-file-raw) is set but the image has no external data "
+                "file (data-file-raw requires a data file)"
+            )
+        self._validate_extensions()
         for name, off in (
             ("l1_table_offset", self.l1_table_offset),
             ("refcount_table_offset", self.refcount_table_offset),
@@ -228,6 +236,59 @@ class Header:
             self.incompatible_features or self.compatible_features or self.autoclear_features
         ):
             raise FormatError("version 2 header with feature bits")
+
+    def check_fits(self, file_size: int) -> None:
+        """Every table the header points at must lie inside the file: checked before any of
+        them is read, so no allocation follows a header field the file cannot back."""
+        if self.l1_size and self.l1_table_offset == 0:
+            raise FormatError(f"l1_table_offset is 0 but l1_size is {self.l1_size}")
+        if self.refcount_table_offset == 0:
+            raise FormatError("refcount_table_offset is 0 (it would overlap the header)")
+        if self.nb_snapshots and self.snapshots_offset == 0:
+            raise FormatError(f"snapshots_offset is 0 but nb_snapshots is {self.nb_snapshots}")
+        tables = [
+            ("l1_table_offset", self.l1_table_offset, "l1_size", self.l1_size, self.l1_size * 8),
+            ("refcount_table_offset", self.refcount_table_offset, "refcount_table_clusters",
+             self.refcount_table_clusters, self.refcount_table_clusters * self.cluster_size),
+            ("snapshots_offset", self.snapshots_offset, "nb_snapshots", self.nb_snapshots,
+             self.nb_snapshots * SNAPSHOT_MIN_ENTRY_BYTES),
+        ]
+        bitmaps = self.extension(C.EXT_BITMAPS)
+        if bitmaps is not None and self.autoclear_features & Autoclear.BITMAPS:
+            ext = BitmapsExtension.from_bytes(bitmaps)
+            tables.append(("bitmap directory_offset", ext.directory_offset,
+                           "directory_size", ext.directory_size, ext.directory_size))
+        for off_name, offset, len_name, count, nbytes in tables:
+            if count and offset + nbytes > file_size:
+                raise FormatError(
+                    f"{off_name} {offset:#x} with {len_name} {count} ({nbytes} bytes) ends past "
+                    f"the end of the file ({file_size} bytes)"
+                )
+
+    def _validate_extensions(self) -> None:
+        """The per-extension rules QEMU applies while reading extensions at open."""
+        fmt = self.extension(C.EXT_BACKING_FORMAT)
+        if fmt is not None and len(fmt) > MAX_BACKING_FORMAT_BYTES:
+            raise FormatError(
+                f"backing format extension: length {len(fmt)} exceeds the limit "
+                f"{MAX_BACKING_FORMAT_BYTES}"
+            )
+        crypto = self.extension(C.EXT_CRYPTO)
+        if crypto is not None:
+            if self.crypt_method != CRYPT_LUKS:
+                raise FormatError(
+                    f"crypto header extension present with crypt_method {self.crypt_method} "
+                    f"(it is only expected with LUKS, crypt_method {CRYPT_LUKS})"
+                )
+            if len(crypto) != CRYPTO_EXTENSION_BYTES:
+                raise FormatError(
+                    f"crypto header extension: length {len(crypto)}, expected "
+                    f"{CRYPTO_EXTENSION_BYTES}"
+                )
+        bitmaps = self.extension(C.EXT_BITMAPS)
+        if bitmaps is not None and self.autoclear_features & Autoclear.BITMAPS:
+            # with the autoclear bit clear QEMU ignores the extension (bitmaps inconsistent)
+            BitmapsExtension.from_bytes(bitmaps).validate(self.cluster_size)
 
     def to_bytes(self) -> bytes:
         """Encode the header, its extensions and backing name (not padded to a cluster).

@@ -20,7 +20,9 @@ def read_header(storage: Storage) -> Header:
         raise FormatError(f"{storage.name}: Image is not in qcow2 format")
     if C.MIN_CLUSTER_BITS <= cluster_bits <= C.MAX_CLUSTER_BITS and (1 << cluster_bits) > len(head):
         head = storage.pread(0, min(size, 1 << cluster_bits))
-    return Header.from_bytes(head)
+    header = Header.from_bytes(head)
+    header.check_fits(size)  # before anything reads a table the header points at
+    return header
 
 
 def write_field(storage: Storage, offset: int, data: bytes, event: str = "header_update") -> None:
