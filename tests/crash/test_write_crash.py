@@ -1,0 +1,361 @@
+"""Crash ordering of the write path (DESIGN.md section 3).
+
+Each test records the storage operations of a write / discard / write_zeroes workload with
+RecordingStorage, then rebuilds every image a power cut could leave (every prefix of the log,
+plus sampled subsets of the unflushed writes of each flush epoch) and requires:
+- `qemu-img check` reports no corruption and no check error (leaks are allowed);
+- every guest sector the workload never touched still reads what was flushed before it;
+- in prefix states (writes landed in order) every touched sector reads one of the values it
+  held at some point (old data, any written data, or zeros where zeroed / discarded);
+- internal snapshots keep their content throughout.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qcow2kit
+from qcow2kit.errors import Qcow2Error
+from qcow2kit.image import Image
+from qcow2kit.testing import (
+    DiskModel,
+    FaultyStorage,
+    RecordingStorage,
+    check_crash_states,
+    count_states,
+    is_prefix_label,
+)
+from qcow2kit.testing.faults import qemu_check_json
+from tests.conftest import assert_clean, qemu_compare, qemu_img, qemu_io
+
+SECTOR = 512
+MAX_STATES = 120
+
+
+def _pattern(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _to_raw(path: str | Path, out: Path, snapshot: str | None = None) -> bytes:
+    args = ["convert", "-O", "raw"]
+    if snapshot:
+        args += ["-l", f"snapshot.name={snapshot}"]
+    qemu_img(*args, str(path), str(out))
+    return out.read_bytes()
+
+
+class History:
+    """Every value each guest sector held during a workload (the model's history)."""
+
+    def __init__(self, before: bytes) -> None:
+        self.before = np.frombuffer(before, dtype=np.uint8).reshape(-1, SECTOR)
+        self.touched = np.zeros(len(self.before), dtype=bool)
+        self.values: dict[int, set[bytes]] = {}
+
+    def record(self, model: DiskModel, offset: int, length: int) -> None:
+        first, last = offset // SECTOR, -(-(offset + length) // SECTOR)
+        for s in range(first, last):
+            if not self.touched[s]:
+                self.touched[s] = True
+                self.values[s] = {self.before[s].tobytes()}
+            self.values[s].add(model.read(s * SECTOR, SECTOR))
+
+    def verify(self, image: bytes, strict: bool) -> None:
+        got = np.frombuffer(image, dtype=np.uint8).reshape(-1, SECTOR)
+        assert got.shape == self.before.shape
+        bad = np.flatnonzero(~self.touched & (got != self.before).any(axis=1))
+        assert not len(bad), f"untouched guest sector {int(bad[0])} changed"
+        if strict:
+            for s in np.flatnonzero(self.touched).tolist():
+                assert got[s].tobytes() in self.values[s], f"guest sector {s} holds a value never written"
+
+
+class Workload:
+    """Runs operations on an Image and its model at once, recording the history."""
+
+    def __init__(self, img: Image, model: DiskModel, history: History) -> None:
+        self.img, self.model, self.history = img, model, history
+        self.seed = 1000
+
+    def write(self, offset: int, length: int) -> None:
+        self.seed += 1
+        data = _pattern(self.seed, length)
+        self.img.write(offset, data)
+        self.model.write(offset, data)
+        self.history.record(self.model, offset, length)
+
+    def zero(self, offset: int, length: int, unmap: bool = False) -> None:
+        # zeroing only part of a cluster rewrites the rest of it too: record the whole span
+        self.img.write_zeroes(offset, length, unmap=unmap)
+        self.model.write_zeroes(offset, length)
+        self.history.record(self.model, offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.img.discard(offset, length)
+        self.model.discard(offset, length)
+        self.history.record(self.model, offset, length)
+
+    def flush(self) -> None:
+        self.img.flush()
+
+
+def run_crash_test(
+    tmp_path: Path,
+    image: Path,
+    work: Callable[[Workload], None],
+    *,
+    reorder_samples: int = 3,
+    max_states: int = MAX_STATES,
+    snapshots: dict[str, bytes] | None = None,
+    expect_events: tuple[str, ...] = (),
+    min_states: int = 10,
+    backing: bytes | None = None,
+) -> RecordingStorage:
+    """Record `work` on `image`, check the final image against the model, then every crash
+    state."""
+    before = _to_raw(image, tmp_path / "before.raw")
+    storage = RecordingStorage.from_file(image)
+    img = Image(storage)
+    storage.restart()  # only the workload is recorded
+    model = DiskModel(len(before), backing)
+    model.data[:] = before
+    history = History(before)
+    work(Workload(img, model, history))
+    img.close()
+    # the finished image is clean and equal to the model
+    final = tmp_path / "final.qcow2"
+    final.write_bytes(storage.contents())
+    assert_clean(final)
+    (tmp_path / "model.raw").write_bytes(model.raw())
+    qemu_compare(final, tmp_path / "model.raw")
+    events = {e[1] for e in storage.log if e[0] == "event"}
+    for name in expect_events:
+        assert name in events, f"workload never hit event {name}: {sorted(events)}"
+
+    def verify_state(path: str, label: str) -> None:
+        got = _to_raw(path, tmp_path / "state.raw")
+        history.verify(got, strict=is_prefix_label(label))
+        for name, content in (snapshots or {}).items():
+            assert _to_raw(path, tmp_path / "snap.raw", snapshot=name) == content, (
+                f"snapshot {name} changed"
+            )
+
+    total = count_states(storage.log, reorder_samples=reorder_samples)
+    assert total >= min_states, f"only {total} crash states: the workload is too small"
+    checked = check_crash_states(
+        storage.initial,
+        storage.log,
+        tmp_path,
+        verify_state=verify_state,
+        reorder_samples=reorder_samples,
+        max_states=max_states,
+    )
+    assert checked == min(total, max_states)
+    return storage
+
+
+def _prefill(path: Path, size: int, step: int) -> None:
+    """Data written (and flushed) by QEMU before the workload: every other `step` bytes."""
+    cmds = [f"write -P {0x10 + i % 200} {off} {step // 2}" for i, off in enumerate(range(0, size, step))]
+    qemu_io(path, *cmds)
+
+
+# ---- allocation: L2 tables, refcount blocks, refcount table growth --------------------------
+def test_allocation_grows_reftable(tmp_path: Path) -> None:
+    """512 B clusters with 64-bit refcounts: a refcount block covers 64 clusters and one
+    reftable cluster 4096 clusters (2 MiB), so ~2.5 MiB of new data forces refcount blocks,
+    L2 tables and a refcount table switch."""
+    path = tmp_path / "disk.qcow2"
+    size = 8 << 20
+    qcow2kit.create(str(path), size, cluster_size=512, refcount_bits=64)
+    _prefill(path, 1 << 20, 128 << 10)
+    reftable_before = struct.unpack(">Q", path.read_bytes()[48:56])[0]
+
+    def work(w: Workload) -> None:
+        w.write(4 << 20, 300)  # partial cluster in a fresh L2 table
+        w.flush()
+        for i in range(10):  # large sequential writes: many refcount blocks
+            w.write((5 << 20) + i * (256 << 10) + 100, 256 << 10)
+        w.write(3000, 5000)  # over prefilled data, crossing clusters
+        w.discard(64 << 10, 16 << 10)
+        w.zero(200 << 10, 40000)
+        w.flush()
+        w.write(7 << 20, 20 << 10)
+
+    storage = run_crash_test(
+        tmp_path, path, work,
+        expect_events=("reftable_grow", "refblock_alloc_hookup", "l2_update", "l1_update"),
+    )
+    reftable_after = struct.unpack(">Q", storage.contents()[48:56])[0]
+    assert reftable_after != reftable_before, "the refcount table never moved"
+
+
+def test_small_writes_every_prefix(tmp_path: Path) -> None:
+    """A short workload checked exhaustively: every prefix and many re-orderings."""
+    path = tmp_path / "disk.qcow2"
+    qcow2kit.create(str(path), 4 << 20, cluster_size=4096, refcount_bits=16)
+    _prefill(path, 2 << 20, 64 << 10)
+
+    def work(w: Workload) -> None:
+        w.write(1000, 10000)
+        w.write(3 << 20, 4096)
+        w.flush()
+        w.discard(0, 64 << 10)
+        w.zero(128 << 10, 8192, unmap=True)
+        w.zero(192 << 10, 12288, unmap=False)
+        w.write(129 << 10, 100)
+
+    run_crash_test(tmp_path, path, work, reorder_samples=8, max_states=400)
+
+
+# ---- copy on write: internal snapshots -----------------------------------------------------
+@pytest.mark.parametrize("extended_l2", [False, True], ids=["std", "xl2"])
+def test_cow_with_internal_snapshot(tmp_path: Path, extended_l2: bool) -> None:
+    path = tmp_path / "disk.qcow2"
+    size = 4 << 20
+    cs = 32768 if extended_l2 else 4096
+    opts = f"cluster_size={cs}" + (",extended_l2=on" if extended_l2 else "")
+    qemu_img("create", "-f", "qcow2", "-o", opts, str(path), str(size))
+    _prefill(path, size, 256 << 10)
+    qemu_img("snapshot", "-c", "snap1", str(path))
+    snap1 = _to_raw(path, tmp_path / "snap1.raw", snapshot="snap1")
+
+    def work(w: Workload) -> None:
+        w.write(100, 300)  # partial write into a shared cluster and a shared L2 table
+        w.write(cs * 3, cs * 2)  # whole shared clusters
+        w.flush()
+        w.discard(256 << 10, 64 << 10)  # drop shared clusters
+        w.zero(512 << 10, cs + 700)  # zero flag over shared clusters, partial tail
+        w.write((2 << 20) - 100, 5000)  # crosses an L2-table boundary for 4 KiB clusters
+        w.write(3 << 20, 3 * cs)  # fresh area
+
+    run_crash_test(tmp_path, path, work, snapshots={"snap1": snap1})
+
+
+# ---- compressed clusters being overwritten --------------------------------------------------
+def test_overwrite_compressed_clusters(tmp_path: Path) -> None:
+    size = 2 << 20
+    src = tmp_path / "src.raw"
+    rng = random.Random(7)
+    # compressible but not trivial: words from a small vocabulary
+    words = [bytes(rng.choice(b"abcdefgh") for _ in range(rng.randint(2, 9))) for _ in range(50)]
+    text = b" ".join(rng.choice(words) for _ in range(size // 4))[:size]
+    src.write_bytes(text.ljust(size, b"\0"))
+    path = tmp_path / "disk.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", str(src), str(path))
+    info = qemu_check_json(str(path))
+    assert info["compressed-clusters"] > 400, info
+
+    def work(w: Workload) -> None:
+        w.write(10, 100)  # partial: decompress, rewrite as a normal cluster
+        w.write(8192, 4096)  # whole cluster
+        w.write(20000, 30000)  # several clusters, partial at both ends
+        w.flush()
+        w.discard(64 << 10, 8192)
+        w.zero(128 << 10, 10000)
+        w.zero(192 << 10, 8192, unmap=True)
+
+    run_crash_test(tmp_path, path, work)
+
+
+# ---- lazy refcounts: dirty bit, repaired on open ------------------------------------------
+def test_lazy_refcounts(tmp_path: Path) -> None:
+    path = tmp_path / "disk.qcow2"
+    qcow2kit.create(str(path), 4 << 20, cluster_size=4096, lazy_refcounts=True)
+    _prefill(path, 1 << 20, 64 << 10)
+
+    def work(w: Workload) -> None:
+        w.write(5000, 20000)
+        w.flush()
+        w.write(2 << 20, 64 << 10)
+        w.discard(0, 32 << 10)
+
+    run_crash_test(tmp_path, path, work)
+
+
+# ---- compat 0.10 and a backing file ----------------------------------------------------------
+def test_v2_with_backing(tmp_path: Path) -> None:
+    size = 4 << 20
+    base = tmp_path / "base.raw"
+    base.write_bytes(_pattern(3, size))
+    path = tmp_path / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", "-b", "base.raw",
+             "-F", "raw", str(path))
+    qemu_io(path, "write -P 0x33 0 64k")
+
+    def work(w: Workload) -> None:
+        w.write(100, 5000)  # partial: copies backing data around it
+        w.zero(64 << 10, 10000)  # v2 with backing: zero bytes are written
+        w.flush()
+        w.discard(0, 8192)  # backing data shows through again
+        w.write(1 << 20, 4096 * 5 + 1)
+
+    run_crash_test(tmp_path, path, work, backing=base.read_bytes())
+
+
+# ---- I/O errors: the image stays consistent ---------------------------------------------------
+def _error_workload(img: Image) -> None:
+    img.write(1000, b"\x01" * 9000)
+    img.write(3 << 20, b"\x02" * 70000)
+    img.flush()
+    img.discard(0, 8192)
+    img.write_zeroes(1 << 20, 16384)
+    img.write(5000, b"\x03" * 100)
+
+
+@pytest.mark.parametrize("sticky", [False, True], ids=["transient", "dead-disk"])
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+def test_write_errors_leave_consistent_image(tmp_path: Path, error: int, sticky: bool) -> None:
+    """ENOSPC/EIO at every single write: the error propagates as OSError with its errno,
+    and whatever reached the storage passes qemu-img check (leaks allowed)."""
+    path = tmp_path / "disk.qcow2"
+    qcow2kit.create(str(path), 8 << 20, cluster_size=512, refcount_bits=16)
+    initial = path.read_bytes()
+    probe = FaultyStorage(initial)
+    img = Image(probe)
+    _error_workload(img)
+    img.close()
+    total = probe.writes
+    assert total > 10
+    step = max(1, total // 40)
+    state = tmp_path / "state.qcow2"
+    for n in range(1, total + 1, step):
+        storage = FaultyStorage(initial, fail_write_at=n, error=error, sticky=sticky)
+        img = Image(storage)
+        with pytest.raises(OSError) as info:
+            _error_workload(img)
+            img.close()
+        assert info.value.errno == error
+        assert storage.failed
+        try:
+            img.close()  # transient: a retry may succeed; a dead disk fails again
+        except (OSError, Qcow2Error):
+            pass
+        state.write_bytes(bytes(storage.buf))
+        out = qemu_check_json(str(state))
+        assert out.get("corruptions", 0) == 0 and out.get("check-errors", 1) == 0, (n, out)
+
+
+def test_error_at_named_event(tmp_path: Path) -> None:
+    """A failure just before an L2 write (event l2_update) leaves the image consistent."""
+    path = tmp_path / "disk.qcow2"
+    qcow2kit.create(str(path), 8 << 20, cluster_size=4096)
+    initial = path.read_bytes()
+    storage = FaultyStorage(initial, fail_event="l2_update", error=errno.EIO)
+    img = Image(storage)
+    with pytest.raises(OSError) as info:
+        _error_workload(img)
+    assert info.value.errno == errno.EIO
+    assert "l2_update" in storage.events
+    img.close()  # transient: the retried flush writes the table
+    state = tmp_path / "state.qcow2"
+    state.write_bytes(bytes(storage.buf))
+    out = qemu_check_json(str(state))
+    assert out.get("corruptions", 0) == 0 and out.get("check-errors", 1) == 0, out
