@@ -839,6 +839,9 @@ class Image:
         resize.drop_empty_refblocks(meta)
         # 4. size and L1 size in one header write; then the data file and the file tail
         resize.switch_header(meta, new_size, new_l1)
+        # 5. tables left near the old end move down, so the file can end earlier
+        if resize.relocate_tables(meta):
+            resize.drop_empty_refblocks(meta)  # blocks that only counted the old tables
         if self.data_storage is not None:
             self.data_storage.truncate(new_size)
             self.data_storage.flush()
@@ -851,7 +854,9 @@ class Image:
             meta.refcounts.end_cluster = last + 1
         keep = freed[freed <= last]
         if len(keep):
-            meta.forget_freed(keep, punch=True)
+            # relocated tables may have reused some of these clusters since
+            keep = np.sort(keep)
+            meta.forget_freed(keep[meta.refcounts.values(keep) == 0], punch=True)
 
     def as_file(self) -> ImageFile:
         """A seekable binary file object over the virtual disk."""

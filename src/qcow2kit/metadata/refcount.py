@@ -127,6 +127,22 @@ class Refcounts:
             pos += hi - lo
         return out
 
+    def values(self, clusters: I64) -> npt.NDArray[np.uint64]:
+        """Refcounts of (sorted) clusters, one block lookup per block touched."""
+        out = np.zeros(len(clusters), dtype=np.uint64)
+        if not len(clusters):
+            return out
+        e = self.entries_per_block
+        blocks = clusters // e
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
+        pos = 0
+        for part in np.split(clusters, bounds):
+            index = int(part[0] // e)
+            if self.has_block(index):
+                out[pos : pos + len(part)] = self.cache.get(index)[part - index * e]
+            pos += len(part)
+        return out
+
     # ---- adjusting --------------------------------------------------------------------
     def add_range(self, start: int, count: int, delta: int) -> I64:
         return self.adjust(np.arange(start, start + count, dtype=np.int64), delta)

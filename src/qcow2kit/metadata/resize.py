@@ -193,3 +193,55 @@ def grow_l1(meta: Metadata, new_l1_entries: int) -> None:
     if free_old:
         freed = meta.refcounts.add_range(old_offset // cs, old_clusters, -1)
         meta.forget_freed(freed)
+
+
+def relocate_tables(meta: Metadata) -> bool:
+    """Move the L1 table and the refcount table down into free space when they sit past
+    everything else, so that the file can end earlier. New table, switch, free old."""
+    rc = meta.refcounts
+    l2 = meta.l2
+    cs = meta.geom.cluster_size
+    moved = False
+    meta.flush()
+    # refcount table
+    n = rc.reftable_clusters
+    start = rc.find_free(n, start_at=1)
+    e = rc.entries_per_block
+    covered = all(rc.has_block(b) for b in range(start // e, (start + n - 1) // e + 1))
+    if covered and start + n <= rc.reftable_offset // cs:
+        rc.add_range(start, n, 1)
+        rc.sync()  # the new clusters are counted before the header points at them
+        meta.storage.event("reftable_move")
+        meta.storage.pwrite(start * cs, encode_table(rc.reftable))
+        meta.storage.flush()
+        meta.storage.event("header_update")
+        meta.storage.pwrite(C.HEADER_REFTABLE_OFFSET, struct.pack(">QI", start * cs, n))
+        meta.storage.flush()
+        old = rc.reftable_offset
+        rc.reftable_offset = start * cs
+        meta.header = replace(meta.header, refcount_table_offset=start * cs)
+        meta.forget_freed(rc.add_range(old // cs, n, -1))
+        rc.sync()
+        moved = True
+    # L1 table
+    if l2.l1_size and l2.l1_offset:
+        n = meta.geom.clusters_for(l2.l1_size * 8)
+        start = rc.find_free(n, start_at=1)
+        covered = all(rc.has_block(b) for b in range(start // e, (start + n - 1) // e + 1))
+        if covered and start + n <= l2.l1_offset // cs:
+            rc.add_range(start, n, 1)
+            rc.sync()
+            meta.storage.event("l1_move")
+            data = encode_table(l2.l1)
+            meta.storage.pwrite(start * cs, data + bytes(n * cs - len(data)))
+            meta.storage.flush()
+            meta.storage.event("header_update")
+            meta.storage.pwrite(C.HEADER_L1_OFFSET, struct.pack(">IQ", l2.l1_size, start * cs))
+            meta.storage.flush()
+            old = l2.l1_offset
+            l2.l1_offset = start * cs
+            meta.header = replace(meta.header, l1_table_offset=start * cs)
+            meta.forget_freed(rc.add_range(old // cs, n, -1))
+            rc.sync()
+            moved = True
+    return moved
