@@ -314,6 +314,30 @@ def d_snapshot_incomplete_extra(path: Path) -> None:
     p.put(off, new + b"\0" * (256 - len(new)))
 
 
+def d_snapshot_l1_unaligned(path: Path) -> None:
+    p = snapshot_base(path)
+    p.put64(p.snapshots_offset, p.u64(p.snapshots_offset) + 512)
+
+
+def d_snapshot_l1_outside(path: Path) -> None:
+    p = snapshot_base(path)
+    p.put64(p.snapshots_offset, (p.file_clusters() + 8) * CS)
+
+
+def d_snapshot_extra_too_big(path: Path) -> None:
+    p = snapshot_base(path)
+    off = p.snapshots_offset
+    with open(path, "rb") as f:
+        f.seek(off)
+        entry = f.read(256)
+    id_len, name_len = struct.unpack_from(">HH", entry, 12)
+    extra = struct.unpack_from(">I", entry, 36)[0]
+    known = entry[40 : 40 + extra]
+    names = entry[40 + extra : 40 + extra + id_len + name_len]
+    big = known + bytes(range(256)) * 8
+    p.put(off, entry[:36] + struct.pack(">I", len(big)) + big + names)
+
+
 def d_snapshot_data_refcount_low(path: Path) -> None:
     p = snapshot_base(path)
     p.set_refcount(p.host(0) >> 16, 1)
@@ -355,6 +379,38 @@ def d_small_clusters(path: Path) -> None:
 def d_v2_leak(path: Path) -> None:
     p = base(path, "compat=0.10")
     p.put64(p.l2_addr(64 << 10), 0)
+
+
+def d_bitmaps_refcounts_zeroed(path: Path) -> None:
+    qemu_img("create", "-f", "qcow2", str(path), "64M")
+    qemu_img("bitmap", "--add", str(path), "b0")
+    qemu_img("bitmap", "--add", "-g", "65536", str(path), "b1")
+    qemu_io(path, "write -P 1 0 1M", "write -P 2 30M 2M")
+    p = Poke(path)
+    p.put(p.refblock(0), b"\0" * 64)
+
+
+def d_bitmaps_leak(path: Path) -> None:
+    qemu_img("create", "-f", "qcow2", str(path), "64M")
+    qemu_img("bitmap", "--add", str(path), "b0")
+    qemu_io(path, "write -P 1 0 1M")
+    p = Poke(path)
+    n = p.file_clusters()
+    with open(path, "ab") as f:
+        f.write(b"\0" * CS)
+    p.set_refcount(n, 1)
+
+
+def d_data_file_leak(path: Path) -> None:
+    data = path.with_suffix(".data")
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={data}", str(path), "64M")
+    qemu_io(path, "write -P 1 0 1M", "write -P 2 30M 64k")
+    p = Poke(path)
+    n = p.file_clusters()
+    with open(path, "ab") as f:
+        f.write(b"\0" * CS)
+    p.set_refcount(n, 1)
+    p.put64(p.l2_addr(1 << 20), (1 << 63) | (1 << 20))  # data file cluster: no refcount
 
 
 def d_lazy_dirty(path: Path) -> None:

@@ -1034,12 +1034,12 @@ class _Checker:
             nb = C.MAX_SNAPSHOTS
         problem = None
         if nb > C.MAX_SNAPSHOTS:
-            problem = "Snapshot table too large"
+            problem = "snapshot table too large"
         elif (1 << 63) - 1 - nb * 40 < offset or offset & (self.cs - 1):
-            problem = "Snapshot table offset invalid"
+            problem = "snapshot table offset invalid"
         if problem is not None:
             res.check_errors += 1
-            self.msgs.append(f"ERROR {problem}")
+            self.msgs.append(f"qcow2kit: ERROR {problem}")
             if nb > C.MAX_SNAPSHOTS:
                 self.msgs.append(
                     f"You can force-remove all {nb - C.MAX_SNAPSHOTS} overhanging snapshots with "
@@ -1051,16 +1051,26 @@ class _Checker:
         if self.fix & FIX_ERRORS and nb != header.nb_snapshots:
             raise _CheckFailedError("repairing an oversized snapshot table is not supported")
         pos = offset
+        dropped = 0
         table: list[_SnapEntry] = []
         for i in range(nb):
             pos = (pos + 7) & ~7
             fixed = self.storage.pread(pos, _SNAP_FIXED.size)
             l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vm32, extra = _SNAP_FIXED.unpack(fixed)
             pos += _SNAP_FIXED.size
-            if extra > C.MAX_SNAPSHOT_EXTRA_BYTES:
+            keep_extra = extra
+            if extra > C.MAX_SNAPSHOT_EXTRA_BYTES and self.fix & FIX_ERRORS:
+                self.msgs.append(
+                    f"Discarding too much extra metadata in snapshot table entry {i} "
+                    f"({extra} > {C.MAX_SNAPSHOT_EXTRA_BYTES})"
+                )
+                dropped += 1
+                keep_extra = C.MAX_SNAPSHOT_EXTRA_BYTES
+            elif extra > C.MAX_SNAPSHOT_EXTRA_BYTES:
                 res.check_errors += 1
                 self.msgs.append(
-                    "ERROR failed to read the snapshot table: Too much extra metadata in snapshot "
+                    "qcow2kit: ERROR failed to read the snapshot table: Too much extra metadata in "
+                    "snapshot "
                     f"table entry {i}"
                 )
                 self.msgs.append("You can force-remove this extra metadata with qemu-img check -r all")
@@ -1070,7 +1080,9 @@ class _Checker:
             pos += id_len + name_len
             if pos - offset > C.MAX_SNAPSHOT_TABLE_BYTES:
                 res.check_errors += 1
-                self.msgs.append("ERROR failed to read the snapshot table: Snapshot table is too big")
+                self.msgs.append(
+                    "qcow2kit: ERROR failed to read the snapshot table: Snapshot table is too big"
+                )
                 self.msgs.append(
                     f"You can force-remove all {nb - i} overhanging snapshots with qemu-img check -r all"
                 )
@@ -1079,13 +1091,13 @@ class _Checker:
                 l1_off, l1_size, names[:id_len].decode("utf-8", "replace"),
                 names[id_len:].decode("utf-8", "replace"), extra,
                 fixed=(dsec, dnsec, vmclock, vm32),
-                extra=self.storage.pread(pos - id_len - name_len - extra, extra),
+                extra=self.storage.pread(pos - id_len - name_len - extra, keep_extra),
                 raw_id=names[:id_len], raw_name=names[id_len:],
             ))
         self.snapshots = table
         self.snapshots_offset = offset
         self.snapshots_size = pos - offset
-        res.corruptions += reduced
+        res.corruptions += reduced + dropped
         if header.version >= 3:
             for i, sn in enumerate(table):
                 if sn.extra_data_size < 16:

@@ -9,8 +9,9 @@ automatic dirty-bit repair first: it is the repair. Imports metadata, format and
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
-from ..errors import UnsupportedFeatureError
+from ..errors import FormatError, UnsupportedFeatureError
 from ..io.file import FileStorage
 from ..metadata import header_io
 from ..metadata.check import CheckResult, check_image
@@ -45,7 +46,14 @@ def check_path(path: str, repair: str | None = None, *, force_share: bool = Fals
     storage = FileStorage(path, repair is not None, force_share=force_share)
     try:
         header = header_io.read_header(storage)
-        meta = Metadata(storage, header)
+        try:
+            meta = Metadata(storage, header)
+        except FormatError:
+            if not header.nb_snapshots:
+                raise
+            # like QEMU in check mode: the snapshot table is read (and judged) by the check
+            meta = Metadata(storage, replace(header, nb_snapshots=0))
+            meta.header = header
         return check_image(meta, repair)
     finally:
         storage.close()
