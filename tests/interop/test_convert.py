@@ -159,6 +159,7 @@ def test_qcow2_chain_to_raw_and_qcow2(tmp_path: Path) -> None:
     raw = tmp_path / "chain.raw"
     convert(str(top), str(raw))
     qemu_compare(top, raw)
+    assert compare(str(top), str(raw)).identical
     ref = tmp_path / "ref.raw"
     qemu_img("convert", "-O", "raw", str(top), str(ref))
     assert raw.read_bytes() == ref.read_bytes()
@@ -288,3 +289,23 @@ def test_compressed_output_geometries(tmp_path: Path, opts: dict[str, Any]) -> N
     out = _check(q)
     assert out.get("compressed-clusters", 0) > 0
     qemu_compare(q, src)
+
+
+def test_data_file_and_subcluster_sources(tmp_path: Path) -> None:
+    df = tmp_path / "df.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'df.data'}", str(df), "4M")
+    qemu_io(df, "write -P 3 100k 1M", "write -z 64k 64k")
+    ex = tmp_path / "ex.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on", "-b", df.name, "-F", "qcow2",
+             str(ex))
+    qemu_io(ex, "write -P 1 2k 2k", "write -P 2 70k 3k", "write -z 200k 2k")
+    for src in (df, ex):
+        raw = tmp_path / f"{src.stem}.raw"
+        convert(str(src), str(raw))
+        qemu_compare(src, raw)
+        out = tmp_path / f"{src.stem}.out.qcow2"
+        convert(str(src), str(out), out_fmt="qcow2", compressed=src is df,
+                options={"extended_l2": True})
+        _check(out)
+        qemu_compare(out, raw)
+        assert compare(str(out), str(raw)).identical
