@@ -309,3 +309,20 @@ def test_random_chains(tmp_path: Path, seed: int) -> None:
     top = chain[-1]
     assert_map_same(top)
     assert chain_info(str(top)) == qemu_info(top, "--backing-chain")
+
+
+@pytest.mark.parametrize(
+    "window", [("100000", "5000000"), ("1M", None), ("7777", "3"), ("100M", None), ("0", "0")]
+)
+def test_map_window(tmp_path: Path, window: tuple[str, str | None]) -> None:
+    from qcow2kit.cli.common import parse_size
+
+    p = _qemu_extended(tmp_path)
+    start, length = window
+    args = ["map", "--output=json", f"--start-offset={start}"]
+    if length is not None:
+        args.append(f"--max-length={length}")
+    theirs = qemu_img(*args, str(p)).stdout
+    ours = map_path(str(p), start=parse_size(start),
+                    length=parse_size(length) if length is not None else None)
+    assert format_json(ours) == theirs

@@ -1,4 +1,4 @@
-"""qcow2kit map [--output=human|json] [-f FMT] [-U] FILE"""
+"""qcow2kit map [--output=human|json] [-f FMT] [-U] [--start-offset=N] [--max-length=N] FILE"""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .common import add_output
+from .common import add_output, parse_size
 
 
 def register(sub: Any) -> None:
@@ -20,6 +20,8 @@ def register(sub: Any) -> None:
     p.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format (probed if omitted)")
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
                    help="open the image even if another process has it open for writing")
+    p.add_argument("--start-offset", dest="start", default="0", help="first guest byte to map")
+    p.add_argument("--max-length", dest="length", help="map at most this many bytes")
     p.add_argument("filename")
     p.set_defaults(run=run)
 
@@ -27,7 +29,10 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..ops.map import format_human, format_json, map_path
 
-    entries = map_path(args.filename, args.fmt, force_share=args.force_share)
+    start = parse_size(args.start)
+    length = parse_size(args.length) if args.length is not None else None
+    entries = map_path(args.filename, args.fmt, force_share=args.force_share, start=start,
+                       length=length)
     if args.output == "json":
         sys.stdout.write(format_json(entries))
         return 0

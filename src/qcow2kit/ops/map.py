@@ -216,18 +216,31 @@ class _Mapper:
                 self._unallocated(img, ga, gb, h, depth)
 
 
-def map_image(img: Image | RawImage) -> list[MapEntry]:
-    """The merged extents of the whole virtual disk."""
+def map_image(img: Image | RawImage, start: int = 0, length: int | None = None) -> list[MapEntry]:
+    """The merged extents of the virtual disk (or of [start, start+length) inside it)."""
+    if start < 0 or (length is not None and length < 0):
+        raise ValueError("start offset and length must not be negative")
+    end = img.virtual_size if length is None else min(img.virtual_size, start + length)
     m = _Mapper()
-    if img.virtual_size:
-        m.layer(img, 0, img.virtual_size, 0)
+    if start < end:
+        m.layer(img, start, end, 0)
+    else:
+        # qemu-img prints one empty extent when there is nothing to map
+        m.entries.append(MapEntry(start, 0, 0, False, False, False, -1, img.filename))
     return m.entries
 
 
-def map_path(path: str, fmt: str | None = None, *, force_share: bool = False) -> list[MapEntry]:
+def map_path(
+    path: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = False,
+    start: int = 0,
+    length: int | None = None,
+) -> list[MapEntry]:
     img = open_any(path, fmt, force_share=force_share)
     try:
-        return map_image(img)
+        return map_image(img, start, length)
     finally:
         img.close()
 
