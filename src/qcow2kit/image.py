@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -29,8 +29,10 @@ from .format.header import Header
 from .format.snapshot import Snapshot
 from .io.file import FileStorage
 from .io.storage import Storage
+from .metadata import compact as compact_mod
 from .metadata import header_io, resize
 from .metadata.check import CheckResult, check_image
+from .metadata.compact import CompactResult
 from .metadata.l2map import Kind, Run, referenced_clusters
 from .metadata.meta import Metadata
 
@@ -857,6 +859,54 @@ class Image:
             # relocated tables may have reused some of these clusters since
             keep = np.sort(keep)
             meta.forget_freed(keep[meta.refcounts.values(keep) == 0], punch=True)
+
+    # ---- compaction -------------------------------------------------------------------
+    def compact(
+        self, *, discard_zeroes: bool = False, progress: Callable[[int], None] | None = None
+    ) -> CompactResult:
+        """Move clusters from the end of the file into free holes, then truncate. With
+        discard_zeroes, data clusters that read as all zeros are dropped first."""
+        self._check_open()
+        self.meta.check_writable()
+        if self.meta.lazy:
+            self.meta.set_dirty_bit()
+        try:
+            if discard_zeroes:
+                self._discard_zero_clusters()
+            return compact_mod.compact(self.meta, progress)
+        except CorruptionError as exc:
+            raise self.meta.mark_corrupt(str(exc)) from None
+
+    def _discard_zero_clusters(self) -> int:
+        v2 = self.header.version < 3
+        if v2 and self.backing is not None:
+            return 0  # an unallocated cluster would show the backing file instead
+        mode = "discard" if v2 else "zero_unmap"
+        cs = self.cluster_size
+        data = self.data_storage or self.storage
+        found = 0
+        step = 8 << 20
+        pos = 0
+        while pos < self.virtual_size:
+            n = min(step, self.virtual_size - pos)
+            zero_clusters: list[int] = []
+            for run in self.meta.l2.lookup(pos, n):
+                if run.kind != Kind.DATA:
+                    continue
+                a = -(-run.guest_offset // cs) * cs
+                b = (run.end // cs) * cs
+                if b <= a:
+                    continue
+                buf = data.pread(run.host_offset + (a - run.guest_offset), b - a)
+                rows = np.frombuffer(buf, dtype=np.uint8).reshape(-1, cs)
+                empty = np.flatnonzero(~rows.any(axis=1))
+                zero_clusters.extend((a + empty * cs).tolist())
+            for g in zero_clusters:
+                self._for_whole_clusters(g, cs, mode)
+            found += len(zero_clusters)
+            pos += n
+        self.meta.release_pending()
+        return found
 
     def as_file(self) -> ImageFile:
         """A seekable binary file object over the virtual disk."""

@@ -23,6 +23,8 @@ def register(sub: Any) -> None:
                    help="allow reducing the size (data past the new end is deleted)")
     p.add_argument("--preallocation", choices=("off", "metadata", "falloc", "full"),
                    default="off", help="preallocate the added range (growing only)")
+    p.add_argument("--compact", action="store_true",
+                   help="after the resize, move clusters down so the file shrinks to what it uses")
     p.add_argument("-f", dest="fmt", default="qcow2", help="image format (only qcow2)")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
     p.add_argument("filename")
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             for line in lines:
                 print(f"qcow2kit: {line}", file=sys.stderr)
             return 1
+        if args.compact:
+            img.compact()
     if not args.quiet:
         print("Image resized.")
     return 0
