@@ -149,3 +149,20 @@ def test_info_locked_image_needs_force_share(tmp_path: Path, image: Path) -> Non
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_convert_sparse_size(tmp_path: Path, image: Path) -> None:
+    full = tmp_path / "full.raw"
+    assert main(["convert", "-S", "0", str(image), str(full)]) == 0
+    assert full.stat().st_blocks * 512 >= 8 << 20  # every byte written, no holes
+    qemu_compare(image, full)
+    sparse = tmp_path / "sparse.raw"
+    assert main(["convert", "-S", "64k", str(image), str(sparse)]) == 0
+    assert sparse.stat().st_blocks * 512 < 1 << 20
+    qemu_compare(image, sparse)
+    q = tmp_path / "full.qcow2"
+    assert main(["convert", "-S", "0", "-O", "qcow2", str(image), str(q)]) == 0
+    assert_clean(q)
+    qemu_compare(q, image, "qcow2", "qcow2")
+    res = run_cli("convert", "-S", "1000", str(image), str(tmp_path / "bad.raw"))
+    assert res.returncode == 1 and "multiples of 512" in res.stderr

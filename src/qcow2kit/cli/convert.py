@@ -1,12 +1,12 @@
-"""qcow2kit convert [-f FMT] [-O qcow2|raw] [-c] [-o key=value,...] [-p] [-B BACKING [-F FMT]]
-[-U] SRC DST"""
+"""qcow2kit convert [-f FMT] [-O qcow2|raw] [-c] [-o key=value,...] [-p] [-S SIZE]
+[-B BACKING [-F FMT]] [-U] SRC DST"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from .common import UsageError, parse_options
+from .common import UsageError, parse_options, parse_size
 
 
 def register(sub: Any) -> None:
@@ -27,6 +27,8 @@ def register(sub: Any) -> None:
     p.add_argument("-F", dest="backing_fmt", choices=("qcow2", "raw"), help="format of -B's file")
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true",
                    help="open the source even if another process has it open for writing")
+    p.add_argument("-S", dest="sparse", default="4k",
+                   help="zero blocks of this size stay holes / unallocated (0: write everything)")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("source")
     p.add_argument("target")
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             args.source, args.target, src_fmt=args.fmt, out_fmt=args.out_fmt,
             options=kwargs, compressed=args.compressed, backing=backing,
             backing_fmt=backing_fmt, force_share=args.force_share, progress=progress,
+            sparse_bytes=parse_size(args.sparse),
         )
     finally:
         if bar is not None:

@@ -155,7 +155,7 @@ def nonzero_blocks(mv: memoryview, block: int) -> np.ndarray[Any, np.dtype[np.bo
         if len(idx):
             out[idx] = words[idx].any(axis=1)
     if nblocks > full:
-        out[full] = any(mv[full * block :])
+        out[full] = bool(np.frombuffer(mv[full * block :], dtype=np.uint8).any())
     return out
 
 
@@ -192,13 +192,16 @@ def _pieces(src: Source, a: int, b: int) -> Iterator[tuple[int, int, int, Any]]:
                 yield pos, n, host, data
 
 
-def _convert_raw(src: Source, dst: str, progress: Progress) -> None:
+def _convert_raw(src: Source, dst: str, progress: Progress, sparse_bytes: int) -> None:
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
     local = threading.local()
 
     def copy(mv: memoryview, pos: int) -> None:
-        for s, e in _runs_of(nonzero_blocks(mv, SPARSE_BYTES)):
-            lo, hi = s * SPARSE_BYTES, min(len(mv), e * SPARSE_BYTES)
+        if not sparse_bytes:
+            _pwrite_all(fd, mv, pos)
+            return
+        for s, e in _runs_of(nonzero_blocks(mv, sparse_bytes)):
+            lo, hi = s * sparse_bytes, min(len(mv), e * sparse_bytes)
             _pwrite_all(fd, mv[lo:hi], pos + lo)
 
     def direct(pos: int, n: int, host: int, storage: Any) -> int:
@@ -218,8 +221,15 @@ def _convert_raw(src: Source, dst: str, progress: Progress) -> None:
         with ThreadPoolExecutor(max_workers=RAW_WORKERS) as pool:
             inflight: deque[Future[int]] = deque()
             for a, b, zero in src.segments(0, src.size):
-                if zero:
+                if zero and sparse_bytes:
                     progress(b - a)
+                    continue
+                if zero:  # -S 0: every byte is written, holes included
+                    zeros = memoryview(bytes(RAW_CHUNK_BYTES))
+                    for pos in range(a, b, RAW_CHUNK_BYTES):
+                        n = min(RAW_CHUNK_BYTES, b - pos)
+                        _pwrite_all(fd, zeros[:n], pos)
+                        progress(n)
                     continue
                 for pos, n, host, storage in _pieces(src, a, b):
                     if host >= 0:
@@ -362,6 +372,7 @@ def _convert_qcow2(
     backing: str | None,
     backing_fmt: str | None,
     progress: Progress,
+    sparse_bytes: int,
 ) -> None:
     opts = dict(options)
     if backing is not None:
@@ -381,7 +392,10 @@ def _convert_qcow2(
         chunk = max(CHUNK_BYTES // cs, 1) * cs
         buf = bytearray(chunk)
         bbuf = bytearray(chunk) if base is not None else None
-        ranges = _aligned_data_ranges(src.segments(0, src.size), cs, src.size)
+        if sparse_bytes:
+            ranges = _aligned_data_ranges(src.segments(0, src.size), cs, src.size)
+        else:
+            ranges = [(0, src.size)] if src.size else []
         if base is not None:
             ranges = _union(ranges, _aligned_data_ranges(base.segments(0, src.size), cs, src.size))
         done = 0
@@ -393,6 +407,8 @@ def _convert_qcow2(
                 mv = memoryview(buf)[:n]
                 src.read_into(mv, pos)
                 want = nonzero_blocks(mv, cs)
+                if not sparse_bytes:
+                    want[:] = True
                 zero_clusters: list[tuple[int, int]] = []
                 if base is not None and bbuf is not None:
                     bmv = memoryview(bbuf)[:n]
@@ -507,8 +523,17 @@ def convert(
     backing_fmt: str | None = None,
     force_share: bool = False,
     progress: Progress | None = None,
+    sparse_bytes: int = SPARSE_BYTES,
 ) -> None:
-    """Copy the virtual disk at src_path into a new raw file or qcow2 image at dst_path."""
+    """Copy the virtual disk at src_path into a new raw file or qcow2 image at dst_path.
+
+    sparse_bytes: zero blocks of this size are left as holes / unallocated (qemu-img -S);
+    0 writes every byte."""
+    if sparse_bytes % 512 or not 0 <= sparse_bytes <= 16 << 20:
+        raise ValueError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+            "512 up to 16777216."
+        )
     if out_fmt not in ("raw", "qcow2"):
         raise FormatError(f"Unknown file format '{out_fmt}'")
     if out_fmt == "raw" and (compressed or backing is not None):
@@ -523,11 +548,12 @@ def convert(
         src = Source(img)
         prog = progress or (lambda n: None)
         if out_fmt == "raw":
-            _convert_raw(src, dst_path, prog)
+            _convert_raw(src, dst_path, prog, sparse_bytes)
         else:
             _convert_qcow2(
                 src, dst_path, options=options or {}, compressed=compressed,
                 backing=backing, backing_fmt=backing_fmt, progress=prog,
+                sparse_bytes=sparse_bytes,
             )
     finally:
         img.close()
