@@ -415,8 +415,14 @@ def d_data_file_leak(path: Path) -> None:
 
 def d_lazy_dirty(path: Path) -> None:
     """Lazy refcounts, writer killed: refcounts on disk lag behind (dirty bit set)."""
-    qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096", str(path), "64M")
-    _kill_writer(path, 200, kill_at="pwrite64", when=150)
+    for when in (60, 40, 30, 50, 20, 45, 25, 35):
+        if path.exists():
+            path.unlink()
+        qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096",
+                 str(path), "64M")
+        _kill_writer(path, 200, kill_at="pwrite64", when=when)
+        if Poke(path).u64(72) & 1 and qemu_check(path).get("corruptions"):
+            return
 
 
 def d_killed_writer(path: Path) -> None:

@@ -104,11 +104,11 @@ class _Counts:
 
 @dataclass
 class _L2Masks:
-    comp: npt.NDArray[np.bool_]
+    comp: npt.NDArray[np.bool_] | None  # None: no compressed entry at all
     normal: npt.NDArray[np.bool_]
     off: I64
-    coff: I64
-    csize: I64
+    coff: I64 | None
+    csize: I64 | None
     bad: npt.NDArray[np.bool_]
 
 
@@ -448,79 +448,113 @@ class _Checker:
         """Vectorised view of L2 entries of any shape; `bad` marks the entries that need
         a diagnostic (they go through _l2_entry_slow, in table order)."""
         cs, cb = self.cs, self.cb
-        comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
-        copied = (ent >> np.uint64(63)).astype(bool)
-        off = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
-        if self.ext:
-            zero = np.zeros(ent.shape, dtype=bool)
+        comp = (ent & np.uint64(C.OFLAG_COMPRESSED)) != 0
+        any_comp = bool(comp.any())
+        # offsets are below 2^56: the masked words can be viewed as signed without a copy
+        off = (ent & np.uint64(C.OFFSET_MASK)).view(np.int64)
+        if any_comp:
+            off = np.where(comp, 0, off)
+        if self.data_file:
+            copied = (ent >> np.uint64(63)) != 0
+            zero = ((ent & np.uint64(1)) != 0) if not self.ext else np.zeros(ent.shape, dtype=bool)
+            normal = ~comp & ((off != 0) | (~zero & copied))
         else:
-            zero = ~comp & ((ent & np.uint64(1)) != 0)
-        normal = ~comp & ((off != 0) | (~zero & copied & self.data_file))
-        x = self.geom.compressed_offset_bits
-        coff = (ent & np.uint64((1 << x) - 1)).astype(np.int64)
-        nsect = ((ent >> np.uint64(x)) & np.uint64((1 << (cb - 8)) - 1)).astype(np.int64) + 1
-        csize = nsect * 512 - (coff & 511)
-        bad = ~comp & ((ent & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)
-        if comp.any():
-            bad |= comp & (copied | self.data_file | (coff + csize - self.file_len >= cs))
-        bad |= normal & ((off & (cs - 1)) != 0)
+            normal = off != 0
+        # reserved bits and unaligned offsets in one test (unallocated entries have no offset)
+        check_mask = np.uint64(C.L2E_STD_RESERVED_MASK | ((cs - 1) & ~0x1FF))
+        bad = (ent & check_mask) != 0
+        if any_comp:
+            bad &= ~comp
         if not self.data_file:
-            bad |= normal & (off >= self.file_len)
+            bad |= off >= self.file_len
+        coff = csize = None
+        if any_comp:
+            x = self.geom.compressed_offset_bits
+            coff = (ent & np.uint64((1 << x) - 1)).view(np.int64)
+            nsect = ((ent >> np.uint64(x)) & np.uint64((1 << (cb - 8)) - 1)).view(np.int64) + 1
+            csize = nsect * 512 - (coff & 511)
+            copied = (ent >> np.uint64(63)) != 0
+            bad |= comp & (copied | self.data_file | (coff + csize - self.file_len >= cs))
         if bmp is not None:
-            bad |= comp & (bmp != 0)
+            if any_comp:
+                bad |= comp & (bmp != 0)
             bad |= normal & (((bmp >> np.uint64(32)) & bmp) != 0)
             bad |= ~comp & ~normal & ((bmp & np.uint64(C.BITMAP_ALL_ALLOC)) != 0)
-        return _L2Masks(comp, normal, off, coff, csize, bad)
+        return _L2Masks(comp if any_comp else None, normal, off, coff, csize, bad)
 
     def _check_l2_tables(self, offsets: list[int], fix: int, active: bool) -> None:
         ent, bmp = self._read_l2_tables(offsets)
         m = self._classify(ent, bmp)
         if active:
             self.active_rows.append((offsets, ent, m))
-        bad_rows = m.bad.any(axis=1)
-        counted = m.normal.copy()  # normal / allocated-zero clusters that reach the frag count
-        comp_counted = m.comp & ~m.bad
-        for r in np.flatnonzero(bad_rows).tolist():
-            table_dirty = False
-            row_bmp = bmp[r] if bmp is not None else None
-            for i in np.flatnonzero(m.bad[r]).tolist():
-                state = self._l2_entry_slow(
-                    i, int(ent[r, i]), int(row_bmp[i]) if row_bmp is not None else 0, fix
-                )
-                if state == "skip":
-                    counted[r, i] = False
-                    ent[r, i] = np.uint64(C.OFLAG_ZERO if not self.ext else 0)
-                    if row_bmp is not None:
-                        row_bmp[i] = row_bmp[i] & np.uint64(C.BITMAP_ALL_ZERO)
-                    table_dirty = True
-                elif state == "comp":
-                    comp_counted[r, i] = True
-            if table_dirty:
-                self._write_l2(offsets[r], ent[r], row_bmp)
+        any_bad = bool(m.bad.any())
+        counted = m.normal  # normal / allocated-zero clusters that reach the frag count
+        comp_counted = None
+        if m.comp is not None:
+            comp_counted = m.comp & ~m.bad
+        if any_bad:
+            counted = counted.copy()
+            if comp_counted is None:
+                comp_counted = np.zeros(ent.shape, dtype=bool)
+            for r in np.flatnonzero(m.bad.any(axis=1)).tolist():
+                self._l2_row_slow(offsets[r], ent, bmp, r, m, counted, comp_counted, fix)
         cb = self.cb
-        plain_ok = m.normal & ~m.bad
-        comp_ok = m.comp & ~m.bad
-        if not self.data_file and plain_ok.any():
+        plain_ok = (m.normal & ~m.bad) if any_bad else m.normal
+        if not self.data_file:
             self._inc_clusters(m.off[plain_ok] >> cb)
-        if comp_ok.any():
+        if m.comp is not None and m.coff is not None and m.csize is not None:
+            comp_ok = m.comp & ~m.bad
             coff, csize = m.coff[comp_ok], m.csize[comp_ok]
             first = coff >> cb
             last = (coff + csize - 1) >> cb
             self._inc_clusters(first)
-            for extra in range(1, int((last - first).max()) + 1):
+            for extra in range(1, int((last - first).max(initial=0)) + 1):
                 self._inc_clusters((first + extra)[last - first >= extra])
         if active:
-            rows, _cols = np.nonzero(counted)
             seq = m.off[counted]
+            frag = 0
             if len(seq) > 1:
-                same_table = rows[1:] == rows[:-1]
-                frag = int(np.count_nonzero(same_table & (seq[1:] != seq[:-1] + self.cs)))
-            else:
-                frag = 0
-            ncomp = int(np.count_nonzero(comp_counted))
+                step = seq[1:] != seq[:-1] + self.cs
+                frag = int(np.count_nonzero(step))
+                # pairs that straddle two tables do not count (QEMU restarts per table)
+                per_row = np.count_nonzero(counted, axis=-1) if counted.ndim > 1 else None
+                if per_row is not None and len(per_row) > 1:
+                    starts = np.cumsum(per_row)[:-1]
+                    starts = np.unique(starts[(starts > 0) & (starts < len(seq))])
+                    frag -= int(np.count_nonzero(step[starts - 1]))
+            ncomp = int(np.count_nonzero(comp_counted)) if comp_counted is not None else 0
             self.allocated += len(seq) + ncomp
             self.compressed += ncomp
             self.fragmented += frag + ncomp
+
+    def _l2_row_slow(
+        self,
+        l2_offset: int,
+        ent: U64,
+        bmp: U64 | None,
+        r: int,
+        m: _L2Masks,
+        counted: npt.NDArray[np.bool_],
+        comp_counted: npt.NDArray[np.bool_],
+        fix: int,
+    ) -> None:
+        """The entries of one L2 table that need diagnostics, in table order."""
+        table_dirty = False
+        row_bmp = bmp[r] if bmp is not None else None
+        for i in np.flatnonzero(m.bad[r]).tolist():
+            state = self._l2_entry_slow(
+                i, int(ent[r, i]), int(row_bmp[i]) if row_bmp is not None else 0, fix
+            )
+            if state == "skip":
+                counted[r, i] = False
+                ent[r, i] = np.uint64(C.OFLAG_ZERO if not self.ext else 0)
+                if row_bmp is not None:
+                    row_bmp[i] = row_bmp[i] & np.uint64(C.BITMAP_ALL_ZERO)
+                table_dirty = True
+            elif state == "comp":
+                comp_counted[r, i] = True
+        if table_dirty:
+            self._write_l2(l2_offset, ent[r], row_bmp)
 
     def _l2_entry_slow(self, i: int, entry: int, bitmap: int, fix: int) -> str:
         """One L2 entry that needs diagnostics, in qemu-img's order. Returns "comp" for a
