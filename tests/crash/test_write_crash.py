@@ -40,7 +40,7 @@ MAX_STATES = 120
 
 
 def _pattern(seed: int, n: int) -> bytes:
-    return random.Random(seed).randbytes(n)
+    return np.random.default_rng(seed).bytes(n)
 
 
 def _to_raw(path: str | Path, out: Path, snapshot: str | None = None) -> bytes:

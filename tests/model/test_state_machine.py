@@ -8,12 +8,12 @@ leak, and `qemu-img compare` finds the image equal to the model."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -81,7 +81,7 @@ CONFIGS = [
 
 
 def _pattern(seed: int, n: int) -> bytes:
-    return random.Random(seed).randbytes(n)
+    return np.random.default_rng(seed).bytes(n)
 
 
 def make_image(cfg: Config, d: Path) -> tuple[Path, bytes | None]:
