@@ -376,6 +376,16 @@ def d_small_clusters(path: Path) -> None:
     p.put(block + (cluster % per) * 2, b"\0\0")
 
 
+def d_fragmented_tables(path: Path) -> None:
+    """4 KiB clusters (an L2 table maps 2 MiB), written backwards across table boundaries:
+    fragmentation is counted per L2 table, as QEMU does."""
+    mib = 1 << 20
+    first = tuple(f"write -P 7 {t * 2 * mib} 4k" for t in (2, 1, 0))
+    rest = tuple(f"write -P 8 {t * 2 * mib + 4096} {2 * mib - 4096}" for t in (0, 1, 2))
+    backwards = tuple(f"write -P {i % 250 + 1} {8 * mib - (i + 1) * 12288} 8k" for i in range(100))
+    base(path, "cluster_size=4096", writes=first + rest + backwards)
+
+
 def d_v2_leak(path: Path) -> None:
     p = base(path, "compat=0.10")
     p.put64(p.l2_addr(64 << 10), 0)
