@@ -197,6 +197,7 @@ class _Checker:
         # (offsets, entries, masks) of the active L2 tables from the refcount pass, reused
         # by the COPIED pass as long as no L2 table was rewritten in between
         self.active_rows: list[tuple[list[int], U64, _L2Masks]] = []
+        self.active_rows_bytes = 0
         self.l2_bytes_total = 0
 
     # ---- driver ---------------------------------------------------------------------------
@@ -347,6 +348,8 @@ class _Checker:
     def _calculate(self, fix: int) -> None:
         header = self.meta.header
         self.allocated = self.fragmented = self.compressed = 0
+        self.active_rows.clear()
+        self.active_rows_bytes = 0
         self._inc_region(0, self.cs)
         self._check_l1(header.l1_table_offset, header.l1_size, fix, active=True)
         if self.data_file and self.snapshots:
@@ -485,8 +488,12 @@ class _Checker:
     def _check_l2_tables(self, offsets: list[int], fix: int, active: bool) -> None:
         ent, bmp = self._read_l2_tables(offsets)
         m = self._classify(ent, bmp)
-        if active:
+        if active and self.active_rows_bytes + ent.nbytes <= _L2_KEEP_BYTES:
             self.active_rows.append((offsets, ent, m))
+            self.active_rows_bytes += ent.nbytes
+        elif active:
+            self.active_rows_bytes = _L2_KEEP_BYTES + 1  # too big to keep: re-read later
+            self.active_rows.clear()
         any_bad = bool(m.bad.any())
         counted = m.normal  # normal / allocated-zero clusters that reach the frag count
         comp_counted = None
@@ -634,6 +641,7 @@ class _Checker:
         self.meta.l2.cache.discard(l2_offset)
         self.l2_bytes.pop(l2_offset, None)
         self.active_rows.clear()
+        self.active_rows_bytes = _L2_KEEP_BYTES + 1  # stale from here on: re-read
 
     # ---- bitmaps ------------------------------------------------------------------------------
     def _check_bitmaps(self) -> None:
