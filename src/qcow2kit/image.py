@@ -244,8 +244,11 @@ class Image:
     def _repair_dirty(self) -> None:
         from .metadata.check import check_image
 
-        check_image(self.meta, repair="all")
-        self.meta.clear_dirty_bit()
+        result = check_image(self.meta, repair="all")
+        if result.error is not None or result.check_errors:
+            raise CorruptionError(f"{self.filename}: Could not repair dirty image")
+        if not result.corruptions:
+            self.meta.clear_dirty_bit()
 
     def _close_children(self) -> None:
         if self.backing is not None:
