@@ -40,6 +40,8 @@ CHUNK_BYTES = 8 << 20
 # the write (measured: 1-2 MiB pieces copy about twice as fast as 8 MiB ones)
 RAW_CHUNK_BYTES = 2 << 20
 SPARSE_BYTES = 4096
+# compression threads (zlib and zstd release the GIL while they work)
+COMPRESS_WORKERS = max(4, 2 * (os.cpu_count() or 2))
 
 Progress = Callable[[int], None]
 
@@ -387,7 +389,7 @@ def _convert_qcow2(
         ctype = img.header.compression_type
         writer = CompressedWriter(img) if compressed else None
         if compressed:
-            pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+            pool = ThreadPoolExecutor(max_workers=COMPRESS_WORKERS)
         base = Source(img) if img.backing is not None else None
         chunk = max(CHUNK_BYTES // cs, 1) * cs
         buf = bytearray(chunk)
@@ -399,6 +401,7 @@ def _convert_qcow2(
         if base is not None:
             ranges = _union(ranges, _aligned_data_ranges(base.segments(0, src.size), cs, src.size))
         done = 0
+        pending: CompressJobs = []
         for a, b in ranges:
             progress(a - done)
             pos = a
@@ -417,7 +420,10 @@ def _convert_qcow2(
                     zero_clusters = _runs_of(differs & ~want)
                     want &= differs
                 if writer is not None and pool is not None:
-                    _write_compressed(img, writer, pool, mv, pos, want, cs, ctype)
+                    # compress this chunk while the previous one is written
+                    jobs = _submit_compressed(pool, mv, pos, want, cs, ctype)
+                    _finish_compressed(img, writer, pending)
+                    pending = jobs
                 else:
                     for s, e in _runs_of(want):
                         lo, hi = s * cs, min(n, e * cs)
@@ -428,6 +434,8 @@ def _convert_qcow2(
                 progress(n)
                 pos += n
             done = b
+        if writer is not None:
+            _finish_compressed(img, writer, pending)
         progress(src.size - done)
         img.flush()
     finally:
@@ -475,39 +483,41 @@ def _differs(a: memoryview, b: memoryview, cs: int) -> np.ndarray[Any, np.dtype[
     return out
 
 
-def _write_compressed(
-    img: Image,
-    writer: CompressedWriter,
+CompressJobs = list[tuple[int, bytes, "Future[bytes | None]"]]
+
+
+def _submit_compressed(
     pool: ThreadPoolExecutor,
     mv: memoryview,
     pos: int,
     want: np.ndarray[Any, np.dtype[np.bool_]],
     cs: int,
     ctype: int,
-) -> None:
-    idx = np.flatnonzero(want).tolist()
-    if not idx:
-        return
-    jobs = []
-    for i in idx:
+) -> CompressJobs:
+    """Start compressing the wanted clusters of a chunk: (guest offset, data, future)."""
+    jobs: CompressJobs = []
+    for i in np.flatnonzero(want).tolist():
         data = bytes(mv[i * cs : (i + 1) * cs])
-        if len(data) < cs:
-            data += bytes(cs - len(data))  # the last cluster of a disk that ends inside it
-        jobs.append((data, ctype, cs))
-    results = list(pool.map(_compress_one, jobs))
+        padded = data + bytes(cs - len(data))  # a disk may end inside its last cluster
+        jobs.append((pos + i * cs, data, pool.submit(_compress_one, (padded, ctype, cs))))
+    return jobs
+
+
+def _finish_compressed(img: Image, writer: CompressedWriter, jobs: CompressJobs) -> None:
+    """Write a chunk's clusters: compressed where that shrinks them, plain otherwise. A
+    plain write may allocate after the compressed tail; the writer then starts a new
+    region (it only keeps packing while allocations stay contiguous)."""
     items: list[tuple[int, bytes]] = []
-    plain: list[int] = []
-    for i, comp in zip(idx, results, strict=True):
+    plain: list[tuple[int, bytes]] = []
+    for guest, data, fut in jobs:
+        comp = fut.result()
         if comp is None:
-            plain.append(i)
+            plain.append((guest, data))
         else:
-            items.append((pos + i * cs, comp))
+            items.append((guest, comp))
     writer.write(items)
-    for i in plain:
-        lo, hi = i * cs, min(len(mv), (i + 1) * cs)
-        img.write(pos + lo, mv[lo:hi])
-    # a normal write may have allocated after the compressed tail: keep packing only
-    # while the next allocation is still contiguous (CompressedWriter checks that)
+    for guest, data in plain:
+        img.write(guest, data)
 
 
 # ---- entry point ---------------------------------------------------------------------
