@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import os
 import random
 import shutil
 import signal
@@ -41,7 +40,7 @@ class FuzzTimeout(BaseException):
     """An operation ran past EXAMPLE_TIMEOUT_S: treated as a hang."""
 
 
-class FuzzFailure(AssertionError):
+class FuzzFailure(AssertionError):  # noqa: N818 - reads better in reports
     pass
 
 
