@@ -91,3 +91,23 @@ def test_crash_compressed_tail(tmp_path: Path, compressed: bool) -> None:
     (tmp_path / "states").mkdir()
     qemu_img("convert", "-c", "-O", "qcow2", "-o", "cluster_size=4096", str(src), str(img))
     _run(tmp_path, img, 2 * M + 2048)
+
+
+def test_crash_grow_moves_l1(tmp_path: Path) -> None:
+    """Growing past what the L1 clusters hold: new table, flush, header switch, free old."""
+    img = tmp_path / "g.qcow2"
+    (tmp_path / "states").mkdir()
+    qcow2kit.create(str(img), M, cluster_size=512)
+    with qcow2kit.open(str(img), "r+") as image:
+        image.write(0, b"\x5a" * (M - 1000))
+    raw = tmp_path / "before.raw"
+    qemu_img("convert", "-O", "raw", str(img), str(raw))
+    expect = raw.read_bytes()
+    initial = img.read_bytes()
+    storage = RecordingStorage.from_file(img)
+    with Image(storage) as image:
+        image.resize(3 * M)
+    assert any(op[0] == "event" and op[1] == "l1_grow_activate_table" for op in storage.log)
+    n = check_crash_states(initial, storage.log, tmp_path / "states",
+                           verify=_verifier(tmp_path, expect), reorder_samples=2, max_states=120)
+    assert n > 5
