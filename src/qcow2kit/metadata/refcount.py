@@ -216,6 +216,7 @@ class Refcounts:
             break
         if (start + total) >> (MAX_CLUSTER_INDEX_BITS - self.geom.cluster_bits):
             raise CorruptionError("allocation beyond the 2^56 byte host offset limit")
+        self._check_overlap(start, total)
         region = np.arange(start, start + total, dtype=np.int64)
         self.adjust(region[np.isin(region // e, missing, invert=True)], 1)
         if missing:
@@ -246,6 +247,29 @@ class Refcounts:
             self.reftable[b] = (start + j) * cs
             self.cache.put(b, blocks[b], dirty=False)
         self.unsynced = True
+
+    def _check_overlap(self, start: int, count: int) -> None:
+        """Clusters with refcount 0 handed out by a corrupt refcount table may still hold
+        metadata: refuse (like QEMU's overlap check) before anything overwrites them."""
+        bits = self.geom.cluster_bits
+        end = start + count
+        what = None
+        rt0 = self.reftable_offset >> bits
+        if start == 0:
+            what = "the image header"
+        elif start < rt0 + self.reftable_clusters and rt0 < end:
+            what = "the refcount table"
+        else:
+            blocks = (self.reftable >> np.uint64(bits))[self.reftable != 0]
+            if ((blocks >= start) & (blocks < end)).any():
+                what = "a refcount block"
+            elif self.overlap_check is not None:
+                what = self.overlap_check(start, count)
+        if what is not None:
+            raise CorruptionError(
+                f"Preventing invalid allocation of clusters {start}..{end - 1} "
+                f"(overlaps with {what}); the refcounts are wrong"
+            )
 
     def find_free(self, count: int, start_at: int | None = None) -> int:
         e = self.entries_per_block
