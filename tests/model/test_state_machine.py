@@ -27,7 +27,7 @@ from hypothesis.stateful import (
 
 import qcow2kit
 from qcow2kit.testing import DiskModel
-from tests.conftest import assert_clean, qemu_compare, qemu_img, qemu_io
+from tests.conftest import assert_clean, qemu_check, qemu_compare, qemu_img, qemu_io
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,11 @@ class Config:
     creator: str = "qemu"  # "qemu" or "ours"
     size: int = 8 << 20
     lazy: bool = False
+    data_file: bool = False  # external data file (qemu-img / qcow2kit create data_file=)
+    start: str = "empty"  # "empty", "compressed" (qemu-img convert -c), "snapshot" (data + snapshot)
+    tiny_cache: bool = False  # L2 and refcount caches of 2 tables: evictions all the time
+    data_file_raw: bool = False
+    zstd: bool = False
 
     @property
     def id(self) -> str:
@@ -55,6 +60,18 @@ class Config:
             parts.append(f"bk-{self.backing}")
         if self.lazy:
             parts.append("lazy")
+        if self.data_file:
+            parts.append("datafile")
+        if self.start != "empty":
+            parts.append(self.start)
+        if self.tiny_cache:
+            parts.append("tinycache")
+        if self.data_file_raw:
+            parts.append("raw")
+        if self.zstd:
+            parts.append("zstd")
+        if self.size % self.cluster_size:
+            parts.append(f"size{self.size}")
         return "-".join(parts)
 
 
@@ -77,6 +94,26 @@ CONFIGS = [
     Config(2 << 20, 64, "1.1", extended_l2=True, backing="raw", creator="ours", size=32 << 20),
     Config(2 << 20, 1, "0.10" if False else "1.1", creator="ours", size=32 << 20),
     Config(2 << 20, 16, "0.10", backing="qcow2", creator="qemu", size=32 << 20),
+    Config(4096, 16, "1.1", creator="qemu", data_file=True),
+    Config(65536, 16, "1.1", extended_l2=True, creator="ours", data_file=True, size=16 << 20),
+    Config(4096, 16, "1.1", backing="raw", creator="ours", data_file=True),
+    Config(4096, 16, "1.1", start="compressed"),
+    Config(65536, 64, "1.1", extended_l2=True, start="compressed", size=16 << 20),
+    Config(512, 16, "0.10", start="compressed", size=4 << 20),
+    Config(4096, 16, "1.1", start="snapshot"),
+    Config(65536, 16, "0.10", start="snapshot", size=16 << 20),
+    Config(32768, 64, "1.1", extended_l2=True, start="snapshot", backing="qcow2", size=16 << 20),
+    Config(512, 16, "1.1", start="snapshot", tiny_cache=True, size=4 << 20),
+    Config(4096, 64, "1.1", backing="qcow2", tiny_cache=True),
+    Config(16384, 16, "1.1", extended_l2=True, tiny_cache=True, start="compressed"),
+    Config(4096, 16, "1.1", start="compressed", zstd=True),
+    Config(4096, 16, "1.1", creator="qemu", data_file=True, data_file_raw=True),
+    Config(65536, 16, "1.1", creator="ours", data_file=True, data_file_raw=True, size=(4 << 20) + 1536),
+    # virtual sizes that end inside a cluster (and inside a subcluster)
+    Config(65536, 16, "1.1", backing="qcow2", creator="qemu", size=(8 << 20) + 3584),
+    Config(65536, 16, "0.10", creator="ours", size=(8 << 20) + 512),
+    Config(65536, 16, "1.1", extended_l2=True, backing="raw", creator="ours", size=(8 << 20) + 2560),
+    Config(2 << 20, 16, "1.1", start="snapshot", size=(16 << 20) + 4096),
 ]
 
 
@@ -84,8 +121,19 @@ def _pattern(seed: int, n: int) -> bytes:
     return np.random.default_rng(seed).bytes(n)
 
 
-def make_image(cfg: Config, d: Path) -> tuple[Path, bytes | None]:
-    """Create the image (and backing file); return its path and the backing file's content."""
+def _compressible(seed: int, n: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    words = rng.integers(97, 105, size=n, dtype=np.uint8)
+    words[rng.random(n) < 0.3] = 32
+    out = words.tobytes()
+    # some all-zero and some incompressible stretches too
+    cut = n // 4
+    return bytes(cut) + out[cut : 2 * cut] + rng.bytes(cut // 4) + out[2 * cut + cut // 4 :]
+
+
+def make_image(cfg: Config, d: Path) -> tuple[Path, bytes | None, bytes | None, dict[str, bytes]]:
+    """Create the image (and backing file). Returns its path, the backing file's content,
+    the guest content to start from (None: all backing/zeros) and snapshot contents."""
     img = d / "disk.qcow2"
     backing: bytes | None = None
     opts: list[str] = [
@@ -98,6 +146,8 @@ def make_image(cfg: Config, d: Path) -> tuple[Path, bytes | None]:
         opts.append("extended_l2=on")
     if cfg.lazy:
         opts.append("lazy_refcounts=on")
+    if cfg.zstd:
+        opts.append("compression_type=zstd")
     kwargs: dict[str, object] = {}
     if cfg.backing:
         # the backing file is shorter than the overlay: the tail reads zeros
@@ -114,6 +164,23 @@ def make_image(cfg: Config, d: Path) -> tuple[Path, bytes | None]:
             tmp_raw.unlink()
         opts += [f"backing_file={bpath.name}", f"backing_fmt={cfg.backing}"]
         kwargs = {"backing_file": bpath.name, "backing_fmt": cfg.backing}
+    if cfg.data_file:
+        opts.append(f"data_file={d / 'disk.data'}")
+        kwargs["data_file"] = str(d / "disk.data")
+        if cfg.data_file_raw:
+            opts.append("data_file_raw=on")
+            kwargs["data_file_raw"] = True
+    initial: bytes | None = None
+    snapshots: dict[str, bytes] = {}
+    if cfg.start == "compressed":
+        assert not cfg.backing and not cfg.data_file
+        src = d / "src.raw"
+        initial = _compressible(cfg.size, cfg.size)
+        src.write_bytes(initial)
+        qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", ",".join(opts), str(src), str(img))
+        src.unlink()
+        assert qemu_check(img)["compressed-clusters"] > 0
+        return img, backing, initial, snapshots
     if cfg.creator == "qemu":
         qemu_img("create", "-f", "qcow2", "-o", ",".join(opts), str(img), str(cfg.size))
     else:
@@ -127,7 +194,22 @@ def make_image(cfg: Config, d: Path) -> tuple[Path, bytes | None]:
             lazy_refcounts=cfg.lazy,
             **kwargs,  # type: ignore[arg-type]
         )
-    return img, backing
+    if cfg.start == "snapshot":
+        half = cfg.size // 2
+        qemu_io(img, f"write -P 0x11 0 {half}", f"write -P 0x22 {half + half // 2} {half // 4}")
+        qemu_img("snapshot", "-c", "s1", str(img))
+        qemu_io(img, f"write -P 0x33 {half // 2} {half}")
+        initial = _raw_of(img, d / "s.raw")
+        snapshots["s1"] = _raw_of(img, d / "s.raw", "s1")
+    return img, backing, initial, snapshots
+
+
+def _raw_of(img: Path, out: Path, snapshot: str | None = None) -> bytes:
+    args = ["convert", "-O", "raw"] + (["-l", f"snapshot.name={snapshot}"] if snapshot else [])
+    qemu_img(*args, str(img), str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
 
 
 class DiskMachine(RuleBasedStateMachine):
@@ -136,10 +218,18 @@ class DiskMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="qk-sm-"))
-        self.path, backing = make_image(self.cfg, self.dir)
+        self.path, backing, initial, self.snapshots = make_image(self.cfg, self.dir)
         self.model = DiskModel(self.cfg.size, backing)
-        self.img = qcow2kit.open(str(self.path), "r+")
+        if initial is not None:
+            self.model.data[:] = initial
         self.seed = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.img = qcow2kit.open(str(self.path), "r+")
+        if self.cfg.tiny_cache:
+            self.img.meta.l2.cache.capacity = 2
+            self.img.meta.refcounts.cache.capacity = 2
 
     # ---- strategies built from the config ------------------------------------------------
     @initialize()
@@ -150,7 +240,7 @@ class DiskMachine(RuleBasedStateMachine):
         cs = self.cfg.cluster_size
         size = self.cfg.size
         unit = cs // 32 if self.cfg.extended_l2 else 512
-        n_clusters = size // cs
+        n_clusters = -(-size // cs)
         cluster = data.draw(st.integers(0, n_clusters - 1), label="cluster")
         delta = data.draw(
             st.sampled_from([0, 1, 511, 512, unit - 1, unit, unit + 1, cs // 2, cs - 1])
@@ -194,7 +284,7 @@ class DiskMachine(RuleBasedStateMachine):
     @rule()
     def reopen(self) -> None:
         self.img.close()
-        self.img = qcow2kit.open(str(self.path), "r+")
+        self._open()
 
     @precondition(lambda self: self.seed > 0)
     @rule(data=st.data())
@@ -213,6 +303,8 @@ class DiskMachine(RuleBasedStateMachine):
             raw = self.dir / "model.raw"
             raw.write_bytes(self.model.raw())
             qemu_compare(self.path, raw)
+            for name, content in self.snapshots.items():
+                assert _raw_of(self.path, self.dir / "snap.raw", name) == content, name
             # and QEMU can still write to it: a write through qemu-io keeps it clean
             qemu_io(self.path, f"write -P 0x5a 0 {min(self.cfg.size, 65536)}")
             assert_clean(self.path)
