@@ -309,3 +309,17 @@ def test_data_file_and_subcluster_sources(tmp_path: Path) -> None:
         _check(out)
         qemu_compare(out, raw)
         assert compare(str(out), str(raw)).identical
+
+
+def test_raw_source_of_odd_size(tmp_path: Path) -> None:
+    src = tmp_path / "odd.raw"
+    src.write_bytes(b"\x5a" * 1000)
+    out = tmp_path / "odd.out.raw"
+    ref = tmp_path / "odd.ref.raw"
+    convert(str(src), str(out))
+    qemu_img("convert", "-O", "raw", str(src), str(ref))
+    assert out.read_bytes() == ref.read_bytes()  # qemu sees 1024 bytes: whole sectors
+    q = tmp_path / "odd.qcow2"
+    convert(str(src), str(q), out_fmt="qcow2")
+    _check(q)
+    qemu_compare(q, ref)

@@ -326,3 +326,12 @@ def test_map_window(tmp_path: Path, window: tuple[str, str | None]) -> None:
     ours = map_path(str(p), start=parse_size(start),
                     length=parse_size(length) if length is not None else None)
     assert format_json(ours) == theirs
+
+
+def test_raw_of_odd_size_counts_whole_sectors(tmp_path: Path) -> None:
+    p = tmp_path / "odd.raw"
+    p.write_bytes(b"\x5a" * 1000)
+    check_both(p)
+    ov = tmp_path / "oddov.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", p.name, "-F", "raw", str(ov), "4k")
+    check_both(ov)

@@ -33,7 +33,7 @@ from ..format.compression import compress
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
 from .create import create
-from .map import host_segments
+from .map import disk_size, host_segments
 
 CHUNK_BYTES = 8 << 20
 # raw output goes through a small buffer that stays in the CPU cache between the read and
@@ -52,7 +52,7 @@ class Source:
 
     def __init__(self, img: Image | RawImage) -> None:
         self.img = img
-        self.size = img.virtual_size
+        self.size = disk_size(img)
 
     def segments(self, start: int, end: int) -> list[tuple[int, int, bool]]:
         """(start, end, known_zero) pieces covering [start, end), merged."""
@@ -93,7 +93,7 @@ def _segments(img: Image | RawImage, start: int, end: int, out: list[tuple[int, 
             if img.backing is None:
                 _add(out, a, b, True)
             else:
-                bsize = img.backing.virtual_size
+                bsize = disk_size(img.backing)
                 _segments(img.backing, a, min(b, bsize), out)
                 _add(out, max(a, bsize), b, True)
         else:

@@ -59,6 +59,13 @@ class MapEntry:
         return out
 
 
+def disk_size(img: Image | RawImage) -> int:
+    """The virtual size QEMU sees: a raw file counts in whole 512-byte sectors."""
+    if isinstance(img, RawImage):
+        return -(-img.virtual_size // 512) * 512
+    return img.virtual_size
+
+
 def host_segments(fd: int, start: int, end: int) -> list[tuple[int, int, bool]]:
     """(start, end, is_data) pieces of a host byte range by SEEK_DATA / SEEK_HOLE; bytes
     past the end of the file count as a hole."""
@@ -136,7 +143,7 @@ class _Mapper:
         if backing is None:
             self.add(MapEntry(a, b - a, depth, False, True, False, host, name))
             return
-        bsize = backing.virtual_size
+        bsize = disk_size(backing)
         if a < bsize:
             mid = min(b, bsize)
             self.layer(backing, a, mid, depth + 1)
@@ -220,7 +227,8 @@ def map_image(img: Image | RawImage, start: int = 0, length: int | None = None) 
     """The merged extents of the virtual disk (or of [start, start+length) inside it)."""
     if start < 0 or (length is not None and length < 0):
         raise ValueError("start offset and length must not be negative")
-    end = img.virtual_size if length is None else min(img.virtual_size, start + length)
+    size = disk_size(img)
+    end = size if length is None else min(size, start + length)
     m = _Mapper()
     if start < end:
         m.layer(img, start, end, 0)
@@ -270,4 +278,5 @@ def format_human(entries: list[MapEntry]) -> tuple[str, str | None]:
     return "\n".join(out) + "\n", None
 
 
-__all__ = ["MapEntry", "map_image", "map_path", "format_json", "format_human", "host_segments"]
+__all__ = ["MapEntry", "map_image", "map_path", "format_json", "format_human", "host_segments",
+           "disk_size"]
