@@ -20,6 +20,7 @@ Also the shared chunked reader (`Source`) that compare uses.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -216,7 +217,11 @@ def _convert_raw(src: Source, dst: str, progress: Progress, sparse_bytes: int) -
         return n
 
     try:
-        os.ftruncate(fd, src.size)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            os.ftruncate(fd, src.size)  # every byte not written below stays a hole
+        elif stat.S_ISBLK(mode):
+            sparse_bytes = 0  # a device keeps its old bytes: write the zeros too
         own = bytearray(RAW_CHUNK_BYTES)
         # host reads and output writes of plain data run in a small pool (the image object
         # itself is only touched by this thread)
