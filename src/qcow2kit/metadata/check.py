@@ -199,6 +199,8 @@ class _Checker:
         self.active_rows: list[tuple[list[int], U64, _L2Masks]] = []
         self.active_rows_bytes = 0
         self.l2_bytes_total = 0
+        self.free_list: I64 | None = None  # clusters free in the IMRT when a rebuild starts
+        self.free_list_end = 0
 
     # ---- driver ---------------------------------------------------------------------------
     def run(self) -> CheckResult:
@@ -814,7 +816,24 @@ class _Checker:
         n = len(imrt)
         start = -1
         new_first = first_free
-        if first_free < n:
+        if count == 1 and self.free_list is not None:
+            # single clusters (refcount blocks): search the free list made when the rebuild
+            # started instead of rescanning the table for every block
+            free_list = self.free_list
+            k = int(np.searchsorted(free_list, first_free))
+            while k < len(free_list) and imrt[free_list[k]] != 0:
+                k += 1
+            if k < len(free_list):
+                start = int(free_list[k])
+            else:
+                lo = max(first_free, self.free_list_end)
+                if lo < n:
+                    tail = np.flatnonzero(imrt[lo:] == 0)
+                    if len(tail):
+                        start = lo + int(tail[0])
+            if start >= 0:
+                new_first = start
+        elif first_free < n:
             free = np.flatnonzero(imrt[first_free:] == 0) + first_free
             if len(free):
                 new_first = int(free[0])
@@ -845,6 +864,13 @@ class _Checker:
         meta.refcounts.sync()
         meta.refcounts.cache.clear()
         reftable: list[int] = []
+        # room for every block and table the rebuild may append, so that appending does
+        # not copy the IMRT each time; trimmed back to what was used below
+        orig_n = len(self.imrt)
+        blocks = -(-orig_n // e) + 2
+        self._grow_imrt(orig_n + 2 * (blocks + -(-blocks * 8 // cs) + 2))
+        self.free_list = np.flatnonzero(self.imrt == 0)
+        self.free_list_end = len(self.imrt)
 
         def place_refblocks(lo: int, hi: int) -> bool:
             """Give every refblock range in [lo, hi) that holds a used cluster a block
@@ -866,12 +892,21 @@ class _Checker:
                 reftable[index] = block << cb
             return changed
 
-        place_refblocks(0, len(self.imrt))
+        place_refblocks(0, orig_n)
         while True:
             table_clusters = -(-(len(reftable) * 8) // cs)
             start, _ = self._alloc_imrt(table_clusters, 0)
-            if not place_refblocks(start, start + table_clusters):
+            if place_refblocks(start, start + table_clusters):
+                continue  # the table grew: find room for the bigger one
+            # QEMU stops here; a block appended past the old end into a range that has no
+            # block yet would stay uncounted, so cover every range once more
+            if not place_refblocks(0, len(self.imrt)):
                 break
+        used = np.flatnonzero(self.imrt[orig_n:])
+        keep = orig_n + (int(used[-1]) + 1 if len(used) else 0)
+        self.imrt = self.imrt[:keep].copy()
+        self.nb_clusters = keep
+        self.free_list = None
         # every allocation is decided: write the blocks, then the table, then switch
         table = np.array(reftable, dtype=np.uint64)
         order = self.geom.refcount_order
