@@ -359,3 +359,74 @@ def test_error_at_named_event(tmp_path: Path) -> None:
     state.write_bytes(bytes(storage.buf))
     out = qemu_check_json(str(state))
     assert out.get("corruptions", 0) == 0 and out.get("check-errors", 1) == 0, out
+
+
+EVENTS = (
+    "l2_update", "l1_update", "refblock_update", "refblock_alloc_write",
+    "refblock_alloc_hookup", "reftable_grow", "header_update",
+)
+
+
+def _growth_ops() -> list[tuple[str, int, int]]:
+    ops = [("write", 1000, 3000), ("flush", 0, 0)]
+    ops += [("write", (1 << 20) + i * (128 << 10) + 7, 128 << 10) for i in range(20)]
+    ops += [("discard", 0, 4096), ("zero", 200 << 10, 3000), ("write", 600, 100)]
+    return ops
+
+
+def _apply_op(img: Image | DiskModel, op: tuple[str, int, int]) -> None:
+    kind, off, n = op
+    if kind == "write":
+        img.write(off, _pattern(off ^ n, n))
+    elif kind == "discard":
+        img.discard(off, n)
+    elif kind == "zero":
+        img.write_zeroes(off, n)
+    elif isinstance(img, Image):
+        img.flush()
+
+
+@pytest.mark.parametrize("event", EVENTS)
+def test_transient_error_at_event_then_retry(tmp_path: Path, event: str) -> None:
+    """EIO just before a metadata write of each kind (512 B clusters, 64-bit refcounts, so
+    refcount blocks and the refcount table grow): the operation fails with EIO; retrying it
+    succeeds, the data reads back as if nothing failed, and QEMU finds no corruption."""
+    path = tmp_path / "disk.qcow2"
+    size = 8 << 20
+    qcow2kit.create(str(path), size, cluster_size=512, refcount_bits=64)
+    initial = path.read_bytes()
+    ops = _growth_ops()
+    probe = FaultyStorage(initial)
+    img = Image(probe)
+    for op in ops:
+        _apply_op(img, op)
+    img.close()
+    hits = probe.events.count(event)
+    assert hits, f"workload never reaches {event}"
+    for at in sorted({1, (hits + 1) // 2, hits}):
+        storage = FaultyStorage(initial, fail_event=event, fail_event_at=at, error=errno.EIO)
+        img = Image(storage)
+        model = DiskModel(size)
+        failures = 0
+        for op in ops:
+            try:
+                _apply_op(img, op)
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                failures += 1
+                _apply_op(img, op)  # the retry
+            _apply_op(model, op)
+        try:
+            img.flush()
+        except OSError:
+            failures += 1
+            img.flush()
+        img.close()  # a failed close() would lose what it could not write: flush first
+        assert failures == 1 and storage.failed, (event, at, failures)
+        state = tmp_path / "state.qcow2"
+        state.write_bytes(bytes(storage.buf))
+        out = qemu_check_json(str(state))
+        assert out.get("corruptions", 0) == 0 and out.get("check-errors", 1) == 0, (event, at, out)
+        raw = tmp_path / "model.raw"
+        raw.write_bytes(model.raw())
+        qemu_compare(state, raw)
