@@ -147,14 +147,19 @@ def test_dirty_image_repaired_on_open(tmp_path: Path) -> None:
 def test_api_repair(tmp_path: Path) -> None:
     import qcow2kit
 
-    path = make_case(tmp_path, "doubled_reference")
-    with qcow2kit.open(str(path), "r+") as img:
-        res = img.check(repair="all")
-        assert res.rechecked and res.corruptions_fixed >= 1
-        assert res.corruptions == 0 and res.leaks == 0 and res.exit_code == 0
-        again = img.check()
-        assert again.exit_code == 0
-    assert qemu_check(path)["rc"] == 0
+    for case in ("doubled_reference", "zero_refcount_data", "leak_appended"):
+        path = make_case(tmp_path, case)
+        with qcow2kit.open(str(path), "r+") as img:
+            res = img.check(repair="all")
+            assert res.rechecked and res.corruptions_fixed + res.leaks_fixed >= 1
+            assert res.corruptions == 0 and res.leaks == 0 and res.exit_code == 0
+            assert img.check().exit_code == 0
+            # the open image keeps working on the repaired metadata
+            img.write(5 << 20, b"\x5a" * 200_000)
+            img.write(0, b"\x5b" * 70_000)
+            assert img.read(5 << 20, 200_000) == b"\x5a" * 200_000
+            assert img.check().exit_code == 0
+        assert qemu_check(path)["rc"] == 0
 
 
 class _CrashError(Exception):
