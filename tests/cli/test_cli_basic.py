@@ -122,16 +122,23 @@ def test_compare_exit_codes(tmp_path: Path, image: Path) -> None:
         ["convert", "-O", "qcow2", "-o", "bogus=1", "RAWFILE", "OUT"],
     ],
 )
-def test_errors_are_one_line(tmp_path: Path, argv: list[str]) -> None:
+def test_errors_are_one_line(tmp_path: Path, argv: list[str],
+                             capsys: pytest.CaptureFixture[str]) -> None:
     raw = tmp_path / "plain.raw"
     raw.write_bytes(b"\1" * 65536)
     subst = {"MISSING": str(tmp_path / "nope.qcow2"), "OUT": str(tmp_path / "out.img"),
              "RAWFILE": str(raw)}
-    res = run_cli(*[subst.get(a, a) for a in argv])
-    assert res.returncode != 0
-    assert res.stderr.startswith("qcow2kit: "), res.stderr
-    assert "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) <= 2
+    rc = main([subst.get(a, a) for a in argv])  # an uncaught exception fails the test
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.startswith("qcow2kit: "), err
+    assert len(err.strip().splitlines()) <= 2
+
+
+def test_error_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
+    res = run_cli("info", str(tmp_path / "nope.qcow2"))
+    assert res.returncode == 1
+    assert res.stderr.startswith("qcow2kit: ") and "Traceback" not in res.stderr
 
 
 def test_info_locked_image_needs_force_share(tmp_path: Path, image: Path) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -238,13 +236,14 @@ def _pair(tmp: Path, name: str, size: str, *cmds: str) -> Path:
     ],
 )
 def test_compare_matches_qemu(tmp_path: Path, a_cmds: tuple[str, ...], b_cmds: tuple[str, ...],
-                              b_size: str) -> None:
+                              b_size: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from qcow2kit.cli.main import main
+
     a = _pair(tmp_path, "a.qcow2", "4M", *a_cmds)
     b = _pair(tmp_path, "b.qcow2", b_size, *b_cmds)
     theirs = qemu_img("compare", str(a), str(b), check=False)
-    ours = subprocess.run([sys.executable, "-m", "qcow2kit", "compare", str(a), str(b)],
-                          capture_output=True, text=True)
-    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
+    rc = main(["compare", str(a), str(b)])
+    assert (rc, capsys.readouterr().out) == (theirs.returncode, theirs.stdout)
     res = compare(str(a), str(b))
     assert res.identical == (theirs.returncode == 0)
 
