@@ -386,6 +386,27 @@ def d_fragmented_tables(path: Path) -> None:
     base(path, "cluster_size=4096", writes=first + rest + backwards)
 
 
+def d_prealloc_metadata_leak(path: Path) -> None:
+    p = base(path, "preallocation=metadata", size="32M",
+             writes=("write -P 1 1M 100k", "write -z 4M 1M", "discard 8M 1M"))
+    p.put64(p.l2_addr(16 << 20), 0)  # an allocated zero cluster loses its mapping: a leak
+
+
+def d_prealloc_extended_l2(path: Path) -> None:
+    base(path, "extended_l2=on,preallocation=metadata", size="32M",
+         writes=("write -P 1 1M 100k", "write -z 4M 1M", "discard 8M 1M"))
+
+
+def d_tiny_clusters(path: Path) -> None:
+    p = base(path, "cluster_size=512", size="4M",
+             writes=("write -P 1 0 300k", "write -P 2 2M 100k"))
+    p.put64(p.l2_addr(0), p.l2(0) & ~(1 << 63))
+
+
+def d_huge_clusters(path: Path) -> None:
+    base(path, "cluster_size=2M", size="64M", writes=("write -P 1 1M 100k", "write -P 2 9M 3M"))
+
+
 def d_v2_leak(path: Path) -> None:
     p = base(path, "compat=0.10")
     p.put64(p.l2_addr(64 << 10), 0)
