@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import qcow2kit
-from qcow2kit.ops.info import chain_info, human, human_chain, image_info, size_to_str
+from qcow2kit.ops.info import chain_info, human, human_chain, image_info, qemu_json, size_to_str
 from qcow2kit.ops.map import format_human, format_json, map_path
 from tests.conftest import qemu_img, qemu_io
 
@@ -27,9 +27,12 @@ def assert_info_same(path: Path, *, chain: bool = False) -> None:
     if chain:
         assert chain_info(p) == qemu_info(path, "--backing-chain")
         assert human_chain(chain_info(p)) == qemu_img("info", "--backing-chain", p).stdout
+        text = qemu_img("info", "--output=json", "--backing-chain", p).stdout
+        assert qemu_json(chain_info(p)) + "\n" == text  # byte for byte, too
     else:
         assert image_info(p) == qemu_info(path)
         assert human(image_info(p)) == qemu_img("info", p).stdout
+        assert qemu_json(image_info(p)) + "\n" == qemu_img("info", "--output=json", p).stdout
 
 
 def assert_map_same(path: Path) -> None:

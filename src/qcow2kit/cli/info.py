@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from .common import add_output
@@ -25,18 +24,18 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ops.info import chain_info, human, human_chain, image_info
+    from ..ops.info import chain_info, human, human_chain, image_info, qemu_json
 
     if args.backing_chain:
         infos = chain_info(args.filename, args.fmt, force_share=args.force_share)
         if args.output == "json":
-            print(json.dumps(infos, indent=4))
+            print(qemu_json(infos))
         else:
             print(human_chain(infos), end="")
         return 0
     info = image_info(args.filename, args.fmt, force_share=args.force_share)
     if args.output == "json":
-        print(json.dumps(info, indent=4))
+        print(qemu_json(info))
     else:
         print(human(info), end="")
     return 0

@@ -8,6 +8,7 @@ not image.py, metadata.meta or format.tables).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -180,6 +181,23 @@ def chain_info(
     return out
 
 
+# ---- JSON as qemu-img prints it -------------------------------------------------------------
+def qemu_json(value: Any, level: int = 0) -> str:
+    """JSON in qemu-img's pretty layout (4-space indent; empty lists as "[" newline "]")."""
+    pad = " " * (4 * (level + 1))
+    end = " " * (4 * level)
+    if isinstance(value, dict):
+        if not value:
+            return "{\n" + end + "}"
+        items = [f"{pad}{json.dumps(k)}: {qemu_json(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + end + "}"
+    if isinstance(value, list):
+        if not value:
+            return "[\n" + end + "]"
+        return "[\n" + ",\n".join(pad + qemu_json(v, level + 1) for v in value) + "\n" + end + "]"
+    return json.dumps(value)
+
+
 # ---- human layout ----------------------------------------------------------------------
 def size_to_str(value: int) -> str:
     """qemu's size_to_str: three significant digits, binary units, switching unit at 1000."""
@@ -269,4 +287,4 @@ def human_chain(infos: list[dict[str, Any]]) -> str:
 
 
 __all__ = ["image_info", "chain_info", "human", "human_chain", "size_to_str", "probe_format",
-           "full_backing_filename"]
+           "full_backing_filename", "qemu_json"]
