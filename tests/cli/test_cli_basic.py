@@ -172,3 +172,23 @@ def test_convert_sparse_size(tmp_path: Path, image: Path) -> None:
     qemu_compare(q, image, "qcow2", "qcow2")
     res = run_cli("convert", "-S", "1000", str(image), str(tmp_path / "bad.raw"))
     assert res.returncode == 1 and "multiples of 512" in res.stderr
+
+
+def test_convert_refuses_a_target_in_use(tmp_path: Path, image: Path) -> None:
+    target = tmp_path / "busy.qcow2"
+    qemu_img("convert", "-O", "qcow2", str(image), str(target))
+    before = target.read_bytes()
+    proc = subprocess.Popen(["qemu-io", "-f", "qcow2", str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("read 0 512\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+        for fmt in ("raw", "qcow2"):
+            rc = main(["convert", "-O", fmt, str(image), str(target)])
+            assert rc == 1
+        assert target.read_bytes() == before
+    finally:
+        proc.kill()
+        proc.wait()

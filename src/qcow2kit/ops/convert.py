@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import FormatError
 from ..format.compression import compress
 from ..image import Image, RawImage, open_any
+from ..io.file import FileStorage
 from ..metadata.l2map import Kind
 from .create import create
 from .map import disk_size, host_segments
@@ -551,6 +552,7 @@ def convert(
         )
     if out_fmt not in ("raw", "qcow2"):
         raise FormatError(f"Unknown file format '{out_fmt}'")
+    _check_target_unlocked(dst_path)
     if out_fmt == "raw" and (compressed or backing is not None):
         what = "Compression" if compressed else "Backing files"
         raise FormatError(f"{what} not supported for file format 'raw'")
@@ -572,6 +574,18 @@ def convert(
             )
     finally:
         img.close()
+
+
+def _check_target_unlocked(path: str) -> None:
+    """Refuse (like qemu-img) to overwrite a regular file another process has open as an
+    image: take and drop the write lock before anything truncates it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        return
+    FileStorage(path, True).close()
 
 
 def iter_chunks(src: Source, chunk: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview | None]]:
