@@ -13,6 +13,7 @@ import pytest
 import qcow2kit
 from qcow2kit.ops.compare import compare
 from qcow2kit.ops.convert import convert
+from qcow2kit.ops.map import format_json, map_path
 from tests.conftest import assert_clean, qemu_compare, qemu_img, qemu_io
 
 
@@ -48,7 +49,10 @@ def _qemu_chain(tmp: Path) -> Path:
 
 
 def _check(path: Path) -> dict[str, Any]:
-    return assert_clean(path)
+    """qemu-img check clean, and our map of what we wrote equals qemu-img's."""
+    out = assert_clean(path)
+    assert format_json(map_path(str(path))) == qemu_img("map", "--output=json", str(path)).stdout
+    return out
 
 
 def test_raw_to_qcow2_to_raw(tmp_path: Path) -> None:
