@@ -465,6 +465,35 @@ def _optional_ops() -> list[tuple[str, Callable[[str], object]]]:
     return ops
 
 
+def _resize(path: str, rnd: int) -> None:
+    with qcow2kit.open(path, "r+") as img:
+        size = img.virtual_size
+        resize = getattr(img, "resize", None)
+        if resize is None or size > 1 << 40:
+            return
+        resize(size + (1 << 20))
+        resize(max(512, (size // 2) & ~511), shrink=True)
+
+
+def _compact(path: str, rnd: int) -> None:
+    with qcow2kit.open(path, "r+") as img:
+        compact = getattr(img, "compact", None)
+        if compact is not None:
+            compact(discard_zeroes=bool(rnd & 1))
+
+
+def _heavy_ops(rnd: int) -> list[tuple[str, Callable[[str], object]]]:
+    """Whole-image writing operations, on the (already mutated and written) copy."""
+    ops: list[tuple[str, Callable[[str], object]]] = [
+        ("resize", lambda p: _resize(p, rnd)),
+        ("compact", lambda p: _compact(p, rnd)),
+    ]
+    checker = _find("qcow2kit.ops.check", "check_path")
+    if checker is not None:
+        ops.append(("check -r all", lambda p: checker(p, "all")))
+    return ops
+
+
 def run_input(
     work: Path,
     seed: Seed,
@@ -472,6 +501,7 @@ def run_input(
     rnd: int = 0,
     *,
     writes: bool = True,
+    heavy: bool = True,
     timeout: float = EXAMPLE_TIMEOUT_S,
 ) -> dict[str, bool]:
     """Exercise one image; raise FuzzFailure/FuzzTimeout on a contract violation."""
@@ -511,6 +541,9 @@ def run_input(
                     _write_ops(img, rnd)
 
             outcome["write"] = _guard("open r+ / write", write_path)
+            if heavy:
+                for name, op in _heavy_ops(rnd):
+                    outcome[name] = _guard(name, lambda op=op: op(str(path)))  # type: ignore[misc]
 
             def reopen() -> None:
                 with qcow2kit.open(str(path), "r") as img:

@@ -68,7 +68,11 @@ def test_seeds_pass_every_operation(seeds: list[H.Seed], work: Path) -> None:
     names = set()
     for seed in seeds:
         outcome = H.run_input(work, seed, seed.image)
-        assert all(outcome.values()), (seed.name, outcome)
+        refused = {k for k, ok in outcome.items() if not ok}
+        # refusals made on purpose: no resize of a v2 image with snapshots (qemu-img refuses
+        # too), no resize or compact of an image with bitmaps (left to qemu-img)
+        allowed = {"v2-512-snap": {"resize"}, "bitmap": {"resize", "compact"}}.get(seed.name, set())
+        assert refused <= allowed, (seed.name, outcome)
         names.add(seed.name)
         kinds = {r.kind for r in seed.regions}
         assert {"header", "l1", "l2", "reftable", "refblock"} <= kinds, (seed.name, kinds)

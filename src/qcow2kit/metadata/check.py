@@ -708,9 +708,20 @@ class _Checker:
                 self.res.corruptions += 1
                 word = "Repairing" if fix & FIX_ERRORS else "ERROR"
                 self.msgs.append(f"{word} refcount block {i} is outside image")
-                if fix & FIX_ERRORS and offset < C.MAX_HOST_OFFSET:
+                # a hostile offset far past the end would make a huge sparse file and an
+                # in-memory refcount array to match: only modest growth is a repair
+                sane = offset + cs <= max(2 * self.file_len, self.file_len + (1 << 30))
+                if fix & FIX_ERRORS and offset < C.MAX_HOST_OFFSET and not sane:
+                    self.msgs.append("ERROR could not resize image: File too large")
+                    self.rebuild = True
+                elif fix & FIX_ERRORS and offset < C.MAX_HOST_OFFSET:
                     # extend the file so that the block lies inside it again
-                    self.storage.truncate(offset + cs)
+                    try:
+                        self.storage.truncate(offset + cs)
+                    except OSError as exc:
+                        self.msgs.append(f"ERROR could not resize image: {exc.strerror}")
+                        self.rebuild = True
+                        continue
                     self.storage.flush()
                     self.file_len = self.storage.size()
                     self._grow_imrt(self.geom.clusters_for(self.file_len))
