@@ -481,3 +481,19 @@ def test_read_only_open_of_hostile_images_never_writes(make: Callable[..., Path]
     assert (hashlib.sha256(path.read_bytes()).digest(), path.stat().st_mtime_ns) == before
     res = subprocess.run(["qemu-img", "check", "-U", str(path)], capture_output=True, text=True)
     assert res.returncode in (0, 3)
+
+
+def test_snapshot_table_size_limit() -> None:
+    """QEMU_MAX_SNAPSHOTS_SIZE: the table is read at most 64 MiB deep; an entry that ends
+    past that is refused with the limit named."""
+    from qcow2kit.format import constants as C
+    from qcow2kit.format.snapshot import parse_snapshots
+
+    entry = struct.pack(">QIHHIIQII", 0, 0, 0, 0, 0, 0, 0, 0, 1024) + bytes(1024)
+    n = C.MAX_SNAPSHOT_TABLE_BYTES // len(entry)
+    tail = struct.pack(">QIHHIIQII", 0, 0, 300, 0, 0, 0, 0, 0, 0)  # its id runs past 64 MiB
+    buf = entry * n + tail
+    buf += bytes(C.MAX_SNAPSHOT_TABLE_BYTES - len(buf))
+    with pytest.raises(FormatError, match="snapshot table too big.*67108864"):
+        parse_snapshots(buf, n + 1, 65536)
+    assert len(parse_snapshots(buf, n, 65536)) == n

@@ -68,6 +68,11 @@ def parse_snapshots(buf: bytes, count: int, cluster_size: int) -> list[Snapshot]
         pos += fixed.size
         end = pos + extra_len + id_len + name_len
         if end > len(buf):
+            if len(buf) >= C.MAX_SNAPSHOT_TABLE_BYTES:
+                raise FormatError(
+                    f"snapshot table too big: entry {i} ends past the limit of "
+                    f"{C.MAX_SNAPSHOT_TABLE_BYTES} bytes"
+                )
             raise FormatError(f"snapshot table entry {i} runs past the end of the table")
         extra = bytes(buf[pos : pos + extra_len])
         pos += extra_len
@@ -78,6 +83,10 @@ def parse_snapshots(buf: bytes, count: int, cluster_size: int) -> list[Snapshot]
         pos += -pos % 8
         if l1_off % cluster_size:
             raise FormatError(f"snapshot {i}: l1_table_offset {l1_off:#x} is not aligned")
+        if l1_off >= C.MAX_HOST_OFFSET:
+            raise FormatError(
+                f"snapshot {i}: l1_table_offset {l1_off:#x} is beyond the 2^56 host offset limit"
+            )
         if l1_size * 8 > C.MAX_L1_BYTES:
             raise FormatError(f"snapshot {i}: l1_size {l1_size} exceeds the L1 limit")
         snaps.append(Snapshot(l1_off, l1_size, ident, name, dsec, dnsec, vmclock, vmsize, extra))
