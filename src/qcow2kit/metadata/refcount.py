@@ -241,11 +241,23 @@ class Refcounts:
         # the reftable points at them
         self.sync()
         self.storage.flush()
-        for j, b in enumerate(missing):
-            self.storage.event("refblock_alloc_hookup")
-            self.storage.pwrite(self.reftable_offset + b * 8, struct.pack(">Q", (start + j) * cs))
-            self.reftable[b] = (start + j) * cs
-            self.cache.put(b, blocks[b], dirty=False)
+        # a new block may sit in clusters another new block describes: that one is hooked up
+        # (and flushed) first, so no reftable entry ever points at a cluster whose refcount
+        # is not on disk yet
+        pending = list(enumerate(missing))
+        while pending:
+            unhooked = {b for _, b in pending}
+            ready = [(j, b) for j, b in pending if (start + j) // e == b or (start + j) // e not in unhooked]
+            if not ready:
+                raise CorruptionError("new refcount blocks describe each other in a cycle")
+            for j, b in ready:
+                self.storage.event("refblock_alloc_hookup")
+                self.storage.pwrite(self.reftable_offset + b * 8, struct.pack(">Q", (start + j) * cs))
+                self.reftable[b] = (start + j) * cs
+                self.cache.put(b, blocks[b], dirty=False)
+            pending = [p for p in pending if p not in ready]
+            if pending:
+                self.storage.flush()
         self.unsynced = True
 
     def _check_overlap(self, start: int, count: int) -> None:
