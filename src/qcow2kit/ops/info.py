@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import time
 from typing import Any
 
-from ..errors import FormatError
+from ..errors import FormatError, UnsupportedFeatureError
 from ..format import constants as C
 from ..format.features import Autoclear, Incompatible
 from ..format.header import Header
@@ -24,6 +25,7 @@ from ..io.file import FileStorage
 from ..metadata.header_io import read_header
 
 _BITMAP_ENTRY = struct.Struct(">QIIBBHI")
+_MAX_BACKING_DEPTH = 64  # as image.MAX_BACKING_DEPTH (not imported: this module stays light)
 _BME_IN_USE = 1
 _BME_AUTO = 2
 
@@ -178,6 +180,13 @@ def chain_info(
         cur_fmt = info.get("backing-filename-format")
         if cur is not None and not os.path.exists(cur):
             raise FormatError(f"Could not open '{cur}': No such file or directory")
+        if cur is not None and not stat.S_ISREG(os.stat(cur).st_mode):
+            # never a FIFO (opening it would block), a device or a directory
+            raise UnsupportedFeatureError(
+                f"backing file '{cur}' is not a regular file; only plain files are opened"
+            )
+        if cur is not None and len(out) >= _MAX_BACKING_DEPTH:
+            raise FormatError(f"backing chain deeper than {_MAX_BACKING_DEPTH} images")
     return out
 
 
