@@ -498,3 +498,23 @@ def test_snapshot_table_size_limit() -> None:
     with pytest.raises(FormatError, match="snapshot table too big.*67108864"):
         parse_snapshots(buf, n + 1, 65536)
     assert len(parse_snapshots(buf, n, 65536)) == n
+
+
+def test_storage_refuses_reads_far_past_the_end(tmp_path: Path) -> None:
+    """A length or offset taken from hostile metadata (a bitmap table size, a directory
+    size) never turns into a buffer of that size: refused before os.pread allocates."""
+    from qcow2kit.io.file import FileStorage
+
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    st = FileStorage(str(path), lock=False)
+    try:
+        assert st.pread(1, 5) == b"bc\0\0\0"  # a short way past the end reads zeros
+        with pytest.raises(CorruptionError, match="far past the end"):
+            st.pread(0, 1 << 40)
+        with pytest.raises(CorruptionError, match="outside any file"):
+            st.pread((1 << 63) - 10, 100)
+        with pytest.raises(CorruptionError, match="outside any file"):
+            st.pread(-1, 1)
+    finally:
+        st.close()
