@@ -183,6 +183,7 @@ class _Sample:
     keep: tuple[int, ...]  # indices (into ops) of the ops that reached the disk, program order
     torn: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (op index, sectors that reached disk)
     index: int = 0
+    dropped: int = -1  # a drop-one state: every op of the epoch but this one landed
 
 
 @dataclass
@@ -221,7 +222,9 @@ def _epochs(ops: Sequence[LogEntry]) -> list[tuple[int, int]]:
     return out
 
 
-def _plan(log: Sequence[LogEntry], reorder_samples: int, seed: int) -> _Plan:
+def _plan(
+    log: Sequence[LogEntry], reorder_samples: int, seed: int, drop_one: bool = False
+) -> _Plan:
     ops, events = _split_log(log)
     plan = _Plan(ops, events)
     # every prefix whose state differs from the previous one (a flush changes no bytes)
@@ -229,6 +232,16 @@ def _plan(log: Sequence[LogEntry], reorder_samples: int, seed: int) -> _Plan:
     for k in range(1, len(ops) + 1):
         if ops[k - 1][0] != "flush":
             plan.states.append(_Prefix(k))
+    if drop_one:
+        # every metadata write of an epoch lost while everything else of the epoch landed:
+        # finds each "B must not land without A" ordering systematically
+        for e, (start, end) in enumerate(_epochs(ops)):
+            meta = [i for i in range(start, end) if events[i] is not None]
+            # losing the last metadata write of an epoch only leaves data writes after it
+            # (data goes to clusters nothing references yet): the prefixes cover that
+            for i in meta[:-1]:
+                keep = tuple(k for k in range(start, end) if k != i)
+                plan.states.append(_Sample(e, start, end, keep, (), 0, dropped=i))
     if reorder_samples <= 0:
         return plan
     rng = random.Random(seed)
@@ -290,10 +303,14 @@ def _materialise(
                     else:
                         _apply(state, ops[i])
                 tear = f", torn {len(s.torn)}" if s.torn else ""
-                label = (
-                    f"epoch {s.epoch} (ops {s.start}..{s.end - 1}) sample {s.index}: "
-                    f"kept {len(s.keep)}/{s.end - s.start}{tear}"
-                )
+                if s.dropped >= 0:
+                    what = _describe(ops[s.dropped], events[s.dropped])
+                    label = f"epoch {s.epoch} (ops {s.start}..{s.end - 1}) lost op {s.dropped}: {what}"
+                else:
+                    label = (
+                        f"epoch {s.epoch} (ops {s.start}..{s.end - 1}) sample {s.index}: "
+                        f"kept {len(s.keep)}/{s.end - s.start}{tear}"
+                    )
                 yield label, bytes(state)
         if pi < len(prefixes) and prefixes[pi] == k:
             last = f" after {_describe(ops[k - 1], events[k - 1])}" if k else ""
@@ -310,6 +327,7 @@ def crash_images(
     reorder_samples: int = 0,
     seed: int = 0,
     max_states: int | None = None,
+    drop_one: bool = False,
 ) -> Iterator[tuple[str, bytes]]:
     """Yield (label, image bytes) for every state a power cut during `log` could leave.
 
@@ -321,10 +339,15 @@ def crash_images(
     their program order (a device never lets an older write overtake a newer one to the same
     sector), so a subset stands for every order of the kept writes.
 
-    With max_states, an evenly spread, seeded sample of at most that many states is yielded
-    (always including the empty and the full prefix).
+    With drop_one, also, for every metadata write (an op preceded by storage.event) that is not
+    the last of its epoch, the state where just that write was lost and the rest of its epoch
+    landed.
+
+    With max_states, a seeded sample of at most that many states is yielded (always including
+    the empty and the full prefix; the budget is shared between prefixes, drop-one states and
+    random subsets).
     """
-    plan = _plan(log, reorder_samples, seed)
+    plan = _plan(log, reorder_samples, seed, drop_one)
     states = plan.states
     if max_states is not None and len(states) > max_states:
         states = _sample_states(states, max_states, seed)
@@ -335,14 +358,18 @@ def _sample_states(
     states: list[_Prefix | _Sample], max_states: int, seed: int
 ) -> list[_Prefix | _Sample]:
     prefixes = [s for s in states if isinstance(s, _Prefix)]
-    others = [s for s in states if not isinstance(s, _Prefix)]
+    drops = [s for s in states if isinstance(s, _Sample) and s.dropped >= 0]
+    others = [s for s in states if isinstance(s, _Sample) and s.dropped < 0]
     rng = random.Random(seed ^ 0x5EED)
-    n_pref = min(len(prefixes), max(2, max_states * 2 // 3 if others else max_states))
-    n_other = min(len(others), max_states - n_pref)
-    chosen: list[_Prefix | _Sample] = [prefixes[0], prefixes[-1]]
-    middle = prefixes[1:-1]
-    chosen += rng.sample(middle, min(len(middle), n_pref - 2))
-    chosen += rng.sample(others, n_other)
+    groups = [g for g in (prefixes[1:-1], drops, others) if g]
+    chosen: list[_Prefix | _Sample] = [prefixes[0]] + ([prefixes[-1]] if len(prefixes) > 1 else [])
+    budget = max(0, max_states - len(chosen))
+    # share the budget evenly; what a small group does not use goes to the others
+    for k, group in enumerate(sorted(groups, key=len)):
+        share = budget // (len(groups) - k)
+        take = min(len(group), share)
+        chosen += rng.sample(group, take)
+        budget -= take
     return chosen
 
 
@@ -351,9 +378,11 @@ def is_prefix_label(label: str) -> bool:
     return label.startswith("prefix ")
 
 
-def count_states(log: Sequence[LogEntry], *, reorder_samples: int = 0, seed: int = 0) -> int:
+def count_states(
+    log: Sequence[LogEntry], *, reorder_samples: int = 0, seed: int = 0, drop_one: bool = False
+) -> int:
     """How many states crash_images would yield without max_states."""
-    return len(_plan(log, reorder_samples, seed).states)
+    return len(_plan(log, reorder_samples, seed, drop_one).states)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +435,7 @@ def check_crash_states(
     seed: int = 0,
     filename: str = "crash-state.qcow2",
     allow_leaks: bool = True,
+    drop_one: bool = False,
 ) -> int:
     """Check every crash state of `log` with qemu-img check; returns how many were checked.
 
@@ -416,12 +446,14 @@ def check_crash_states(
     and must then be clean. Then verify(path) runs, e.g. to read back data that was flushed
     before the workload; verify_state(path, label) likewise, for checks that depend on the
     kind of state (`is_prefix_label(label)`: the writes reached the disk in program order).
-    Failures raise CrashStateError naming the state.
+    drop_one adds the states where one metadata write of an epoch was lost (see
+    crash_images). Failures raise CrashStateError naming the state.
     """
     path = os.path.join(os.fspath(tmp_path), filename)
     count = 0
     for label, image in crash_images(
-        initial, log, reorder_samples=reorder_samples, seed=seed, max_states=max_states
+        initial, log, reorder_samples=reorder_samples, seed=seed, max_states=max_states,
+        drop_one=drop_one,
     ):
         with open(path, "wb") as f:
             f.write(image)
