@@ -362,7 +362,9 @@ def _sample_states(
     others = [s for s in states if isinstance(s, _Sample) and s.dropped < 0]
     rng = random.Random(seed ^ 0x5EED)
     groups = [g for g in (prefixes[1:-1], drops, others) if g]
-    chosen: list[_Prefix | _Sample] = [prefixes[0]] + ([prefixes[-1]] if len(prefixes) > 1 else [])
+    chosen: list[_Prefix | _Sample] = [prefixes[0]]
+    if len(prefixes) > 1:
+        chosen.append(prefixes[-1])
     budget = max(0, max_states - len(chosen))
     # share the budget evenly; what a small group does not use goes to the others
     for k, group in enumerate(sorted(groups, key=len)):
