@@ -55,12 +55,14 @@ class FileStorage:
         self.writable = writable
         flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
         if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+            flags |= os.O_CREAT  # truncated only once the lock is ours (never under a VM)
         self.fd = os.open(path, flags, 0o644)
         self._punch_ok = True
         try:
             if lock:
                 self._lock(force_share)
+            if create:
+                os.ftruncate(self.fd, 0)
         except BaseException:
             os.close(self.fd)
             raise

@@ -146,7 +146,7 @@ def create(
         incompat |= Incompatible.COMPRESSION_TYPE
     if lazy_refcounts:
         compatible |= Compatible.LAZY_REFCOUNTS
-    header = Header(
+    header_fields = dict(
         version=version,
         backing_file_offset=0,
         backing_file_size=0,
@@ -165,9 +165,14 @@ def create(
         refcount_order=order,
         header_length=C.V3_HEADER_LENGTH if version == 3 else C.V2_HEADER_LENGTH,
         compression_type=ctype,
-        extensions=tuple(exts),
         backing_file=backing_file,
-    ).relayout()
+    )
+    try:
+        header = Header(extensions=tuple(exts), **header_fields).relayout()  # type: ignore[arg-type]
+    except FormatError:
+        # like QEMU: the optional feature-name table is left out when cluster 0 is too small
+        exts = [x for x in exts if x.type != C.EXT_FEATURE_TABLE]
+        header = Header(extensions=tuple(exts), **header_fields).relayout()  # type: ignore[arg-type]
 
     total = 1 + n_reftable + n_blocks + l1_clusters + n_l2 + n_data
     refcounts = np.zeros(n_blocks * e, dtype=refcount_dtype(order))
