@@ -10,8 +10,9 @@ extension lengths, L1/L2/refcount entries, snapshot table, random bytes in metad
 put through open / read / runs / info / map / check and, on copies, write / write_zeroes /
 discard / resize / compact / check -r all. Each operation must succeed or raise a
 qcow2kit.Qcow2Error, leave files untouched when read-only, and finish within the per-input
-timeout. On the first failure hypothesis shrinks the input; the script prints it, saves the
-image under --out, and exits 1. Otherwise it prints how many inputs ran without failure.
+timeout and address-space limit. On the first failure hypothesis shrinks the input; the
+script prints it, saves the image under --out, and exits 1. Otherwise it prints how many
+inputs ran without failure.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="random seed of the first batch")
     ap.add_argument("--timeout", type=float, default=H.EXAMPLE_TIMEOUT_S, help="per-input timeout (s)")
     ap.add_argument("--out", type=Path, default=Path("fuzz-failures"), help="where failing inputs go")
+    ap.add_argument("--max-memory-mb", type=int, default=2048,
+                    help="address-space limit: an input that needs more fails with MemoryError")
     args = ap.parse_args(argv)
+    if args.max_memory_mb:
+        import resource
+
+        limit = args.max_memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     root = Path(tempfile.mkdtemp(prefix="qcow2kit-fuzz-", dir=shm))
