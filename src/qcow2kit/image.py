@@ -517,6 +517,8 @@ class Image:
         # data goes to disk before the L2 entries that point at it
         self._write_clusters(buf, pos, base + c0 * cs, host, hs, he, ws, fills)
         meta.unsynced = True
+        if len(new_idx):
+            meta.data_unsynced = True
         newent = (host.astype(np.uint64) | np.uint64(C.OFLAG_COPIED))
         if ext:
             assert new_bmp is not None

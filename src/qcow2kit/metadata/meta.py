@@ -69,6 +69,8 @@ class Metadata:
         self.snapshots = self._read_snapshots()
         self.pending_free: list[tuple[I64, I64]] = []
         self.unsynced = False
+        # data written into newly allocated clusters and not flushed yet (see _before_l2_write)
+        self.data_unsynced = False
 
     def _read_snapshots(self) -> list[Snapshot]:
         header = self.header
@@ -129,7 +131,12 @@ class Metadata:
     # ---- ordering -----------------------------------------------------------------------
     def _before_l2_write(self) -> None:
         if not self.lazy:
-            self.refcounts.sync()
+            self.refcounts.sync()  # flushes, so new clusters' data is durable too
+        elif self.data_unsynced:
+            # lazy refcounts order no refcount writes here, but an L2 entry must still never
+            # point at a new cluster whose data (or the file extension) is not on disk yet
+            self.data_storage.flush()
+        self.data_unsynced = False
         self.unsynced = True
 
     def flush(self) -> None:
