@@ -463,28 +463,40 @@ _RANDOM_SETUPS = [
     ("cluster_size=16384,extended_l2=on,refcount_bits=64", "compressed"),
     ("cluster_size=4096,compat=0.10", "compressed"),
     ("cluster_size=4096,lazy_refcounts=on", "snapshot"),
+    ("cluster_size=32768,extended_l2=on", "backing"),
+    ("cluster_size=4096,compat=0.10", "backing"),
 ]
 
 
+_SEEDS = int(os.environ.get("QK_CRASH_SEEDS", "1"))  # more seeds for a long hunt
+
+
+@pytest.mark.parametrize("seed", range(_SEEDS))
 @pytest.mark.parametrize("setup", range(len(_RANDOM_SETUPS)), ids=[o for o, _ in _RANDOM_SETUPS])
-def test_random_workload_crash(tmp_path: Path, setup: int) -> None:
+def test_random_workload_crash(tmp_path: Path, setup: int, seed: int) -> None:
     """Seeded random write / zero / discard / flush workloads on images QEMU made (with an
     internal snapshot, or compressed clusters): every state checked is consistent."""
     opts, start = _RANDOM_SETUPS[setup]
     size = 2 << 20
     path = tmp_path / "disk.qcow2"
     snapshots: dict[str, bytes] = {}
+    base_data: bytes | None = None
     if start == "compressed":
         src = tmp_path / "src.raw"
         src.write_bytes((b"qcow2kit random crash " * (size // 22 + 1))[:size])
         qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, str(src), str(path))
     else:
+        if start == "backing":
+            base = tmp_path / "base.raw"
+            base_data = _pattern(setup, size - 4096)  # shorter than the overlay
+            base.write_bytes(base_data)
+            opts += ",backing_file=base.raw,backing_fmt=raw"
         qemu_img("create", "-f", "qcow2", "-o", opts, str(path), str(size))
         _prefill(path, size, 128 << 10)
         if start == "snapshot":
             qemu_img("snapshot", "-c", "s", str(path))
             snapshots["s"] = _to_raw(path, tmp_path / "s.raw", snapshot="s")
-    rng = random.Random(setup)
+    rng = random.Random(setup + 1000 * seed)
     cs = int(opts.split(",")[0].split("=")[1])
 
     def work(w: Workload) -> None:
@@ -503,4 +515,4 @@ def test_random_workload_crash(tmp_path: Path, setup: int) -> None:
                 w.flush()
 
     run_crash_test(tmp_path, path, work, snapshots=snapshots, max_states=min(MAX_STATES, 60),
-                   min_states=3)
+                   min_states=3, backing=base_data)
