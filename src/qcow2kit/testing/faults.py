@@ -5,9 +5,10 @@ RecordingStorage
     (``("write", offset, bytes)``, ``("truncate", size)``, ``("punch", offset, length)``,
     ``("allocate", offset, length)``), every ``("flush",)`` and every ``("event", name)``.
 crash_images
-    Rebuilds the images a power cut could leave behind: every prefix of the log, and sampled
+    Rebuilds the images a power cut could leave behind: every prefix of the log, sampled
     subsets of the writes of each flush epoch (unflushed writes may be lost, or torn at sector
-    granularity) on top of the state at that epoch's start.
+    granularity) on top of the state at that epoch's start, and (drop_one) each metadata write
+    lost alone.
 check_crash_states
     Writes each such image to a file and asks ``qemu-img check`` that it has no corruption
     (leaks are allowed), then calls a caller's verify(path).
@@ -339,9 +340,9 @@ def crash_images(
     their program order (a device never lets an older write overtake a newer one to the same
     sector), so a subset stands for every order of the kept writes.
 
-    With drop_one, also, for every metadata write (an op preceded by storage.event) that is not
-    the last of its epoch, the state where just that write was lost and the rest of its epoch
-    landed.
+    With drop_one, also, for every metadata write (an op preceded by storage.event) except the
+    last metadata write of its epoch, the state where just that write was lost and the rest of
+    its epoch landed: each "B must not reach the disk without A" rule is tried systematically.
 
     With max_states, a seeded sample of at most that many states is yielded (always including
     the empty and the full prefix; the budget is shared between prefixes, drop-one states and
