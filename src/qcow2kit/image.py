@@ -401,6 +401,45 @@ class Image:
             raise CorruptionError(
                 f"{what} at {bad:#x} lies beyond the end of the image file ({limit} bytes)"
             )
+        # nor may it be metadata (QEMU's overlap check): an L2 entry aimed at the L1 table
+        # or the refcount table would otherwise let a guest write rewrite them
+        if len(host_offsets):
+            clusters = np.unique(host_offsets >> self.meta.geom.cluster_bits)
+            for name, meta_clusters in self._metadata_clusters(with_l2=what != "L2 table"):
+                hit = np.isin(clusters, meta_clusters)
+                if hit.any():
+                    bad = int(clusters[hit][0]) << self.meta.geom.cluster_bits
+                    raise CorruptionError(
+                        f"Preventing invalid write on metadata: {what} at {bad:#x} "
+                        f"overlaps with {name}"
+                    )
+
+    def _metadata_clusters(self, *, with_l2: bool) -> list[tuple[str, I64]]:
+        """Host clusters holding metadata, by kind (what an in-place write must not hit)."""
+        meta = self.meta
+        bits = meta.geom.cluster_bits
+        rc = meta.refcounts
+
+        def span(offset: int, nbytes: int) -> I64:
+            if nbytes <= 0:
+                return np.zeros(0, dtype=np.int64)
+            return np.arange(offset >> bits, ((offset + nbytes - 1) >> bits) + 1, dtype=np.int64)
+
+        out = [
+            ("the image header", np.zeros(1, dtype=np.int64)),
+            ("the refcount table", span(rc.reftable_offset, rc.reftable_clusters << bits)),
+            ("a refcount block", (rc.reftable[rc.reftable != 0] >> np.uint64(bits)).astype(np.int64)),
+            ("the active L1 table", span(meta.l2.l1_offset, meta.l2.l1_size * 8)),
+        ]
+        if with_l2:
+            tables = (meta.l2.l1 & np.uint64(C.OFFSET_MASK)) >> np.uint64(bits)
+            out.append(("an active L2 table", tables[tables != 0].astype(np.int64)))
+        if meta.snapshots:
+            table_bytes = sum(len(sn.to_bytes()) for sn in meta.snapshots)
+            out.append(("the snapshot table", span(meta.header.snapshots_offset, table_bytes)))
+            out.extend(("an inactive L1 table", span(sn.l1_table_offset, sn.l1_size * 8))
+                       for sn in meta.snapshots)
+        return out
 
     def _l2_for_write(self, l1_index: int) -> tuple[int, U64]:
         """The L2 table of l1_index, allocated or copied so that it is ours alone."""

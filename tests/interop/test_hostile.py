@@ -518,3 +518,50 @@ def test_storage_refuses_reads_far_past_the_end(tmp_path: Path) -> None:
             st.pread(-1, 1)
     finally:
         st.close()
+
+
+@pytest.mark.parametrize("target", ["l1", "reftable", "refblock", "header", "l2"])
+def test_in_place_write_onto_metadata_is_refused(make: Callable[..., Path], target: str) -> None:
+    """An L2 entry (COPIED) aimed at a metadata cluster: a guest write there would rewrite
+    that metadata. Refused like QEMU's overlap check; the image marked corrupt, the
+    metadata intact."""
+    path = make("w.qcow2", "cluster_size=4096", writes=("write -P 0x11 0 8k",))
+    buf = bytearray(path.read_bytes())
+    l1 = _get(buf, 40, 8)
+    l2 = _get(buf, l1, 8) & 0x00FFFFFFFFFFFE00
+    rt = _get(buf, 48, 8)
+    where = {"l1": l1, "reftable": rt, "refblock": _get(buf, rt, 8), "header": 0, "l2": l2}[target]
+    names = {"l1": "the active L1 table", "reftable": "the refcount table",
+             "refblock": "a refcount block", "header": "the image header", "l2": "an active L2 table"}
+    if target == "header":
+        _u(buf, l2 + 8, 8, (1 << 63) | 1)  # a preallocated zero cluster at host offset 0
+    else:
+        _u(buf, l2 + 8, 8, (1 << 63) | where)
+    path.write_bytes(bytes(buf))
+    before = path.read_bytes()
+    with qcow2kit.open(str(path), "r+") as img:
+        if target != "header":
+            with pytest.raises(CorruptionError, match=f"overlaps with {names[target]}"):
+                img.write(4096, b"\xee" * 4096)
+            assert img.read(0, 4096) == b"\x11" * 4096
+        else:  # offset 0 is "unallocated" in a standard L2 entry: written elsewhere, fine
+            img.write(4096, b"\xee" * 4096)
+            assert img.read(4096, 4096) == b"\xee" * 4096
+    after = path.read_bytes()
+    if target != "header":
+        assert after[where : where + 4096] == before[where : where + 4096]
+        assert _get(after, 72, 8) & 2
+
+
+def test_l2_table_in_place_onto_metadata_is_refused(make: Callable[..., Path]) -> None:
+    path = make("t.qcow2", "cluster_size=4096", writes=("write -P 0x11 0 8k",))
+    buf = bytearray(path.read_bytes())
+    l1, rt = _get(buf, 40, 8), _get(buf, 48, 8)
+    _u(buf, l1 + 8, 8, (1 << 63) | rt)  # L1 entry 1 (COPIED): "its L2 table" is the reftable
+    path.write_bytes(bytes(buf))
+    before = path.read_bytes()
+    with qcow2kit.open(str(path), "r+") as img:
+        with pytest.raises(CorruptionError, match="L2 table at .* overlaps with the refcount table"):
+            img.write(2 * MiB, b"\xee" * 4096)
+    after = path.read_bytes()
+    assert after[rt : rt + 4096] == before[rt : rt + 4096]
