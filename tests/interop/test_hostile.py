@@ -327,6 +327,8 @@ def test_backing_special_files_refused(make: Callable[..., Path], tmp_path: Path
         t0 = time.monotonic()
         _refused(path, "not a regular file", cls=Qcow2Error)
         assert cli_main(["info", "--backing-chain", str(path)]) == 1
+        assert cli_main(["map", str(path)]) == 1
+        assert cli_main(["map", "--no-backing", "--output=json", str(path)]) == 0
         assert time.monotonic() - t0 < 5
     _set_backing(path, "missing.qcow2", "qcow2")
     _refused(path, "Could not open backing file", "missing.qcow2")

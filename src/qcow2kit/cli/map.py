@@ -1,4 +1,5 @@
-"""qcow2kit map [--output=human|json] [-f FMT] [-U] [--start-offset=N] [--max-length=N] FILE"""
+"""qcow2kit map [--output=human|json] [-f FMT] [-U] [--start-offset=N] [--max-length=N]
+[--no-backing] FILE"""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def register(sub: Any) -> None:
                    help="open the image even if another process has it open for writing")
     p.add_argument("--start-offset", dest="start", default="0", help="first guest byte to map")
     p.add_argument("--max-length", dest="length", help="map at most this many bytes")
+    p.add_argument("--no-backing", dest="backing", action="store_false",
+                   help="do not open the backing file the image names (inspect untrusted images)")
     p.add_argument("filename")
     p.set_defaults(run=run)
 
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     start = parse_size(args.start)
     length = parse_size(args.length) if args.length is not None else None
     entries = map_path(args.filename, args.fmt, force_share=args.force_share, start=start,
-                       length=length)
+                       length=length, backing=args.backing)
     if args.output == "json":
         sys.stdout.write(format_json(entries))
         return 0

@@ -245,8 +245,9 @@ def map_path(
     force_share: bool = False,
     start: int = 0,
     length: int | None = None,
+    backing: bool = True,
 ) -> list[MapEntry]:
-    img = open_any(path, fmt, force_share=force_share)
+    img = open_any(path, fmt, force_share=force_share, backing=backing)
     try:
         return map_image(img, start, length)
     finally:
