@@ -119,3 +119,39 @@ def test_cli_compact_and_resize_compact(tmp_path: Path) -> None:
     res = subprocess.run(["python3", "-m", "qcow2kit", "compact", str(img)],
                          capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "Image compacted" in res.stdout
+
+
+def test_snapshot_l1_and_table_move_down(tmp_path: Path) -> None:
+    from qcow2kit.image import Image
+    from qcow2kit.testing.faults import RecordingStorage, check_crash_states
+
+    img = tmp_path / "snap.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "4M")
+    qemu_io(img, "write -P 1 0 2M")
+    qemu_img("snapshot", "-c", "late", str(img))  # its L1 and the table land at the end
+    qemu_io(img, "discard 0 2M")  # the active disk lets go of the data...
+    qemu_img("snapshot", "-c", "empty", str(img))
+    qemu_img("snapshot", "-d", "late", str(img))  # ...and its snapshot goes: holes below
+    qemu_io(img, "write -P 2 1M 8K")
+    qemu_img("snapshot", "-c", "last", str(img))
+    before = tmp_path / "b.raw"
+    qemu_img("convert", "-l", "snapshot.name=last", "-O", "raw", str(img), str(before))
+    initial = img.read_bytes()
+    storage = RecordingStorage.from_file(img)
+    with Image(storage) as image:
+        image.compact()
+    events = {op[1] for op in storage.log if op[0] == "event"}
+    assert "snapshot_l1_move" in events, events
+    img.write_bytes(storage.contents())
+    assert_clean(img)
+    after = tmp_path / "a.raw"
+    qemu_img("convert", "-l", "snapshot.name=last", "-O", "raw", str(img), str(after))
+    assert after.read_bytes() == before.read_bytes()
+
+    def verify(state: str) -> None:
+        qemu_img("convert", "-l", "snapshot.name=last", "-O", "raw", state, str(after))
+        assert after.read_bytes() == before.read_bytes()
+
+    (tmp_path / "states").mkdir()
+    assert check_crash_states(initial, storage.log, tmp_path / "states", verify=verify,
+                              reorder_samples=1, max_states=60) > 5

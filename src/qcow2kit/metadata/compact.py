@@ -338,51 +338,32 @@ class Compactor:
 
     def move_snapshot_tables(self, target: int) -> None:
         meta = self.meta
-        cs = self.cs
         pos = 0
         table_off = meta.header.snapshots_offset
         for i, snap in enumerate(meta.snapshots):
-            entry_bytes = len(snap.to_bytes())
-            n = meta.geom.clusters_for(snap.l1_size * 8)
-            if snap.l1_table_offset and n and snap.l1_table_offset >> self.bits >= target:
-                start = self.rc.find_free(n, start_at=1)
-                if start + n <= snap.l1_table_offset >> self.bits and all(
-                    self.rc.has_block(b)
-                    for b in range(start // self.rc.entries_per_block,
-                                   (start + n - 1) // self.rc.entries_per_block + 1)
-                ):
-                    self.rc.add_range(start, n, 1)
-                    self.rc.sync()
-                    data = meta.storage.pread(snap.l1_table_offset, n * cs)
-                    meta.storage.event("snapshot_l1_move")
-                    meta.storage.pwrite(start * cs, data)
-                    meta.storage.flush()
-                    meta.storage.event("snapshot_table_update")
-                    meta.storage.pwrite(table_off + pos, struct.pack(">Q", start * cs))
-                    meta.storage.flush()
-                    old = snap.l1_table_offset >> self.bits
-                    meta.snapshots[i] = replace(snap, l1_table_offset=start * cs)
-                    meta.forget_freed(self.rc.add_range(old, n, -1), punch=False)
-                    self.rc.sync()
-            pos += entry_bytes
+            entry_at = table_off + pos
+            pos += len(snap.to_bytes())
+            if not snap.l1_size or snap.l1_table_offset >> self.bits < target:
+                continue
+            data = meta.storage.pread(snap.l1_table_offset, snap.l1_size * 8)
+
+            def switch(off: int, at: int = entry_at) -> tuple[int, bytes]:
+                return at, struct.pack(">Q", off)  # the entry's l1_table_offset field
+
+            new = resize.move_down(meta, snap.l1_table_offset, data, switch, "snapshot_l1_move")
+            if new is not None:
+                meta.snapshots[i] = replace(snap, l1_table_offset=new)
+                self.moved += 1
         if meta.snapshots and table_off >> self.bits >= target:
-            n = meta.geom.clusters_for(pos)
-            start = self.rc.find_free(n, start_at=1)
-            if start + n <= table_off >> self.bits:
-                self.rc.add_range(start, n, 1)
-                self.rc.sync()
-                data = meta.storage.pread(table_off, n * cs)
-                meta.storage.event("snapshot_table_move")
-                meta.storage.pwrite(start * cs, data)
-                meta.storage.flush()
-                meta.storage.event("header_update")
-                meta.storage.pwrite(
-                    C.HEADER_SNAPSHOTS_OFFSET, struct.pack(">IQ", len(meta.snapshots), start * cs)
-                )
-                meta.storage.flush()
-                meta.header = replace(meta.header, snapshots_offset=start * cs)
-                meta.forget_freed(self.rc.add_range(table_off >> self.bits, n, -1), punch=False)
-                self.rc.sync()
+            count = len(meta.snapshots)
+            new = resize.move_down(
+                meta, table_off, meta.storage.pread(table_off, pos),
+                lambda off: (C.HEADER_SNAPSHOTS_OFFSET, struct.pack(">IQ", count, off)),
+                "snapshot_table_move",
+            )
+            if new is not None:
+                meta.header = replace(meta.header, snapshots_offset=new)
+                self.moved += 1
 
     def run(self) -> CompactResult:
         meta = self.meta

@@ -16,6 +16,7 @@ Ordering (the shrink recipe; each step only relies on what earlier steps made du
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -195,53 +196,62 @@ def grow_l1(meta: Metadata, new_l1_entries: int) -> None:
         meta.forget_freed(freed)
 
 
+def move_down(
+    meta: Metadata,
+    old_offset: int,
+    data: bytes,
+    switch: Callable[[int], tuple[int, bytes]],
+    event: str,
+) -> int | None:
+    """Move a contiguous table into the lowest free run below it: count the new clusters
+    (durably), write the copy, flush, switch the one referrer with one small write, flush,
+    then free the old clusters. `switch(new_offset)` gives (byte offset, bytes) of that
+    write. Returns the new offset, or None when no lower free run is available."""
+    rc = meta.refcounts
+    cs = meta.geom.cluster_size
+    e = rc.entries_per_block
+    n = meta.geom.clusters_for(len(data))
+    start = rc.find_free(n, start_at=1)
+    if start + n > old_offset // cs:
+        return None
+    if not all(rc.has_block(b) for b in range(start // e, (start + n - 1) // e + 1)):
+        return None
+    rc.add_range(start, n, 1)
+    rc.sync()  # the new clusters are counted before anything points at them
+    meta.storage.event(event)
+    meta.storage.pwrite(start * cs, data + bytes(n * cs - len(data)))
+    meta.storage.flush()
+    where, payload = switch(start * cs)
+    meta.storage.event("header_update" if where < cs else event + "_switch")
+    meta.storage.pwrite(where, payload)
+    meta.storage.flush()
+    meta.forget_freed(rc.add_range(old_offset // cs, n, -1))
+    rc.sync()
+    return start * cs
+
+
 def relocate_tables(meta: Metadata) -> bool:
     """Move the L1 table and the refcount table down into free space when they sit past
-    everything else, so that the file can end earlier. New table, switch, free old."""
+    everything else, so that the file can end earlier."""
     rc = meta.refcounts
     l2 = meta.l2
-    cs = meta.geom.cluster_size
-    moved = False
     meta.flush()
-    # refcount table
     n = rc.reftable_clusters
-    start = rc.find_free(n, start_at=1)
-    e = rc.entries_per_block
-    covered = all(rc.has_block(b) for b in range(start // e, (start + n - 1) // e + 1))
-    if covered and start + n <= rc.reftable_offset // cs:
-        rc.add_range(start, n, 1)
-        rc.sync()  # the new clusters are counted before the header points at them
-        meta.storage.event("reftable_move")
-        meta.storage.pwrite(start * cs, encode_table(rc.reftable))
-        meta.storage.flush()
-        meta.storage.event("header_update")
-        meta.storage.pwrite(C.HEADER_REFTABLE_OFFSET, struct.pack(">QI", start * cs, n))
-        meta.storage.flush()
-        old = rc.reftable_offset
-        rc.reftable_offset = start * cs
-        meta.header = replace(meta.header, refcount_table_offset=start * cs)
-        meta.forget_freed(rc.add_range(old // cs, n, -1))
-        rc.sync()
-        moved = True
-    # L1 table
+    new = move_down(
+        meta, rc.reftable_offset, encode_table(rc.reftable),
+        lambda off: (C.HEADER_REFTABLE_OFFSET, struct.pack(">QI", off, n)), "reftable_move",
+    )
+    if new is not None:
+        rc.reftable_offset = new
+        meta.header = replace(meta.header, refcount_table_offset=new)
+    moved_l1 = None
     if l2.l1_size and l2.l1_offset:
-        n = meta.geom.clusters_for(l2.l1_size * 8)
-        start = rc.find_free(n, start_at=1)
-        covered = all(rc.has_block(b) for b in range(start // e, (start + n - 1) // e + 1))
-        if covered and start + n <= l2.l1_offset // cs:
-            rc.add_range(start, n, 1)
-            rc.sync()
-            meta.storage.event("l1_move")
-            data = encode_table(l2.l1)
-            meta.storage.pwrite(start * cs, data + bytes(n * cs - len(data)))
-            meta.storage.flush()
-            meta.storage.event("header_update")
-            meta.storage.pwrite(C.HEADER_L1_OFFSET, struct.pack(">IQ", l2.l1_size, start * cs))
-            meta.storage.flush()
-            old = l2.l1_offset
-            l2.l1_offset = start * cs
-            meta.header = replace(meta.header, l1_table_offset=start * cs)
-            meta.forget_freed(rc.add_range(old // cs, n, -1))
-            rc.sync()
-            moved = True
-    return moved
+        size = l2.l1_size
+        moved_l1 = move_down(
+            meta, l2.l1_offset, encode_table(l2.l1),
+            lambda off: (C.HEADER_L1_OFFSET, struct.pack(">IQ", size, off)), "l1_move",
+        )
+        if moved_l1 is not None:
+            l2.l1_offset = moved_l1
+            meta.header = replace(meta.header, l1_table_offset=moved_l1)
+    return new is not None or moved_l1 is not None
