@@ -155,3 +155,27 @@ def test_snapshot_l1_and_table_move_down(tmp_path: Path) -> None:
     (tmp_path / "states").mkdir()
     assert check_crash_states(initial, storage.log, tmp_path / "states", verify=verify,
                               reorder_samples=1, max_states=60) > 5
+
+
+def test_refcount_block_at_the_end_moves_down(tmp_path: Path) -> None:
+    import struct
+
+    img = tmp_path / "rb.qcow2"
+    qemu_img("create", "-f", "qcow2", str(img), "16M")
+    qemu_io(img, "write -P 3 0 1M")
+    data = bytearray(img.read_bytes())
+    cs = 65536
+    data += bytes(-len(data) % cs)
+    rt_off = struct.unpack_from(">Q", data, 48)[0]
+    rb_off = struct.unpack_from(">Q", data, rt_off)[0]
+    new = len(data)
+    block = bytearray(data[rb_off : rb_off + cs])
+    struct.pack_into(">H", block, 2 * (rb_off // cs), 0)  # the old place is free...
+    struct.pack_into(">H", block, 2 * (new // cs), 1)  # ...the block now counts itself here
+    data += block
+    struct.pack_into(">Q", data, rt_off, new)
+    data[rb_off : rb_off + cs] = bytes(cs)
+    img.write_bytes(bytes(data))
+    assert_clean(img)  # a valid image with its only refcount block at the very end
+    _compact_and_verify(tmp_path, img)
+    assert struct.unpack_from(">Q", img.read_bytes(), rt_off)[0] < new

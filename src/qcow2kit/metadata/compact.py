@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from ..errors import UnsupportedFeatureError
 from ..format import constants as C
-from ..format.tables import decode_table, encode_table
+from ..format.tables import decode_table, encode_refblock, encode_table
 from . import resize
 from .meta import Metadata
 
@@ -322,8 +322,6 @@ class Compactor:
             rc.add_range(new, 1, 1)
             rc.sync()
             block = rc.cache.get(index)
-            from ..format.tables import encode_refblock
-
             meta.storage.event("refblock_move")
             meta.storage.pwrite(new * self.cs, encode_refblock(block, meta.geom.refcount_order))
             meta.storage.flush()
