@@ -809,6 +809,14 @@ class Image:
             self._write(old_size, memoryview(bytes(tail_end - old_size)))
         meta.release_pending()
         resize.grow_l1(meta, meta.geom.l1_entries_for(new_size))
+        if self.backing is not None and self.backing.virtual_size > old_size:
+            # the added range must read as zeros, not as the backing file's old data
+            zero_end = min(new_size, self.backing.virtual_size)
+            if self.header.version >= 3 or meta.geom.extended_l2:
+                self._for_whole_clusters(old_size, zero_end - old_size, "zero")
+            else:
+                self._write_zero_bytes(old_size, zero_end - old_size)
+            meta.release_pending()
         if self.data_storage is not None and self.data_storage.size() < new_size:
             self.data_storage.truncate(new_size)
         if preallocation != "off":

@@ -251,3 +251,18 @@ def test_cli_resize(tmp_path: Path) -> None:
     info = qemu_img("info", "--output=json", str(img)).stdout
     assert '"virtual-size": 1610612736' in info
     assert_clean(img)
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_grow_over_longer_backing_reads_zeros(tmp_path: Path, compat: str) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "16M")
+    qemu_io(base, "write -P 0x55 0 16M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"compat={compat}", "-b", "base.qcow2", "-F",
+             "qcow2", str(top), "16M")
+    with qcow2kit.open(str(top), "r+") as image:
+        image.resize(4 * M + 1536, shrink=True)
+        image.resize(20 * M)
+    assert_clean(top)
+    qemu_io(top, "read -P 0x55 0 4097K", f"read -P 0 {4 * M + 1536} {16 * M - 1536}")
