@@ -1,9 +1,16 @@
 """Hypothesis state machine: random write / write_zeroes / discard / flush / reopen sequences
-against a bytearray model, across geometries, refcount widths, compat levels, extended L2,
-backing files, and images made by qemu-img and by qcow2kit.create.
+against a bytearray model, across cluster sizes (512 B to 2 MiB), refcount widths (1, 16, 64),
+compat 0.10 and 1.1, extended L2, lazy refcounts, raw and qcow2 backing files (shorter than the
+overlay), external data files (raw or not), images made by qemu-img and by qcow2kit.create,
+starting empty, from compressed clusters (zlib, zstd) or with an internal snapshot, with tiny
+metadata caches (constant eviction) and with disk sizes that end inside a cluster.
 
 After each run QEMU is the judge: `qemu-img check --output=json` finds no corruption and no
-leak, and `qemu-img compare` finds the image equal to the model."""
+leak, `qemu-img compare` finds the image equal to the model, snapshots still hold their data,
+and QEMU can still write to the image cleanly.
+
+QK_SM_EXAMPLES / QK_SM_STEPS raise the number of runs and steps per configuration for a
+longer hunt (defaults keep the file at about two minutes)."""
 
 from __future__ import annotations
 
