@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1000, help="hypothesis examples per batch")
     ap.add_argument("--no-heavy", dest="heavy", action="store_false",
                     help="skip resize / compact / check -r all on the copies")
+    ap.add_argument("--differential", action="store_true",
+                    help="also compare the guest data with qemu-img convert's where both read it")
     ap.add_argument("--seed", type=int, default=None, help="random seed of the first batch")
     ap.add_argument("--timeout", type=float, default=H.EXAMPLE_TIMEOUT_S, help="per-input timeout (s)")
     ap.add_argument("--out", type=Path, default=Path("fuzz-failures"), help="where failing inputs go")
@@ -85,7 +87,8 @@ def _run(args: argparse.Namespace, root: Path) -> int:
         last[0] = data
         count[0] += 1
         try:
-            out = H.run_input(work, seed, data, rnd, heavy=args.heavy, timeout=args.timeout)
+            out = H.run_input(work, seed, data, rnd, heavy=args.heavy,
+                              differential=args.differential, timeout=args.timeout)
         except H.FuzzTimeout as exc:  # a BaseException: made an assertion so hypothesis shrinks it
             raise H.FuzzFailure(f"hang: {exc}") from None
         for k, v in out.items():

@@ -494,6 +494,33 @@ def _heavy_ops(rnd: int) -> list[tuple[str, Callable[[str], object]]]:
     return ops
 
 
+def _differential(path: Path, raw: Path) -> bool:
+    """QEMU as the oracle: where qemu-img can convert the mutated image too, the guest
+    bytes must be the same. False when either side refuses (nothing to compare)."""
+    try:
+        with qcow2kit.open(str(path), "r") as img:
+            if img.virtual_size > FULL_READ_LIMIT:
+                return False
+            ours = img.read(0, img.virtual_size)
+    except Qcow2Error:
+        return False
+    res = subprocess.run([QEMU_IMG, "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(raw)],
+                         capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        return False
+    theirs = raw.read_bytes()
+    raw.unlink()
+    if len(theirs) == len(ours) // 512 * 512:
+        ours = ours[: len(theirs)]  # QEMU counts the virtual size in whole 512-byte sectors
+    if theirs != ours:
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), -1)
+        raise FuzzFailure(
+            f"guest data differs from qemu-img's ({len(ours)} vs {len(theirs)} bytes, first "
+            f"difference at {first})"
+        )
+    return True
+
+
 def run_input(
     work: Path,
     seed: Seed,
@@ -502,6 +529,7 @@ def run_input(
     *,
     writes: bool = True,
     heavy: bool = True,
+    differential: bool = False,
     timeout: float = EXAMPLE_TIMEOUT_S,
 ) -> dict[str, bool]:
     """Exercise one image; raise FuzzFailure/FuzzTimeout on a contract violation."""
@@ -530,6 +558,8 @@ def run_input(
         outcome["no-backing"] = _guard("open r backing=False", no_backing)
         for name, op in _optional_ops():
             outcome[name] = _guard(name, lambda op=op: op(str(path)))  # type: ignore[misc]
+        if differential and outcome["read"]:
+            outcome["same-as-qemu"] = _differential(path, work.parent / "qemu-out.raw")
         after = {f: file_state(f) for f in files}
         if after != before:
             changed = [str(f) for f in files if after[f] != before[f]]
