@@ -882,7 +882,7 @@ class Image:
         new_l1 = meta.geom.l1_entries_for(new_size)
         span = meta.geom.l2_span_bytes
         if cut < old_size:
-            boundary_end = min(old_size, new_l1 * span)
+            boundary_end = min(-(-old_size // cs) * cs, new_l1 * span)  # incl. a partial last cluster
             if cut < boundary_end:
                 self._clear_chunk(cut, boundary_end, "discard")
             resize.drop_l1_tail(meta, new_l1)

@@ -266,3 +266,15 @@ def test_grow_over_longer_backing_reads_zeros(tmp_path: Path, compat: str) -> No
         image.resize(20 * M)
     assert_clean(top)
     qemu_io(top, "read -P 0x55 0 4097K", f"read -P 0 {4 * M + 1536} {16 * M - 1536}")
+
+
+def test_shrink_from_unaligned_size_frees_the_old_partial_cluster(tmp_path: Path) -> None:
+    img = tmp_path / "u.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "1259520")
+    qemu_io(img, "write -P 0x11 0 1259520")
+    with qcow2kit.open(str(img), "r+") as image:
+        image.resize(4096, shrink=True)
+        image.resize(2 * M)
+        assert image.read(4096, 2 * M - 4096) == bytes(2 * M - 4096)
+    assert_clean(img)
+    qemu_io(img, f"read -P 0 4096 {2 * M - 4096}")
