@@ -465,6 +465,7 @@ _RANDOM_SETUPS = [
     ("cluster_size=4096,lazy_refcounts=on", "snapshot"),
     ("cluster_size=32768,extended_l2=on", "backing"),
     ("cluster_size=4096,compat=0.10", "backing"),
+    ("cluster_size=512,refcount_bits=64", "snapshot"),
 ]
 
 
