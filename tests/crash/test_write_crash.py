@@ -596,3 +596,44 @@ def test_harness_detects_misordering(tmp_path: Path) -> None:
     bad_log = [e for e in ops if e not in ref_writes] + ref_writes
     with pytest.raises(AssertionError, match="corruption|check error"):
         check_crash_states(good.initial, bad_log, tmp_path, reorder_samples=0)
+
+
+@pytest.mark.parametrize("xl2", [False, True], ids=["std", "xl2"])
+def test_data_file_metadata_crash(tmp_path: Path, xl2: bool) -> None:
+    """External data file: the qcow2 file holds only metadata. Its crash states (with the data
+    file as it ended up) are consistent and the data written before reads back."""
+    from qcow2kit.io.memory import MemoryStorage
+
+    path = tmp_path / "disk.qcow2"
+    data_path = tmp_path / "disk.data"
+    size = 4 << 20
+    cs = 32768 if xl2 else 4096
+    qcow2kit.create(str(path), size, cluster_size=cs, extended_l2=xl2, data_file=str(data_path))
+    qemu_io(path, "write -P 0x21 0 1M")
+    before = _to_raw(path, tmp_path / "before.raw")
+    meta = RecordingStorage.from_file(path)
+    data = MemoryStorage(data_path.read_bytes(), name=str(data_path))
+    img = Image(meta, data_storage=data)
+    meta.restart()
+    img.write(100, _pattern(1, 5000))
+    img.write(2 << 20, _pattern(2, 3 * cs + 1))
+    img.flush()
+    img.discard(64 << 10, 2 * cs)
+    img.write_zeroes(512 << 10, cs + 100, unmap=True)
+    img.write(3 << 20, _pattern(3, cs))
+    img.close()
+    data_path.write_bytes(bytes(data.buf))
+    final = tmp_path / "final.qcow2"
+    final.write_bytes(meta.contents())
+    assert_clean(final)
+    untouched = [(1 << 20, 2 << 20)]
+
+    def verify(p: str) -> None:
+        got = _to_raw(Path(p), tmp_path / "state.raw")
+        for lo, hi in untouched:
+            assert got[lo:hi] == before[lo:hi]
+        assert got[8192:64 << 10] == before[8192:64 << 10]
+
+    n = check_crash_states(meta.initial, meta.log, tmp_path, verify=verify, reorder_samples=3,
+                           max_states=MAX_STATES, drop_one=True)
+    assert n >= 3
