@@ -597,6 +597,7 @@ class Image:
                 target.pwrite(seg_host, payload)
 
         hs_l, he_l, ws_l, host_l = hs.tolist(), he.tolist(), ws.tolist(), host.tolist()
+        buf_start = buf_end = -1
         for i in range(len(host_l)):
             gcs = first_cluster_guest + i * cs
             a = gcs + ws_l[i] - pos
@@ -610,9 +611,16 @@ class Image:
                 seg_parts, seg_host, seg_len = [], h, 0
             if head:
                 seg_parts.append(head)
-            seg_parts.append(buf[a : a + wlen])
+            if not head and seg_parts and buf_end == a and isinstance(seg_parts[-1], memoryview):
+                # the caller's buffer continues: widen the slice instead of joining copies
+                seg_parts[-1] = buf[buf_start : a + wlen]
+            else:
+                buf_start = a
+                seg_parts.append(buf[a : a + wlen])
+            buf_end = a + wlen
             if tail:
                 seg_parts.append(tail)
+                buf_end = -1
             seg_len += he_l[i] - hs_l[i]
             if he_l[i] != cs:
                 emit()
