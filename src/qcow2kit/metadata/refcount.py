@@ -218,7 +218,7 @@ class Refcounts:
             raise CorruptionError("allocation beyond the 2^56 byte host offset limit")
         self._check_overlap(start, total)
         region = np.arange(start, start + total, dtype=np.int64)
-        self.adjust(region[np.isin(region // e, missing, invert=True)], 1)
+        self.adjust(region[np.isin(region // e, missing, invert=True)] if missing else region, 1)
         if missing:
             self._hook_new_blocks(start, total, missing)
         data_start = start + len(missing)
