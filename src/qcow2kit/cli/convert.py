@@ -29,6 +29,9 @@ def register(sub: Any) -> None:
                    help="open the source even if another process has it open for writing")
     p.add_argument("-S", dest="sparse", default="4k",
                    help="zero blocks of this size stay holes / unallocated (0: write everything)")
+    p.add_argument("-t", dest="cache", default="unsafe", choices=("unsafe", "writeback"),
+                   help="cache mode of the output: unsafe (default, as qemu-img convert) "
+                   "never waits for the disk; writeback flushes in crash-safe order")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("source")
     p.add_argument("target")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             args.source, args.target, src_fmt=args.fmt, out_fmt=args.out_fmt,
             options=kwargs, compressed=args.compressed, backing=backing,
             backing_fmt=backing_fmt, force_share=args.force_share, progress=progress,
-            sparse_bytes=parse_size(args.sparse),
+            sparse_bytes=parse_size(args.sparse), cache=args.cache,
         )
     finally:
         if bar is not None:

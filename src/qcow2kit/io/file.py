@@ -58,6 +58,7 @@ class FileStorage:
             flags |= os.O_CREAT  # truncated only once the lock is ours (never under a VM)
         self.fd = os.open(path, flags, 0o644)
         self._punch_ok = True
+        self.durable = True
         try:
             if lock:
                 self._lock(force_share)
@@ -148,7 +149,9 @@ class FileStorage:
             offset += n
 
     def flush(self) -> None:
-        if self.writable:
+        # durable=False is qemu-img's cache=unsafe: for a scratch output nobody relies on
+        # until the whole job succeeded, ordering barriers buy nothing
+        if self.writable and self.durable:
             os.fdatasync(self.fd)
 
     def truncate(self, size: int) -> None:

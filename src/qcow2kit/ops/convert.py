@@ -381,6 +381,7 @@ def _convert_qcow2(
     backing_fmt: str | None,
     progress: Progress,
     sparse_bytes: int,
+    durable: bool = False,
 ) -> None:
     opts = dict(options)
     if backing is not None:
@@ -389,6 +390,8 @@ def _convert_qcow2(
             opts["backing_fmt"] = backing_fmt
     create(dst, src.size, **opts)
     img = Image.open_path(dst, writable=True)
+    if isinstance(img.storage, FileStorage):
+        img.storage.durable = durable
     pool: ThreadPoolExecutor | None = None
     try:
         cs = img.cluster_size
@@ -540,8 +543,12 @@ def convert(
     force_share: bool = False,
     progress: Progress | None = None,
     sparse_bytes: int = SPARSE_BYTES,
+    cache: str = "unsafe",
 ) -> None:
     """Copy the virtual disk at src_path into a new raw file or qcow2 image at dst_path.
+
+    cache: "unsafe" (qemu-img convert's default) never waits for the disk; "writeback"
+    flushes in crash-safe order and at the end.
 
     sparse_bytes: zero blocks of this size are left as holes / unallocated (qemu-img -S);
     0 writes every byte."""
@@ -552,6 +559,8 @@ def convert(
         )
     if out_fmt not in ("raw", "qcow2"):
         raise FormatError(f"Unknown file format '{out_fmt}'")
+    if cache not in ("unsafe", "writeback"):
+        raise ValueError(f"Invalid cache mode '{cache}' (unsafe or writeback)")
     _check_target_unlocked(dst_path)
     if out_fmt == "raw" and (compressed or backing is not None):
         what = "Compression" if compressed else "Backing files"
@@ -570,7 +579,7 @@ def convert(
             _convert_qcow2(
                 src, dst_path, options=options or {}, compressed=compressed,
                 backing=backing, backing_fmt=backing_fmt, progress=prog,
-                sparse_bytes=sparse_bytes,
+                sparse_bytes=sparse_bytes, durable=cache != "unsafe",
             )
     finally:
         img.close()
