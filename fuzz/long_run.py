@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import seed as seed_fn  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from tests.fuzz import harness as H  # noqa: E402
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--differential", action="store_true",
                     help="also compare the guest data with qemu-img convert's where both read it")
     ap.add_argument("--seed", type=int, default=None, help="random seed of the first batch")
+    ap.add_argument("--skip-batches", type=int, default=0,
+                    help="with --seed: start at this batch of that run (to replay a failure)")
     ap.add_argument("--timeout", type=float, default=H.EXAMPLE_TIMEOUT_S, help="per-input timeout (s)")
     ap.add_argument("--out", type=Path, default=Path("fuzz-failures"), help="where failing inputs go")
     ap.add_argument("--max-memory-mb", type=int, default=2048,
@@ -104,6 +106,8 @@ def _run(args: argparse.Namespace, root: Path) -> int:
         test = settings(
             max_examples=batch, deadline=None, database=None, derandomize=False,
             suppress_health_check=list(HealthCheck), print_blob=True,
+            # no explain phase: it traces every example, which costs time and memory
+            phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
         )(test)
         return seed_fn(batch_seed)(test)  # type: ignore[no-any-return]
 
@@ -113,6 +117,9 @@ def _run(args: argparse.Namespace, root: Path) -> int:
     while time.monotonic() < deadline and (not args.examples or count[0] < args.examples):
         batch = args.batch if not args.examples else min(args.batch, args.examples - count[0])
         seed = rng.getrandbits(64)
+        if batches < args.skip_batches:  # replay a later batch of a logged run
+            batches += 1
+            continue
         try:
             batch_test(batch, seed)()
         except H.FuzzFailure as exc:

@@ -497,13 +497,16 @@ def _heavy_ops(rnd: int) -> list[tuple[str, Callable[[str], object]]]:
 def _differential(path: Path, raw: Path) -> bool:
     """QEMU as the oracle: where qemu-img can convert the mutated image too, the guest
     bytes must be the same. False when either side refuses (nothing to compare)."""
-    try:
+    got: list[bytes] = []
+
+    def read() -> None:
         with qcow2kit.open(str(path), "r") as img:
-            if img.virtual_size > FULL_READ_LIMIT:
-                return False
-            ours = img.read(0, img.virtual_size)
-    except Qcow2Error:
+            if img.virtual_size <= FULL_READ_LIMIT:
+                got.append(img.read(0, img.virtual_size))
+
+    if not _guard("differential read", read) or not got:
         return False
+    ours = got[0]
     res = subprocess.run([QEMU_IMG, "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(raw)],
                          capture_output=True, text=True, timeout=60)
     if res.returncode != 0:
