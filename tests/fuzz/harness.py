@@ -508,7 +508,7 @@ def _differential(path: Path, raw: Path) -> bool:
         return False
     ours = got[0]
     res = subprocess.run([QEMU_IMG, "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(raw)],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, errors="replace", timeout=60)
     if res.returncode != 0:
         return False
     theirs = raw.read_bytes()
