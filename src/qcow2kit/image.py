@@ -978,9 +978,6 @@ class Image:
         """qemu-img check: repair None, "leaks" or "all" (see metadata.check)."""
         return check_image(self.meta, repair)
 
-    def referenced(self) -> bool:
-        return True
-
 
 class ImageFile(io.RawIOBase):
     """io.RawIOBase view of an Image's virtual disk (read, readinto, write, seek, tell)."""

@@ -320,9 +320,6 @@ class Header:
             head += name
         return bytes(head)
 
-    def with_layout(self, **changes: object) -> Header:
-        return replace(self, **changes)  # type: ignore[arg-type]
-
     def relayout(self) -> Header:
         """Recompute backing_file_offset/size after extensions or the name changed."""
         length = self.header_length if self.version == 3 else C.V2_HEADER_LENGTH

@@ -96,7 +96,6 @@ class Compactor:
         taken = np.zeros(len(slots), dtype=bool)
         single = [g for g in groups if len(g) == 1]
         multi = [g for g in groups if len(g) > 1]
-        pos = 0
         for g in multi:
             n = len(g)
             if len(slots) < n:
@@ -111,7 +110,6 @@ class Compactor:
         free_idx = np.flatnonzero(~taken)
         for g, k in zip(single, free_idx.tolist(), strict=False):
             mapping[int(g[0])] = int(slots[k])
-            pos += 1
         return mapping
 
     def _copy(self, mapping: dict[int, int]) -> None:

@@ -8,7 +8,6 @@ refcounts it depends on durable first."""
 from __future__ import annotations
 
 import enum
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -231,10 +230,6 @@ def _append(runs: list[Run], run: Run) -> None:
                 last.length += run.length
                 return
     runs.append(run)
-
-
-def pack_u64(value: int) -> bytes:
-    return struct.pack(">Q", value)
 
 
 def referenced_clusters(entries: U64, geom: Geometry, data_file: bool) -> I64:
