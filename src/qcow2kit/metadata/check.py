@@ -973,7 +973,7 @@ class _Checker:
                 if v is None:
                     okay[j] = False
                 else:
-                    vals[j] = v
+                    vals[j] = min(v, (1 << 63) - 1)  # 64-bit refcounts: only "not 1" matters here
             return vals, okay
 
         for i in self._copied_suspects(l1, disk, unreadable).tolist():
