@@ -140,7 +140,7 @@ def test_lock_and_force_share(tmp_path: Path) -> None:
     holder = subprocess.Popen([QEMU_IO, "-f", "qcow2", str(path)], stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 5
+        deadline = time.time() + 30
         while time.time() < deadline and theirs(str(path)).returncode == 0:
             time.sleep(0.05)
         q = theirs(str(path))

@@ -107,6 +107,8 @@ class Metadata:
                     self.header = replace(self.header, incompatible_features=bits)
                 except OSError:
                     pass
+        if not self.writable:
+            return CorruptionError(f"Image is corrupt (opened read-only, not marked): {reason}")
         return CorruptionError(f"Marking image as corrupt: {reason}")
 
     def set_dirty_bit(self) -> None:
