@@ -309,10 +309,9 @@ class Compactor:
     def move_refblocks(self, target: int) -> None:
         rc = self.rc
         meta = self.meta
-        for index in range(len(rc.reftable)):
+        offsets = rc.reftable & ~np.uint64(C.REFT_RESERVED_MASK)
+        for index in np.flatnonzero(offsets >= np.uint64(target << self.bits)).tolist():
             off = rc.block_offset(index)
-            if not off or off >> self.bits < target:
-                continue
             slots = self._free_slots(target)
             if not len(slots):
                 return

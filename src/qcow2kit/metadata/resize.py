@@ -56,7 +56,7 @@ def empty_refblock_generations(meta: Metadata) -> list[list[int]]:
     grouped so that each group only depends on earlier groups."""
     rc = meta.refcounts
     e = rc.entries_per_block
-    present = [i for i in range(len(rc.reftable)) if rc.has_block(i)]
+    present = np.flatnonzero(rc.reftable & ~np.uint64(C.REFT_RESERVED_MASK)).tolist()
     block_cluster = {i: rc.block_offset(i) >> meta.geom.cluster_bits for i in present}
     refblock_clusters = set(block_cluster.values())
     nonzero: dict[int, set[int]] = {}
