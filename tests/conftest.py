@@ -70,6 +70,21 @@ def to_raw(path: str | Path, out: str | Path) -> bytes:
     return Path(out).read_bytes()
 
 
+def wait_for_lock(path: str | Path, timeout: float = 30.0) -> None:
+    """Wait until some process holds an OFD lock on path, without taking one ourselves."""
+    import os
+    import time
+
+    inode = os.stat(path).st_ino
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open("/proc/locks") as locks:
+            if any(f":{inode} " in line and "OFDLCK" in line for line in locks):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nobody locked {path} within {timeout} s")
+
+
 @pytest.fixture
 def qemu() -> None:
     _require()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -140,8 +141,13 @@ def test_lock_and_force_share(tmp_path: Path) -> None:
     holder = subprocess.Popen([QEMU_IO, "-f", "qcow2", str(path)], stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # wait without taking locks ourselves: a probing qemu-img would race qemu-io's start
+        inode = os.stat(path).st_ino
         deadline = time.time() + 30
-        while time.time() < deadline and theirs(str(path)).returncode == 0:
+        while time.time() < deadline:
+            with open("/proc/locks") as locks:
+                if any(f":{inode} " in line and "OFDLCK" in line for line in locks):
+                    break
             time.sleep(0.05)
         q = theirs(str(path))
         o = ours(str(path))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 import qcow2kit
-from tests.conftest import QEMU_IO, assert_clean, qemu_img
+from tests.conftest import QEMU_IO, assert_clean, qemu_img, wait_for_lock
 
 
 def test_create_over_locked_image_leaves_it_alone(tmp_path: Path) -> None:
@@ -20,7 +19,7 @@ def test_create_over_locked_image_leaves_it_alone(tmp_path: Path) -> None:
     holder = subprocess.Popen([QEMU_IO, str(img)], stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_for_lock(img)
         with pytest.raises(qcow2kit.LockError, match='Failed to get "write" lock'):
             qcow2kit.create(str(img), 2 << 20)
         assert img.read_bytes() == before
