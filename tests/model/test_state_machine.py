@@ -311,9 +311,13 @@ class DiskMachine(RuleBasedStateMachine):
             raw.write_bytes(self.model.raw())
             qemu_compare(self.path, raw)
             for name, content in self.snapshots.items():
-                assert _raw_of(self.path, self.dir / "snap.raw", name) == content, name
+                # apply it to a copy: convert -l would read it at the active (maybe resized) size
+                copy = self.dir / "applied.qcow2"
+                shutil.copyfile(self.path, copy)
+                qemu_img("snapshot", "-a", name, str(copy))
+                assert _raw_of(copy, self.dir / "snap.raw") == content, name
             # and QEMU can still write to it: a write through qemu-io keeps it clean
-            qemu_io(self.path, f"write -P 0x5a 0 {min(self.cfg.size, 65536)}")
+            qemu_io(self.path, f"write -P 0x5a 0 {min(self.model.size, 65536)}")
             assert_clean(self.path)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
