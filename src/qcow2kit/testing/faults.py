@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImageStateError
 from ..io.memory import MemoryStorage
 
 LogEntry = tuple[Any, ...]
@@ -45,7 +44,7 @@ _DIRTY_BIT = 1
 # ---------------------------------------------------------------------------------------------
 # recording
 # ---------------------------------------------------------------------------------------------
-class RecordingStorage:
+class RecordingStorage(MemoryStorage):
     """A Storage over an in-memory copy of ``initial`` that records everything done to it.
 
     ``log`` holds the operations in order; ``initial`` the bytes the log starts from.
@@ -56,12 +55,9 @@ class RecordingStorage:
     def __init__(
         self, initial: bytes = b"", name: str = "<recording>", writable: bool = True
     ) -> None:
-        self.buf = bytearray(initial)
+        super().__init__(initial, name, writable)
         self.initial = bytes(initial)
         self.log: list[LogEntry] = []
-        self.name = name
-        self.writable = writable
-        self.closed = False
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], writable: bool = True) -> RecordingStorage:
@@ -80,15 +76,7 @@ class RecordingStorage:
         """The log without events."""
         return [e for e in self.log if e[0] != "event"]
 
-    def _check_write(self) -> None:
-        if not self.writable:
-            raise ImageStateError(f"{self.name} is read-only")
-
-    # ---- Storage protocol -----------------------------------------------------------------
-    def pread(self, offset: int, length: int) -> bytes:
-        out = bytes(self.buf[offset : offset + length])
-        return out + b"\0" * (length - len(out))
-
+    # ---- Storage protocol: every change is applied and logged --------------------------------
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_write()
         payload = bytes(data)
@@ -103,9 +91,6 @@ class RecordingStorage:
         _apply(self.buf, ("truncate", size))
         self.log.append(("truncate", size))
 
-    def size(self) -> int:
-        return len(self.buf)
-
     def punch_hole(self, offset: int, length: int) -> None:
         self._check_write()
         _apply(self.buf, ("punch", offset, length))
@@ -115,12 +100,6 @@ class RecordingStorage:
         self._check_write()
         _apply(self.buf, ("allocate", offset, length))
         self.log.append(("allocate", offset, length))
-
-    def allocated_bytes(self) -> int:
-        return len(self.buf)
-
-    def close(self) -> None:
-        self.closed = True
 
     def event(self, name: str) -> None:
         self.log.append(("event", name))
