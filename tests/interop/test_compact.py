@@ -177,5 +177,23 @@ def test_refcount_block_at_the_end_moves_down(tmp_path: Path) -> None:
     data[rb_off : rb_off + cs] = bytes(cs)
     img.write_bytes(bytes(data))
     assert_clean(img)  # a valid image with its only refcount block at the very end
+    from qcow2kit.image import Image
+    from qcow2kit.testing.faults import RecordingStorage, check_crash_states
+
+    storage = RecordingStorage.from_file(img)
+    with Image(storage) as image:
+        image.compact()
+    assert any(op[:2] == ("event", "refblock_move") for op in storage.log)
+    expect = tmp_path / "expect.raw"
+    qemu_img("convert", "-O", "raw", str(img), str(expect))
+
+    def verify(state: str) -> None:
+        out = tmp_path / "state.raw"
+        qemu_img("convert", "-O", "raw", state, str(out))
+        assert out.read_bytes() == expect.read_bytes()
+
+    (tmp_path / "states").mkdir()
+    assert check_crash_states(bytes(data), storage.log, tmp_path / "states", verify=verify,
+                              reorder_samples=2, max_states=60) > 3
     _compact_and_verify(tmp_path, img)
     assert struct.unpack_from(">Q", img.read_bytes(), rt_off)[0] < new
