@@ -5,7 +5,8 @@ Qcow2Error                      root of every error qcow2kit raises on purpose
 ├── UnsupportedFeatureError     a valid image using something qcow2kit does not implement
 ├── CorruptionError             inconsistent metadata found at run time; the image is marked corrupt
 ├── ImageStateError             wrong state for the request: read-only, closed, corrupt, locked
-└── ResizeError                 a resize that qemu-img would refuse too
+├── ResizeError                 a resize that qemu-img would refuse too
+└── InvalidArgumentError (ValueError)  a bad argument to a library call: an option, a range, a size
 
 OSError raised by storage is never wrapped: its errno matters to callers.
 Imports nothing from qcow2kit.
@@ -42,6 +43,10 @@ class ResizeError(Qcow2Error):
     """A resize request that cannot be carried out (qemu-img refuses it too)."""
 
 
+class InvalidArgumentError(Qcow2Error, ValueError):
+    """A library call got an argument it cannot use (unknown option, out-of-range offset)."""
+
+
 __all__ = [
     "Qcow2Error",
     "FormatError",
@@ -50,4 +55,5 @@ __all__ = [
     "ImageStateError",
     "LockError",
     "ResizeError",
+    "InvalidArgumentError",
 ]
