@@ -16,10 +16,13 @@ import numpy.typing as npt
 
 from ..errors import CorruptionError
 from ..format import constants as C
+from ..format.entries import compressed_extent, decode_l2, referenced_clusters
 from ..format.geometry import Geometry
 from ..format.tables import decode_table, encode_table
 from ..io.storage import Storage
 from .cache import TableCache
+
+__all__ = ["Kind", "Run", "L2Map", "referenced_clusters"]
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -127,28 +130,27 @@ class L2Map:
             c0, c1 = u0 // sub, -(-u1 // sub)
             ent = table[c0:c1, 0]
             bitmap = table[c0:c1, 1]
-        comp = (ent >> np.uint64(62)) & np.uint64(1)
-        host = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
-        copied = (ent >> np.uint64(63)).astype(bool)
-        if not g.extended_l2:
-            if (ent[comp == 0] & np.uint64(C.L2E_STD_RESERVED_MASK)).any():
-                bad = int(ent[(comp == 0) & ((ent & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)][0])
-                raise CorruptionError(f"L2 entry with reserved bits set: {bad:#x}")
-        is_comp = comp.astype(bool)
+        fields = decode_l2(ent)
+        is_comp = fields.compressed
+        host = fields.host
+        copied = fields.copied
         plain = ~is_comp
+        if not g.extended_l2:
+            if (ent[plain] & np.uint64(C.L2E_STD_RESERVED_MASK)).any():
+                bad = int(ent[plain & ((ent & np.uint64(C.L2E_STD_RESERVED_MASK)) != 0)][0])
+                raise CorruptionError(f"L2 entry with reserved bits set: {bad:#x}")
         if (host[plain] & (g.cluster_size - 1)).any():
             bad_host = int(host[plain][(host[plain] & (g.cluster_size - 1)) != 0][0])
             raise CorruptionError(f"data cluster offset {bad_host:#x} is not cluster-aligned")
         allocated = plain & ((host != 0) | (copied & self.data_file))
         if bitmap is None:
-            zero = plain & ((ent & np.uint64(1)) != 0)
+            zero = fields.zero
             kind = np.where(
                 is_comp, Kind.COMPRESSED,
                 np.where(zero, Kind.ZERO, np.where(allocated, Kind.DATA, Kind.UNALLOCATED)),
             ).astype(np.int64)
             unit_host = np.where(allocated, host, -1)
-            desc = np.where(is_comp, ent & np.uint64((1 << 62) - 1), 0).astype(np.int64)
-            return kind, unit_host, desc
+            return kind, unit_host, fields.descriptor.astype(np.int64)
         shifts = np.arange(sub, dtype=np.uint64)
         alloc_bits = ((bitmap[:, None] >> shifts) & np.uint64(1)).astype(bool)
         zero_bits = ((bitmap[:, None] >> (shifts + np.uint64(32))) & np.uint64(1)).astype(bool)
@@ -162,7 +164,7 @@ class L2Map:
         kind2[is_comp, :] = Kind.COMPRESSED
         host2 = np.where(alloc_bits, host[:, None] + (shifts.astype(np.int64) * scs), -1)
         host2 = np.where(is_comp[:, None], -1, host2)
-        desc2 = np.repeat(np.where(is_comp, ent & np.uint64((1 << 62) - 1), 0).astype(np.int64), sub)
+        desc2 = np.repeat(fields.descriptor.astype(np.int64), sub)
         lo = u0 - c0 * sub
         hi = lo + (u1 - u0)
         return kind2.reshape(-1)[lo:hi], host2.reshape(-1)[lo:hi], desc2[lo:hi]
@@ -210,7 +212,7 @@ class L2Map:
                 if h >= 0:
                     h += gs - (base + (u0 + s) * unit)
                 if k == Kind.COMPRESSED:
-                    coff, clen = g.decode_compressed(int(desc[s]))
+                    coff, clen = compressed_extent(int(desc[s]), g)
                     cluster_guest = (gs // g.cluster_size) * g.cluster_size
                     _append(runs, Run(gs, ge - gs, k, coff, clen, cluster_guest))
                 else:
@@ -230,31 +232,3 @@ def _append(runs: list[Run], run: Run) -> None:
                 last.length += run.length
                 return
     runs.append(run)
-
-
-def referenced_clusters(entries: U64, geom: Geometry, data_file: bool) -> I64:
-    """Host clusters that a set of standard L2 entries (the first word of extended ones)
-    hold a reference on: one per normal / allocated-zero cluster, one per host cluster that
-    each compressed cluster's bytes touch. Repeats are meaningful (shared host clusters)."""
-    ent = np.asarray(entries, dtype=np.uint64)
-    comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
-    out: list[I64] = []
-    if not data_file:
-        host = (ent[~comp] & np.uint64(C.OFFSET_MASK)).astype(np.int64)
-        out.append(host[host != 0] >> geom.cluster_bits)
-    if comp.any():
-        desc = ent[comp] & np.uint64((1 << 62) - 1)
-        x = geom.compressed_offset_bits
-        coff = (desc & np.uint64((1 << x) - 1)).astype(np.int64)
-        nsect = ((desc >> np.uint64(x)) & np.uint64((1 << (geom.cluster_bits - 8)) - 1)).astype(
-            np.int64
-        ) + 1
-        clen = nsect * 512 - (coff & 511)
-        first = coff >> geom.cluster_bits
-        last = (coff + clen - 1) >> geom.cluster_bits
-        out.append(first)
-        for extra in range(1, int((last - first).max(initial=0)) + 1):
-            out.append((first + extra)[last - first >= extra])
-    if not out:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate(out)
