@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, InvalidArgumentError
 from ..format.compression import compress
 from ..image import Image, RawImage, open_any
 from ..io.file import FileStorage
@@ -553,14 +553,14 @@ def convert(
     sparse_bytes: zero blocks of this size are left as holes / unallocated (qemu-img -S);
     0 writes every byte."""
     if sparse_bytes % 512 or not 0 <= sparse_bytes <= 16 << 20:
-        raise ValueError(
+        raise InvalidArgumentError(
             "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
             "512 up to 16777216."
         )
     if out_fmt not in ("raw", "qcow2"):
         raise FormatError(f"Unknown file format '{out_fmt}'")
     if cache not in ("unsafe", "writeback"):
-        raise ValueError(f"Invalid cache mode '{cache}' (unsafe or writeback)")
+        raise InvalidArgumentError(f"Invalid cache mode '{cache}' (unsafe or writeback)")
     _check_target_unlocked(dst_path)
     if out_fmt == "raw" and (compressed or backing is not None):
         what = "Compression" if compressed else "Backing files"

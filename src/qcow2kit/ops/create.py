@@ -1,4 +1,9 @@
-"""create: lay out and write a new qcow2 image (optionally preallocated)."""
+"""create: lay out and write a new qcow2 image (optionally preallocated).
+
+Owns the checks of create's options (InvalidArgumentError, with qemu-img's wording) and the
+layout of a fresh image. Never leaves a half-written file behind on failure, and never carries
+command-line text in its messages (the CLI adds its own).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import os
 
 import numpy as np
 
-from ..errors import FormatError, UnsupportedFeatureError
+from ..errors import FormatError, InvalidArgumentError, UnsupportedFeatureError
 from ..format import constants as C
 from ..format.extensions import Extension, feature_table_bytes
 from ..format.features import Autoclear, Compatible, Incompatible
@@ -24,7 +29,7 @@ def _power_of_two(value: int) -> bool:
 
 
 def create(
-    path: str,
+    path: str | os.PathLike[str],
     size: int | None,
     *,
     cluster_size: int = 65536,
@@ -34,29 +39,33 @@ def create(
     extended_l2: bool = False,
     compression_type: str = "zlib",
     preallocation: str = "off",
-    backing_file: str | None = None,
+    backing_file: str | os.PathLike[str] | None = None,
     backing_fmt: str | None = None,
-    data_file: str | None = None,
+    data_file: str | os.PathLike[str] | None = None,
     data_file_raw: bool = False,
 ) -> None:
-    """Create a qcow2 image at path. Raises ValueError for bad options."""
+    """Create a qcow2 image of size bytes (a multiple of 512) at path; size None takes the
+    backing file's size, rounded up to 512 as qemu-img does. Raises InvalidArgumentError (a
+    ValueError) for bad options, OSError when the file cannot be written."""
+    path = os.fspath(path)
+    backing_file = os.fspath(backing_file) if backing_file is not None else None
+    data_file = os.fspath(data_file) if data_file is not None else None
     if compat in ("0.10", "v2"):
         version = 2
     elif compat in ("1.1", "v3"):
         version = 3
     else:
-        raise ValueError(f"Invalid compatibility level: '{compat}'")
+        raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
     if not _power_of_two(cluster_size) or not 512 <= cluster_size <= 2 * 1024 * 1024:
-        raise ValueError(
-            "Cluster size must be a power of two between 512 and 2048k "
-            f"(got {cluster_size})"
+        raise InvalidArgumentError(
+            "Cluster size must be a power of two between 512 and 2048k"
         )
     if not _power_of_two(refcount_bits) or refcount_bits > 64:
-        raise ValueError("Refcount width must be a power of two and may not exceed 64 bits")
+        raise InvalidArgumentError("Refcount width must be a power of two and may not exceed 64 bits")
     if preallocation not in PREALLOCATION_MODES:
-        raise ValueError(f"Invalid preallocation mode: '{preallocation}'")
+        raise InvalidArgumentError(f"Invalid preallocation mode: '{preallocation}'")
     if compression_type not in ("zlib", "zstd"):
-        raise ValueError(f"Invalid compression type: '{compression_type}'")
+        raise InvalidArgumentError(f"Invalid compression type: '{compression_type}'")
     if version == 2:
         for flag, name in (
             (lazy_refcounts, "Lazy refcounts"),
@@ -65,19 +74,21 @@ def create(
             (compression_type != "zlib", "Compression types other than zlib"),
         ):
             if flag:
-                raise ValueError(f"{name} only supported with compatibility level 1.1 and above")
+                raise InvalidArgumentError(f"{name} only supported with compatibility level 1.1 and above")
         if refcount_bits != 16:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "Different refcount widths than 16 bits require compatibility level 1.1 or above"
             )
     if extended_l2 and cluster_size < 16384:
-        raise ValueError("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+        raise InvalidArgumentError(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+        )
     if data_file_raw and data_file is None:
-        raise ValueError("data-file-raw requires data-file")
+        raise InvalidArgumentError("data-file-raw requires data-file")
     if data_file_raw and backing_file is not None:
-        raise ValueError("Backing file and data-file-raw cannot be used together")
+        raise InvalidArgumentError("Backing file and data-file-raw cannot be used together")
     if backing_file is not None and preallocation != "off" and not extended_l2:
-        raise ValueError(
+        raise InvalidArgumentError(
             "Backing file and preallocation can only be used at the same time if "
             "extended_l2 is on"
         )
@@ -89,22 +100,26 @@ def create(
         try:
             backing_fmt = backing_fmt or backing.format_name
             if size is None:
-                size = backing.virtual_size
+                # qemu-img sizes the new image in whole sectors of the backing file
+                size = -(-backing.virtual_size // 512) * 512
         finally:
             backing.close()
     if size is None:
-        raise ValueError("Image creation needs a size parameter")
+        raise InvalidArgumentError("Image creation needs a size parameter")
     if size < 0:
-        raise ValueError("Image size must be non-negative")
+        raise InvalidArgumentError("Image size must be non-negative")
     if size % 512:
-        raise ValueError(f"Image size must be a multiple of 512 bytes (got {size})")
+        raise InvalidArgumentError(f"Image size must be a multiple of 512 bytes (got {size})")
 
     order = refcount_bits.bit_length() - 1
     cluster_bits = cluster_size.bit_length() - 1
     geom = Geometry(cluster_bits, order, extended_l2)
     l1_entries = geom.l1_entries_for(size)
     if l1_entries * 8 > C.MAX_L1_BYTES:
-        raise ValueError(f"Image size {size} is too big for cluster size {cluster_size}")
+        raise InvalidArgumentError(
+            "The image size is too large for file format 'qcow2' (try using a larger cluster "
+            "size)"
+        )
     l1_clusters = max(1, geom.clusters_for(l1_entries * 8))
     prealloc = preallocation != "off"
     n_l2 = l1_entries if prealloc else 0
@@ -119,7 +134,7 @@ def create(
             break
         n_blocks, n_reftable = blocks, tables
     if n_reftable * cluster_size > C.MAX_REFTABLE_BYTES:
-        raise ValueError(f"Image size {size} needs a refcount table beyond the 8 MiB limit")
+        raise InvalidArgumentError(f"Image size {size} needs a refcount table beyond the 8 MiB limit")
     reftable_off = cluster_size
     blocks_off = reftable_off + n_reftable * cluster_size
     l1_off = blocks_off + n_blocks * cluster_size
