@@ -1,24 +1,55 @@
-"""Entry point: dispatch `qcow2kit VERB` to cli/<verb>.py; turn every qcow2kit error or
-OSError into `qcow2kit: <message>` and a non-zero exit, never a traceback."""
+"""Entry point: dispatch `qcow2kit VERB` to cli/<verb>.py and turn failures into exit codes.
+
+Only the errors a user can cause become `qcow2kit: <message>` and a qemu-img exit code: bad
+arguments (UsageError, argparse errors: exit 1), Qcow2Error and OSError. Any other exception is
+a bug in qcow2kit and is reported as one (exit 70, EX_SOFTWARE), with a traceback only when
+QCOW2KIT_DEBUG=1. Never interprets sizes or options itself (cli/common.py does).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..errors import Qcow2Error
-from .common import UsageError
+from .common import PROG, UsageError
 
 VERBS = ("create", "info", "map", "convert", "compare", "resize", "check", "compact")
+EXIT_USAGE = 1
+EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: distinct from every exit code qemu-img uses
+DEBUG_ENV = "QCOW2KIT_DEBUG"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with qemu-img's reaction to bad arguments: a one-line message and exit 1
+    (argparse's own default is exit 2, which qemu-img uses for 'check found corruption')."""
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            first = message[len(prefix):].split()[0]
+            if first.startswith("-"):
+                message = f"unrecognized option '{first}'"
+            elif self.prog.endswith(" resize"):
+                message = "Expecting image file name and size"
+            else:
+                message = f"Unexpected argument: {first}"
+        print(f"{PROG}: {message}\nTry '{self.prog} --help' for more information",
+              file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qcow2kit",
+    parser = _Parser(
+        prog=PROG,
         description="Create, inspect, convert, resize (and shrink), check and compact qcow2 "
         "disk images, compatible with QEMU's qemu-img.",
+        epilog=f"Exit codes follow qemu-img; {EXIT_INTERNAL} means an internal error (a bug: "
+        f"please report it; {DEBUG_ENV}=1 shows the traceback).",
     )
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
     for verb in VERBS:
@@ -32,34 +63,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resize_argv(argv: list[str]) -> list[str]:
+    """Like qemu-img, resize takes its last argument as the size before reading options, so a
+    relative size such as -2M is never mistaken for an option, with or without `--`."""
+    rest = argv[1:]
+    if any(a in ("-h", "--help") for a in rest[:-1]) or rest[-1:] in (["-h"], ["--help"]):
+        return argv
+    if len(rest) < 2:
+        raise UsageError("Not enough arguments\nTry 'qcow2kit --help' for more information")
+    size = rest.pop()
+    return [argv[0], *rest, size] if "--" in rest else [argv[0], *rest, "--", size]
+
+
+def _report_bug(exc: BaseException) -> int:
+    if os.environ.get(DEBUG_ENV) == "1":
+        raise exc
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    print(f"{PROG}: internal error: {text}; please report this bug "
+          f"(run with {DEBUG_ENV}=1 for a traceback)", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "resize":
-        # a relative size like -1G must not be taken for an option
-        for i, a in enumerate(argv):
-            if a[:1] == "-" and a[1:2].isdigit():
-                argv = argv[:i] + ["--"] + argv[i:]
-                break
-    args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
-        parser.print_help()
-        return 1
     try:
+        parser = build_parser()
+        if argv[:1] == ["resize"]:
+            argv = _resize_argv(argv)
+        args = parser.parse_args(argv)
+        if not getattr(args, "run", None):
+            parser.print_help()
+            return EXIT_USAGE
         return int(args.run(args))
-    except UsageError as exc:
-        print(f"qcow2kit: {exc}", file=sys.stderr)
-        return 1
-    except (Qcow2Error, ValueError) as exc:
-        print(f"qcow2kit: {exc}", file=sys.stderr)
-        return 1
+    except (UsageError, Qcow2Error) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         name = f" '{exc.filename}'" if exc.filename else ""
-        print(f"qcow2kit:{name} {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        print(f"{PROG}:{name} {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        print("qcow2kit: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # anything else is a bug in qcow2kit, never a user error
+        return _report_bug(exc)
 
 
 if __name__ == "__main__":
