@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -363,7 +364,8 @@ def markdown(results: list[Result], info: dict[str, str], pairs: int, quick: boo
         "(below 1 means qcow2kit is faster). The machine is shared with other jobs, so timings are "
         "noisy: the range shows the lowest and highest per-pair ratio."
         + (" QUICK RUN (small sizes): not a measurement." if quick else ""),
-        "",
+    ]
+    lines = [*textwrap.wrap(lines[0], width=100, break_on_hyphens=False), "",
         "| workload | qemu-img | qcow2kit | ratio | range | target | holds |",
         "|---|---|---|---|---|---|---|",
     ]
