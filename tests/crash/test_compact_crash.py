@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qcow2kit.image import Image
 from qcow2kit.testing.faults import RecordingStorage, check_crash_states
-from tests.conftest import qemu_img, qemu_io
+from tests.helpers import qemu_img, qemu_io
 
 
 def _run(tmp_path: Path, img: Path, snapshot: str | None = None) -> int:

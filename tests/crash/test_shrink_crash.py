@@ -11,7 +11,7 @@ import pytest
 import qcow2kit
 from qcow2kit.image import Image
 from qcow2kit.testing.faults import RecordingStorage, check_crash_states
-from tests.conftest import qemu_img, qemu_io
+from tests.helpers import qemu_img, qemu_io
 
 K = 1024
 M = 1 << 20

@@ -35,24 +35,12 @@ from qcow2kit.testing import (
     is_prefix_label,
 )
 from qcow2kit.testing.faults import is_dirty, qemu_check_json
-from tests.conftest import assert_clean, qemu_compare, qemu_img, qemu_io
+from tests.helpers import assert_clean, pattern, qemu_compare, qemu_img, qemu_io, to_raw
 
 SECTOR = 512
 # QK_CRASH_MAX=0 checks every state (slow); the default keeps the crash suite fast
 _MAX_ENV = int(os.environ.get("QK_CRASH_MAX", "-1"))
 MAX_STATES = 120 if _MAX_ENV < 0 else (_MAX_ENV or 10**9)
-
-
-def _pattern(seed: int, n: int) -> bytes:
-    return np.random.default_rng(seed).bytes(n)
-
-
-def _to_raw(path: str | Path, out: Path, snapshot: str | None = None) -> bytes:
-    args = ["convert", "-O", "raw"]
-    if snapshot:
-        args += ["-l", f"snapshot.name={snapshot}"]
-    qemu_img(*args, str(path), str(out))
-    return out.read_bytes()
 
 
 class History:
@@ -90,7 +78,7 @@ class Workload:
 
     def write(self, offset: int, length: int) -> None:
         self.seed += 1
-        data = _pattern(self.seed, length)
+        data = pattern(self.seed, length)
         self.img.write(offset, data)
         self.model.write(offset, data)
         self.history.record(self.model, offset, length)
@@ -124,7 +112,7 @@ def run_crash_test(
 ) -> RecordingStorage:
     """Record `work` on `image`, check the final image against the model, then every crash
     state."""
-    before = _to_raw(image, tmp_path / "before.raw")
+    before = to_raw(image, tmp_path / "before.raw")
     storage = RecordingStorage.from_file(image)
     img = Image(storage)
     storage.restart()  # only the workload is recorded
@@ -144,10 +132,10 @@ def run_crash_test(
         assert name in events, f"workload never hit event {name}: {sorted(events)}"
 
     def verify_state(path: str, label: str) -> None:
-        got = _to_raw(path, tmp_path / "state.raw")
+        got = to_raw(path, tmp_path / "state.raw")
         history.verify(got, strict=is_prefix_label(label))
         for name, content in (snapshots or {}).items():
-            assert _to_raw(path, tmp_path / "snap.raw", snapshot=name) == content, (
+            assert to_raw(path, tmp_path / "snap.raw", snapshot=name) == content, (
                 f"snapshot {name} changed"
             )
 
@@ -230,7 +218,7 @@ def test_cow_with_internal_snapshot(tmp_path: Path, extended_l2: bool) -> None:
     qemu_img("create", "-f", "qcow2", "-o", opts, str(path), str(size))
     _prefill(path, size, 256 << 10)
     qemu_img("snapshot", "-c", "snap1", str(path))
-    snap1 = _to_raw(path, tmp_path / "snap1.raw", snapshot="snap1")
+    snap1 = to_raw(path, tmp_path / "snap1.raw", snapshot="snap1")
 
     def work(w: Workload) -> None:
         w.write(100, 300)  # partial write into a shared cluster and a shared L2 table
@@ -286,7 +274,7 @@ def test_lazy_refcounts(tmp_path: Path) -> None:
     # qcow2kit's own repair: opening a dirty crash state read-write rebuilds the refcounts,
     # after which QEMU finds it clean, leaks included, and the flushed data intact
     state = tmp_path / "ours.qcow2"
-    before = _to_raw(path, tmp_path / "before.raw")
+    before = to_raw(path, tmp_path / "before.raw")
     dirty = 0
     for label, image in crash_images(storage.initial, storage.log, reorder_samples=2,
                                      max_states=min(MAX_STATES, 60)):
@@ -297,7 +285,7 @@ def test_lazy_refcounts(tmp_path: Path) -> None:
         qcow2kit.open(str(state), "r+").close()
         assert not is_dirty(state.read_bytes()), label
         assert_clean(state)
-        got = _to_raw(state, tmp_path / "state.raw")
+        got = to_raw(state, tmp_path / "state.raw")
         assert got[64 << 10 : 2 << 20] == before[64 << 10 : 2 << 20], label
     assert dirty > 5
 
@@ -306,7 +294,7 @@ def test_lazy_refcounts(tmp_path: Path) -> None:
 def test_v2_with_backing(tmp_path: Path) -> None:
     size = 4 << 20
     base = tmp_path / "base.raw"
-    base.write_bytes(_pattern(3, size))
+    base.write_bytes(pattern(3, size))
     path = tmp_path / "disk.qcow2"
     qemu_img("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", "-b", "base.raw",
              "-F", "raw", str(path))
@@ -399,7 +387,7 @@ def _growth_ops() -> list[tuple[str, int, int]]:
 def _apply_op(img: Image | DiskModel, op: tuple[str, int, int]) -> None:
     kind, off, n = op
     if kind == "write":
-        img.write(off, _pattern(off ^ n, n))
+        img.write(off, pattern(off ^ n, n))
     elif kind == "discard":
         img.discard(off, n)
     elif kind == "zero":
@@ -489,14 +477,14 @@ def test_random_workload_crash(tmp_path: Path, setup: int, seed: int) -> None:
     else:
         if start == "backing":
             base = tmp_path / "base.raw"
-            base_data = _pattern(setup, size - 4096)  # shorter than the overlay
+            base_data = pattern(setup, size - 4096)  # shorter than the overlay
             base.write_bytes(base_data)
             opts += ",backing_file=base.raw,backing_fmt=raw"
         qemu_img("create", "-f", "qcow2", "-o", opts, str(path), str(size))
         _prefill(path, size, 128 << 10)
         if start == "snapshot":
             qemu_img("snapshot", "-c", "s", str(path))
-            snapshots["s"] = _to_raw(path, tmp_path / "s.raw", snapshot="s")
+            snapshots["s"] = to_raw(path, tmp_path / "s.raw", snapshot="s")
     rng = random.Random(setup + 1000 * seed)
     cs = int(opts.split(",")[0].split("=")[1])
 
@@ -610,17 +598,17 @@ def test_data_file_metadata_crash(tmp_path: Path, xl2: bool) -> None:
     cs = 32768 if xl2 else 4096
     qcow2kit.create(str(path), size, cluster_size=cs, extended_l2=xl2, data_file=str(data_path))
     qemu_io(path, "write -P 0x21 0 1M")
-    before = _to_raw(path, tmp_path / "before.raw")
+    before = to_raw(path, tmp_path / "before.raw")
     meta = RecordingStorage.from_file(path)
     data = MemoryStorage(data_path.read_bytes(), name=str(data_path))
     img = Image(meta, data_storage=data)
     meta.restart()
-    img.write(100, _pattern(1, 5000))
-    img.write(2 << 20, _pattern(2, 3 * cs + 1))
+    img.write(100, pattern(1, 5000))
+    img.write(2 << 20, pattern(2, 3 * cs + 1))
     img.flush()
     img.discard(64 << 10, 2 * cs)
     img.write_zeroes(512 << 10, cs + 100, unmap=True)
-    img.write(3 << 20, _pattern(3, cs))
+    img.write(3 << 20, pattern(3, cs))
     img.close()
     data_path.write_bytes(bytes(data.buf))
     final = tmp_path / "final.qcow2"
@@ -629,7 +617,7 @@ def test_data_file_metadata_crash(tmp_path: Path, xl2: bool) -> None:
     untouched = [(1 << 20, 2 << 20)]
 
     def verify(p: str) -> None:
-        got = _to_raw(Path(p), tmp_path / "state.raw")
+        got = to_raw(Path(p), tmp_path / "state.raw")
         for lo, hi in untouched:
             assert got[lo:hi] == before[lo:hi]
         assert got[8192:64 << 10] == before[8192:64 << 10]

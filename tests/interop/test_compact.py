@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 import qcow2kit
-from tests.conftest import assert_clean, qemu_compare, qemu_img, qemu_io
-from tests.interop.qcow2_layout import used_clusters
+from tests.helpers import assert_clean, qemu_compare, qemu_img, qemu_io, used_clusters
 
 M = 1 << 20
 

@@ -14,7 +14,7 @@ import qcow2kit
 from qcow2kit.ops.compare import compare
 from qcow2kit.ops.convert import convert
 from qcow2kit.ops.map import format_json, map_path
-from tests.conftest import assert_clean, qemu_compare, qemu_img, qemu_io
+from tests.helpers import assert_clean, qemu_compare, qemu_img, qemu_io
 
 
 def _source_raw(path: Path, size: int = 6 << 20, seed: int = 3) -> bytes:

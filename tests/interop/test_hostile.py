@@ -22,7 +22,7 @@ import pytest
 import qcow2kit
 from qcow2kit import CorruptionError, FormatError, ImageStateError, Qcow2Error
 from qcow2kit.cli.main import main as cli_main
-from tests.conftest import qemu_img, qemu_io
+from tests.helpers import qemu_img, qemu_io
 
 MiB = 1 << 20
 

@@ -15,7 +15,7 @@ import pytest
 import qcow2kit
 from qcow2kit.ops.info import chain_info, human, human_chain, image_info, qemu_json, size_to_str
 from qcow2kit.ops.map import format_human, format_json, map_path
-from tests.conftest import qemu_img, qemu_io
+from tests.helpers import qemu_img, qemu_io
 
 
 def qemu_info(path: Path, *extra: str) -> Any:

@@ -16,7 +16,7 @@ import pytest
 
 import qcow2kit
 from qcow2kit.cli.main import main as cli_main
-from tests.conftest import qemu_img
+from tests.helpers import qemu_img
 
 QEMU_IO = shutil.which("qemu-io")
 QEMU_NBD = shutil.which("qemu-nbd")

@@ -13,7 +13,7 @@ import pytest
 
 import qcow2kit
 from qcow2kit.metadata.l2map import Kind
-from tests.conftest import qemu_img, qemu_io
+from tests.helpers import qemu_img, qemu_io, raw_file
 
 Builder = Callable[[Path], Path]
 
@@ -49,14 +49,8 @@ def boundary_windows(size: int, cs: int, scs: int, span: int) -> list[tuple[int,
     return sorted(out)
 
 
-def _raw_of(img: Path, tmp: Path) -> Path:
-    raw = tmp / (img.name + ".raw")
-    qemu_img("convert", "-O", "raw", str(img), str(raw))
-    return raw
-
-
 def assert_reads_match(img: Path, tmp: Path, *, full: bool = True) -> None:
-    raw = _raw_of(img, tmp)
+    raw = raw_file(img, tmp / (img.name + ".raw"))
     size = raw.stat().st_size
     with qcow2kit.open(str(img)) as q:
         assert q.virtual_size == size

@@ -12,18 +12,9 @@ from pathlib import Path
 import pytest
 
 import qcow2kit
-from tests.conftest import assert_clean, qemu_compare, qemu_img, qemu_io
-from tests.interop.qcow2_layout import layout
+from tests.helpers import assert_clean, layout, qemu_compare, qemu_img, qemu_io, raw_file
 
 M = 1 << 20
-
-
-def _raw_of(img: Path, out: Path, size: int | None = None) -> Path:
-    qemu_img("convert", "-O", "raw", str(img), str(out))
-    if size is not None:
-        with open(out, "r+b") as f:
-            f.truncate(size)
-    return out
 
 
 def _assert_shrunk(path: Path, new_size: int) -> None:
@@ -96,7 +87,7 @@ def test_grow_zeroes_stale_tail_left_by_qemu(tmp_path: Path) -> None:
 
 
 def _shrink_and_compare(tmp_path: Path, img: Path, new: int, **kw: object) -> None:
-    expect = _raw_of(img, tmp_path / "expect.raw", new)
+    expect = raw_file(img, tmp_path / "expect.raw", size=new)
     with qcow2kit.open(str(img), "r+") as image:
         image.resize(new, shrink=True)
     assert_clean(img)
@@ -152,7 +143,7 @@ def test_shrink_keeps_v3_snapshot(tmp_path: Path) -> None:
     img = tmp_path / "s.qcow2"
     qemu_img("create", "-f", "qcow2", str(img), "16M")
     qemu_io(img, "write -P 0x10 0 16M")
-    before = _raw_of(img, tmp_path / "before.raw")
+    before = raw_file(img, tmp_path / "before.raw")
     qemu_img("snapshot", "-c", "snap1", str(img))
     qemu_io(img, "write -P 0x20 2M 2M", "write -P 0x30 12M 1M")
     _shrink_and_compare(tmp_path, img, 6 * M)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import qcow2kit
-from tests.conftest import assert_clean, qemu_compare
+from tests.helpers import assert_clean, qemu_compare
 
 
 def test_create_write_read_back(tmp_path: Path) -> None:

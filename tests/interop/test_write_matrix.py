@@ -6,37 +6,26 @@ from __future__ import annotations
 import io
 import random
 import shutil
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import qcow2kit
 from qcow2kit.errors import ImageStateError
 from qcow2kit.testing import DiskModel
-from tests.conftest import assert_clean, qemu_check, qemu_compare, qemu_img, qemu_io
+from tests.helpers import (
+    assert_clean,
+    pattern,
+    qemu_check,
+    qemu_compare,
+    qemu_img,
+    qemu_io,
+    read_incompatible,
+    stable_seed,
+    to_raw,
+)
 
-INCOMPAT_OFFSET = 72
 DIRTY = 1
-
-
-def _pattern(seed: int, n: int) -> bytes:
-    return np.random.default_rng(seed).bytes(n)
-
-
-def _to_raw(path: Path, out: Path, snapshot: str | None = None) -> bytes:
-    args = ["convert", "-O", "raw"]
-    if snapshot:
-        args += ["-l", f"snapshot.name={snapshot}"]
-    qemu_img(*args, str(path), str(out))
-    return out.read_bytes()
-
-
-def _incompat(path: Path) -> int:
-    with open(path, "rb") as f:
-        f.seek(INCOMPAT_OFFSET)
-        return int(struct.unpack(">Q", f.read(8))[0])
 
 
 # ---- boundary matrix --------------------------------------------------------------------------
@@ -70,7 +59,7 @@ def _matrix_image(
     base_data: bytes | None = None
     if backing:
         base = tmp_path / "base.raw"
-        base_data = _pattern(99, size - 3 * cs)  # shorter than the overlay
+        base_data = pattern(99, size - 3 * cs)  # shorter than the overlay
         base.write_bytes(base_data)
         qemu_img("create", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", str(path), str(size))
     else:
@@ -94,7 +83,7 @@ def test_boundary_matrix(tmp_path: Path, cs: int, xl2: bool, compat: str, backin
         # the pairs are applied at distinct bases so that each starts from a known state, and
         # sometimes on top of each other so that partial overwrites of written clusters happen
         for phase in ("write", "zero", "zero_unmap", "discard", "rewrite"):
-            seed = hash(phase) & 0xFFFF
+            seed = stable_seed(phase) & 0xFFFF
             for i, off in enumerate(offsets):
                 for j, n in enumerate(lengths):
                     if n >= span and off not in (1, cs - 1, span - 1):
@@ -102,7 +91,7 @@ def test_boundary_matrix(tmp_path: Path, cs: int, xl2: bool, compat: str, backin
                     n = min(n, size - off)
                     seed += 1
                     if phase in ("write", "rewrite"):
-                        data = _pattern(seed, n)
+                        data = pattern(seed, n)
                         img.write(off, data)
                         model.write(off, data)
                     elif phase.startswith("zero"):
@@ -158,10 +147,10 @@ def test_writes_keep_internal_snapshots(tmp_path: Path, opts: str) -> None:
     qemu_img("create", "-f", "qcow2", "-o", opts, str(path), str(size))
     qemu_io(path, "write -P 0x11 0 1M", "write -P 0x12 2M 512k", "write -P 0x13 3M 4k")
     qemu_img("snapshot", "-c", "one", str(path))
-    states = {"one": _to_raw(path, tmp_path / "one.raw")}
+    states = {"one": to_raw(path, tmp_path / "one.raw")}
     qemu_io(path, "write -P 0x21 512k 1M", "write -z 2M 64k")
     qemu_img("snapshot", "-c", "two", str(path))
-    states["two"] = _to_raw(path, tmp_path / "two.raw")
+    states["two"] = to_raw(path, tmp_path / "two.raw")
     model = DiskModel(size)
     model.data[:] = states["two"]
     rng = random.Random(5)
@@ -174,7 +163,7 @@ def test_writes_keep_internal_snapshots(tmp_path: Path, opts: str) -> None:
             n = min(n, size - off)
             what = rng.random()
             if what < 0.6:
-                data = _pattern(k, n)
+                data = pattern(k, n)
                 img.write(off, data)
                 model.write(off, data)
             elif what < 0.8:
@@ -194,10 +183,10 @@ def test_writes_keep_internal_snapshots(tmp_path: Path, opts: str) -> None:
     raw.write_bytes(model.raw())
     qemu_compare(path, raw)
     for name, content in states.items():
-        assert _to_raw(path, tmp_path / f"{name}-after.raw", snapshot=name) == content, name
+        assert to_raw(path, tmp_path / f"{name}-after.raw", snapshot=name) == content, name
     # reverting to a snapshot with QEMU restores it, and the image stays clean
     qemu_img("snapshot", "-a", "one", str(path))
-    assert _to_raw(path, tmp_path / "reverted.raw") == states["one"]
+    assert to_raw(path, tmp_path / "reverted.raw") == states["one"]
     assert_clean(path)
 
 
@@ -213,7 +202,7 @@ def test_overwrite_compressed_with_snapshot(tmp_path: Path) -> None:
     model.data[:] = src.read_bytes()
     with qcow2kit.open(str(path), "r+") as img:
         for off, n in ((0, 10), (4096, 4096), (10000, 20000), (size - 5, 5)):
-            data = _pattern(off, n)
+            data = pattern(off, n)
             img.write(off, data)
             model.write(off, data)
         img.write_zeroes(100000, 9000)
@@ -224,7 +213,7 @@ def test_overwrite_compressed_with_snapshot(tmp_path: Path) -> None:
     raw = tmp_path / "model.raw"
     raw.write_bytes(model.raw())
     qemu_compare(path, raw)
-    assert _to_raw(path, tmp_path / "s.raw", snapshot="s") == src.read_bytes()
+    assert to_raw(path, tmp_path / "s.raw", snapshot="s") == src.read_bytes()
     # without the snapshot holding them, compressed clusters overwritten are freed
     qemu_img("snapshot", "-d", "s", str(path))
     assert_clean(path)
@@ -238,24 +227,24 @@ def test_lazy_refcounts_dirty_bit(tmp_path: Path, creator: str) -> None:
         qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096", str(path), "8M")
     else:
         qcow2kit.create(str(path), 8 << 20, cluster_size=4096, lazy_refcounts=True)
-    assert not _incompat(path) & DIRTY
+    assert not read_incompatible(path) & DIRTY
     img = qcow2kit.open(str(path), "r+")
-    assert not _incompat(path) & DIRTY  # opening alone does not dirty the image
+    assert not read_incompatible(path) & DIRTY  # opening alone does not dirty the image
     img.write(0, b"\x42" * 100000)
-    assert _incompat(path) & DIRTY, "dirty bit not set on the first write"
+    assert read_incompatible(path) & DIRTY, "dirty bit not set on the first write"
     img.flush()
-    assert _incompat(path) & DIRTY, "flush must not clear the dirty bit"
+    assert read_incompatible(path) & DIRTY, "flush must not clear the dirty bit"
     # a crash now: a copy of the file as it is on disk
     crashed = tmp_path / "crashed.qcow2"
     shutil.copyfile(path, crashed)
     img.close()
-    assert not _incompat(path) & DIRTY, "dirty bit not cleared on close"
+    assert not read_incompatible(path) & DIRTY, "dirty bit not cleared on close"
     assert_clean(path)
     # opening the crashed (dirty) copy read-write repairs it, as QEMU does
-    assert _incompat(crashed) & DIRTY
+    assert read_incompatible(crashed) & DIRTY
     with qcow2kit.open(str(crashed), "r+") as img2:
         assert img2.read(0, 100000) == b"\x42" * 100000
-    assert not _incompat(crashed) & DIRTY
+    assert not read_incompatible(crashed) & DIRTY
     assert_clean(crashed)
 
 
@@ -264,7 +253,7 @@ def test_as_file_copyfileobj(tmp_path: Path) -> None:
     path = tmp_path / "f.qcow2"
     size = 3 << 20
     qcow2kit.create(str(path), size, cluster_size=4096)
-    payload = _pattern(1, size - 12345)
+    payload = pattern(1, size - 12345)
     with qcow2kit.open(str(path), "r+") as img:
         f = img.as_file()
         assert f.seekable() and f.writable() and f.readable()

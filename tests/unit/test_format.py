@@ -26,7 +26,7 @@ from qcow2kit.format.geometry import Geometry
 from qcow2kit.format.header import Header
 from qcow2kit.format.snapshot import parse_snapshots, snapshot_table_bytes
 from qcow2kit.format.tables import decode_refblock, decode_table, encode_refblock, encode_table
-from tests.conftest import qemu_img, qemu_io
+from tests.helpers import qemu_img, qemu_io
 
 
 def _cluster0(path: Path) -> bytes:

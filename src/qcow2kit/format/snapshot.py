@@ -1,8 +1,15 @@
-"""The internal snapshot table: variable-length entries padded to 8 bytes."""
+"""The internal snapshot table: variable-length entries padded to 8 bytes.
+
+Owns the entry layout: `parse_snapshots` (a whole table in a buffer, strict, for opening an
+image) and `iter_snapshot_entries` (entry by entry from storage, keeping what a check must
+judge, e.g. ids and names as stored bytes). Must never read or write a file itself: callers
+pass the bytes or a read function.
+"""
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,3 +102,79 @@ def parse_snapshots(buf: bytes, count: int, cluster_size: int) -> list[Snapshot]
 
 def snapshot_table_bytes(snaps: list[Snapshot]) -> bytes:
     return b"".join(s.to_bytes() for s in snaps)
+
+
+class SnapshotExtraTooLargeError(FormatError):
+    """A snapshot table entry declares more extra data than MAX_SNAPSHOT_EXTRA_BYTES."""
+
+    def __init__(self, index: int, size: int) -> None:
+        super().__init__(
+            f"snapshot table entry {index}: extra_data_size {size} exceeds "
+            f"{C.MAX_SNAPSHOT_EXTRA_BYTES}"
+        )
+        self.index = index
+        self.size = size
+
+
+@dataclass(frozen=True, slots=True)
+class RawSnapshotEntry:
+    """One snapshot table entry as stored: id and name as bytes, `extra_data_size` as
+    declared (`extra_data` holds at most MAX_SNAPSHOT_EXTRA_BYTES of it), `end` the file
+    offset just past the name (before the padding to 8 bytes)."""
+
+    l1_table_offset: int
+    l1_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    extra_data_size: int
+    extra_data: bytes
+    raw_id: bytes
+    raw_name: bytes
+    end: int
+
+    @property
+    def id_str(self) -> str:
+        return self.raw_id.decode("utf-8", "replace")
+
+    @property
+    def name(self) -> str:
+        return self.raw_name.decode("utf-8", "replace")
+
+    def to_bytes(self) -> bytes:
+        """The entry with `extra_data` as its whole extra data, padded to 8 bytes."""
+        out = Snapshot.FIXED.pack(
+            self.l1_table_offset, self.l1_size, len(self.raw_id), len(self.raw_name),
+            self.date_sec, self.date_nsec, self.vm_clock_nsec, self.vm_state_size,
+            len(self.extra_data),
+        ) + self.extra_data + self.raw_id + self.raw_name
+        return out + b"\0" * (-len(out) % 8)
+
+
+def iter_snapshot_entries(
+    read: Callable[[int, int], bytes], offset: int, count: int, *, trim_extra: bool
+) -> Iterator[RawSnapshotEntry]:
+    """Decode `count` entries starting at file offset `offset`, one at a time, with
+    `read(offset, length)`. An entry whose extra data exceeds MAX_SNAPSHOT_EXTRA_BYTES
+    raises SnapshotExtraTooLargeError before its names are read, unless `trim_extra`
+    (then only the first MAX_SNAPSHOT_EXTRA_BYTES are kept). No other limit is applied:
+    the caller stops iterating once an entry's `end` passes the table-size limit."""
+    fixed = Snapshot.FIXED
+    pos = offset
+    for i in range(count):
+        pos = (pos + 7) & ~7
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize,
+         extra_len) = fixed.unpack(read(pos, fixed.size))
+        pos += fixed.size
+        if extra_len > C.MAX_SNAPSHOT_EXTRA_BYTES and not trim_extra:
+            raise SnapshotExtraTooLargeError(i, extra_len)
+        extra_pos = pos
+        pos += extra_len
+        names = read(pos, id_len + name_len)
+        pos += id_len + name_len
+        extra = read(extra_pos, min(extra_len, C.MAX_SNAPSHOT_EXTRA_BYTES))
+        yield RawSnapshotEntry(
+            l1_off, l1_size, dsec, dnsec, vmclock, vmsize, extra_len, extra,
+            names[:id_len], names[id_len:], pos,
+        )

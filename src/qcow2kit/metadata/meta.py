@@ -51,7 +51,7 @@ class Metadata:
             self.geom,
             header.refcount_table_offset,
             header.refcount_table_clusters,
-            on_reftable_switch=self._reftable_switched,
+            on_reftable_switch=self.set_reftable,
         )
         if l2_cache_tables is None:
             # like QEMU: enough to cover the whole disk, capped at 32 MiB of tables
@@ -84,7 +84,8 @@ class Metadata:
         return parse_snapshots(buf, header.nb_snapshots, header.cluster_size)
 
     # ---- state --------------------------------------------------------------------------
-    def _reftable_switched(self, offset: int, clusters: int) -> None:
+    def set_reftable(self, offset: int, clusters: int) -> None:
+        """The header now names this refcount table (after a grow or a rebuild)."""
         self.header = replace(
             self.header, refcount_table_offset=offset, refcount_table_clusters=clusters
         )

@@ -1,0 +1,186 @@
+"""The OFLAG_COPIED check (qemu's check_oflag_copied): an L1 or L2 entry must carry the
+COPIED flag exactly when its cluster's refcount is 1; with `-r all` (or `-r leaks` on an
+otherwise clean image) wrong flags are rewritten.
+
+The L1 entries and L2 tables that may hold a wrong flag are found with whole-table numpy
+operations (reusing the tables read by the refcount pass when none was rewritten since);
+only those are then examined entry by entry, in qemu-img's message order. An L2 table is
+never rewritten over other metadata. Must not import qcow2kit.image.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import numpy.typing as npt
+
+from ...format import constants as C
+from .result import FIX_ERRORS, FIX_LEAKS, CheckFailedError
+from .state import I64, REFT_OFFSET_MASK, U64, CheckState
+
+
+def check_oflag_copied(st: CheckState, fix: int) -> None:
+    if fix & FIX_ERRORS:
+        repair = True
+    elif fix & FIX_LEAKS:
+        repair = not (st.res.check_errors or st.res.corruptions or st.res.leaks)
+    else:
+        repair = False
+    meta = st.meta
+    cs, cb = st.cs, st.cb
+    l1 = meta.l2.l1
+    n_disk = len(st.imrt)
+    disk, bad = st.disk_refcounts(n_disk)
+    unreadable = np.zeros(n_disk, dtype=bool)
+    for lo, hi, _b in bad:
+        unreadable[lo:hi] = True
+    word = "Repairing" if repair else "ERROR"
+
+    def refcounts_of(clusters: I64) -> tuple[I64, npt.NDArray[np.bool_]]:
+        inside = clusters < n_disk
+        vals = np.zeros(len(clusters), dtype=np.int64)
+        okay = np.ones(len(clusters), dtype=bool)
+        vals[inside] = disk[clusters[inside]].astype(np.int64)
+        okay[inside] = ~unreadable[clusters[inside]]
+        for j in np.flatnonzero(~inside).tolist():
+            v = st.disk_refcount_one(int(clusters[j]))
+            if v is None:
+                okay[j] = False
+            else:
+                vals[j] = min(v, (1 << 63) - 1)  # 64-bit refcounts: only "not 1" matters here
+        return vals, okay
+
+    for i in _copied_suspects(st, l1, disk, unreadable).tolist():
+        l1_entry = int(l1[i])
+        l2_offset = l1_entry & C.OFFSET_MASK
+        if not l2_offset:
+            continue
+        rc_arr, okay = refcounts_of(np.array([l2_offset >> cb], dtype=np.int64))
+        if okay[0]:
+            refcount = int(rc_arr[0])
+            if (refcount == 1) != bool(l1_entry & C.OFLAG_COPIED):
+                st.res.corruptions += 1
+                st.msgs.append(
+                    f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={refcount}"
+                )
+                if repair:
+                    new = (l1_entry | C.OFLAG_COPIED) if refcount == 1 else (l1_entry & ~C.OFLAG_COPIED)
+                    st.storage.event("l1_update")
+                    st.storage.pwrite(meta.l2.l1_offset + i * 8, struct.pack(">Q", new))
+                    st.storage.flush()
+                    meta.l2.l1[i] = np.uint64(new)
+                    st.res.corruptions -= 1
+                    st.res.corruptions_fixed += 1
+        ent, bmp = st.read_l2(l2_offset)
+        comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
+        copied = (ent >> np.uint64(63)).astype(bool)
+        off = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
+        zero = ~comp & ((ent & np.uint64(1)) != 0) if not st.ext else np.zeros(len(ent), bool)
+        normal = ~comp & ((off != 0) | (~zero & copied & st.data_file))
+        idx = np.flatnonzero(normal)
+        if len(idx) == 0:
+            continue
+        if st.data_file:
+            refc = np.ones(len(idx), dtype=np.int64)
+            okay = np.ones(len(idx), dtype=bool)
+        else:
+            refc, okay = refcounts_of(off[idx] >> cb)
+        wrong = okay & ((refc == 1) != copied[idx])
+        if not wrong.any():
+            continue
+        dirty = 0
+        for j, r in zip(idx[wrong].tolist(), refc[wrong].tolist(), strict=True):
+            entry = int(ent[j])
+            st.res.corruptions += 1
+            st.msgs.append(f"{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={r}")
+            if repair:
+                ent[j] = np.uint64((entry | C.OFLAG_COPIED) if r == 1 else (entry & ~C.OFLAG_COPIED))
+                dirty += 1
+        if dirty:
+            if l2_offset & (cs - 1) or _overlaps_metadata(st, l2_offset):
+                st.msgs.append(
+                    "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error"
+                )
+                st.res.check_errors += 1
+                raise CheckFailedError("Input/output error")
+            st.write_l2(l2_offset, ent, bmp)
+            st.res.corruptions -= dirty
+            st.res.corruptions_fixed += dirty
+
+
+def _copied_suspects(
+    st: CheckState, l1: U64, disk: npt.NDArray[np.uint64], unreadable: npt.NDArray[np.bool_]
+) -> I64:
+    """L1 indices whose entry or L2 table may have a wrong COPIED flag, found with
+    whole-table numpy operations; only those are examined entry by entry."""
+    cb = st.cb
+    n_disk = len(disk)
+    idx = np.flatnonzero(l1 & np.uint64(C.OFFSET_MASK))
+    if len(idx) == 0:
+        return idx
+    entries = l1[idx]
+    l2c = ((entries & np.uint64(C.OFFSET_MASK)) >> np.uint64(cb)).astype(np.int64)
+    inside = l2c < n_disk
+    suspect = ~inside.copy()
+    l2c_in = np.where(inside, l2c, 0)
+    rc = disk[l2c_in].astype(np.int64)
+    suspect |= inside & ~unreadable[l2c_in] & ((rc == 1) != ((entries >> np.uint64(63)) != 0))
+    batch = max(1, (32 << 20) // st.cs)
+    offsets = (entries & np.uint64(C.OFFSET_MASK)).astype(np.int64).tolist()
+    reuse = [o for rows in st.active_rows for o in rows[0]] == offsets
+    chunks: list[tuple[int, U64, npt.NDArray[np.bool_], I64]] = []
+    if reuse:
+        lo = 0
+        for offs, ent, m in st.active_rows:
+            chunks.append((lo, ent, m.normal, m.off))
+            lo += len(offs)
+    for lo, ent, normal, off in chunks or _copied_chunks(st, offsets, batch):
+        copied = (ent >> np.uint64(63)).astype(bool)
+        if st.data_file:
+            wrong = normal & ~copied
+        else:
+            clusters = off >> cb
+            far = normal & (clusters >= n_disk)
+            safe = np.where(normal & ~far, clusters, 0)
+            refc = disk[safe].astype(np.int64)
+            wrong = normal & ~far & ~unreadable[safe] & ((refc == 1) != copied)
+            wrong |= far
+        suspect[lo : lo + len(ent)] |= wrong.any(axis=1)
+    return idx[suspect]
+
+
+def _copied_chunks(
+    st: CheckState, offsets: list[int], batch: int
+) -> list[tuple[int, U64, npt.NDArray[np.bool_], I64]]:
+    out = []
+    for lo in range(0, len(offsets), batch):
+        ent, _bmp = st.read_l2_tables(offsets[lo : lo + batch])
+        comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
+        copied = (ent >> np.uint64(63)).astype(bool)
+        off = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
+        if st.ext:
+            zero = np.zeros(ent.shape, dtype=bool)
+        else:
+            zero = ~comp & ((ent & np.uint64(1)) != 0)
+        normal = ~comp & ((off != 0) | (~zero & copied & st.data_file))
+        out.append((lo, ent, normal, off))
+    return out
+
+
+def _overlaps_metadata(st: CheckState, offset: int) -> bool:
+    """Would writing one cluster at offset hit the header, L1, reftable or a refblock?"""
+    cs = st.cs
+    meta = st.meta
+    if offset < cs:
+        return True
+    ranges = [
+        (meta.header.l1_table_offset, meta.header.l1_size * 8),
+        (meta.refcounts.reftable_offset, meta.refcounts.reftable_clusters * cs),
+        (st.snapshots_offset, st.snapshots_size),
+    ]
+    for start, size in ranges:
+        if size and start < offset + cs and offset < start + size:
+            return True
+    blocks = meta.refcounts.reftable & np.uint64(REFT_OFFSET_MASK)
+    return bool(np.any(blocks == np.uint64(offset)))

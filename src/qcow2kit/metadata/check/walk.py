@@ -1,0 +1,332 @@
+"""Reference counting of one pass (qemu's calculate_refcounts): every structure the image
+references is added to the in-memory refcount table, with qemu-img check's diagnostics for
+the L1 and L2 entries, refcount table entries and refcount blocks that are broken.
+
+L2 tables are read and classified in batches of whole tables with numpy; only the entries
+that need a diagnostic go through the per-entry path, in table order, so that messages
+come out in qemu-img's order. Repairs made here (a misaligned preallocated cluster turned
+into a zero cluster, a refcount block outside the file brought back inside) go straight
+to storage. Must not import qcow2kit.image.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ...format import constants as C
+from .bitmaps import check_bitmaps
+from .result import FIX_ERRORS, hx
+from .state import L2_KEEP_BYTES, REFT_OFFSET_MASK, U64, CheckState, L2Masks, Mask
+
+
+def calculate(st: CheckState, fix: int) -> None:
+    header = st.meta.header
+    st.allocated = st.fragmented = st.compressed = 0
+    st.active_rows.clear()
+    st.active_rows_bytes = 0
+    st.inc_region(0, st.cs)
+    _check_l1(st, header.l1_table_offset, header.l1_size, fix, active=True)
+    if st.data_file and st.snapshots:
+        st.msgs.append(f"ERROR {len(st.snapshots)} snapshots in image with data file")
+        st.res.corruptions += 1
+    for sn in st.snapshots:
+        if sn.l1_table_offset & (st.cs - 1):
+            st.msgs.append(
+                f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={hx(sn.l1_table_offset)}: "
+                "L1 table is not cluster aligned; snapshot table entry corrupted"
+            )
+            st.res.corruptions += 1
+            continue
+        if sn.l1_size > C.MAX_L1_BYTES // 8:
+            st.msgs.append(
+                f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={hx(sn.l1_size)}: "
+                "L1 table is too large; snapshot table entry corrupted"
+            )
+            st.res.corruptions += 1
+            continue
+        _check_l1(st, sn.l1_table_offset, sn.l1_size, fix, active=False)
+    st.inc_region(st.snapshots_offset, st.snapshots_size)
+    reftable = st.meta.refcounts
+    st.inc_region(reftable.reftable_offset, len(reftable.reftable) * 8)
+    crypto = header.extension(C.EXT_CRYPTO)
+    if crypto is not None and len(crypto) >= 16:
+        c_off, c_len = struct.unpack_from(">QQ", crypto)
+        st.inc_region(c_off, c_len)
+    check_bitmaps(st)
+    _check_refblocks(st, fix)
+    st.finish_imrt()
+
+
+def _check_l1(st: CheckState, l1_offset: int, l1_size: int, fix: int, *, active: bool) -> None:
+    if l1_size == 0:
+        return
+    cs = st.cs
+    st.inc_region(l1_offset, l1_size * 8)
+    l1 = np.frombuffer(st.storage.pread(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
+    idx = np.flatnonzero(l1)
+    entries = l1[idx]
+    l2offs = (entries & np.uint64(C.OFFSET_MASK)).astype(np.int64)
+    plain = (
+        ((entries & np.uint64(C.L1E_RESERVED_MASK)) == 0) & ((l2offs & (cs - 1)) == 0) & (l2offs < st.file_len)
+    ).tolist()
+    batch = max(1, (32 << 20) // cs)
+    pos, n = 0, len(idx)
+    while pos < n:
+        if not plain[pos]:
+            _check_l1_entry(st, int(entries[pos]), fix, active)
+            pos += 1
+            continue
+        end = pos
+        while end < n and plain[end] and end - pos < batch:
+            end += 1
+        offs = l2offs[pos:end]
+        st.inc_clusters(offs >> st.cb)
+        _check_l2_tables(st, offs.tolist(), fix, active)
+        pos = end
+
+
+def _check_l1_entry(st: CheckState, entry: int, fix: int, active: bool) -> None:
+    """An L1 entry that needs diagnostics (reserved bits, unaligned, outside the file)."""
+    if entry & C.L1E_RESERVED_MASK:
+        st.msgs.append(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+        st.res.corruptions += 1
+    l2_offset = entry & C.OFFSET_MASK
+    st.inc_region(l2_offset, st.cs)
+    if l2_offset & (st.cs - 1):
+        st.msgs.append(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted")
+        st.res.corruptions += 1
+    _check_l2_tables(st, [l2_offset], fix, active)
+
+
+def _classify(st: CheckState, ent: U64, bmp: U64 | None) -> L2Masks:
+    """Vectorised view of L2 entries of any shape; `bad` marks the entries that need
+    a diagnostic (they go through _l2_entry_slow, in table order)."""
+    cs, cb = st.cs, st.cb
+    comp = (ent & np.uint64(C.OFLAG_COMPRESSED)) != 0
+    any_comp = bool(comp.any())
+    # offsets are below 2^56: the masked words can be viewed as signed without a copy
+    off = (ent & np.uint64(C.OFFSET_MASK)).view(np.int64)
+    if any_comp:
+        off = np.where(comp, 0, off)
+    if st.data_file:
+        copied = (ent >> np.uint64(63)) != 0
+        zero = ((ent & np.uint64(1)) != 0) if not st.ext else np.zeros(ent.shape, dtype=bool)
+        normal = ~comp & ((off != 0) | (~zero & copied))
+    else:
+        normal = off != 0
+    # reserved bits and unaligned offsets in one test (unallocated entries have no offset)
+    check_mask = np.uint64(C.L2E_STD_RESERVED_MASK | ((cs - 1) & ~0x1FF))
+    bad = (ent & check_mask) != 0
+    if any_comp:
+        bad &= ~comp
+    if not st.data_file:
+        bad |= off >= st.file_len
+    coff = csize = None
+    if any_comp:
+        x = st.geom.compressed_offset_bits
+        coff = (ent & np.uint64((1 << x) - 1)).view(np.int64)
+        nsect = ((ent >> np.uint64(x)) & np.uint64((1 << (cb - 8)) - 1)).view(np.int64) + 1
+        csize = nsect * 512 - (coff & 511)
+        copied = (ent >> np.uint64(63)) != 0
+        bad |= comp & (copied | st.data_file | (coff + csize - st.file_len >= cs))
+    if bmp is not None:
+        if any_comp:
+            bad |= comp & (bmp != 0)
+        bad |= normal & (((bmp >> np.uint64(32)) & bmp) != 0)
+        bad |= ~comp & ~normal & ((bmp & np.uint64(C.BITMAP_ALL_ALLOC)) != 0)
+    return L2Masks(comp if any_comp else None, normal, off, coff, csize, bad)
+
+
+def _check_l2_tables(st: CheckState, offsets: list[int], fix: int, active: bool) -> None:
+    ent, bmp = st.read_l2_tables(offsets)
+    m = _classify(st, ent, bmp)
+    if active and st.active_rows_bytes + ent.nbytes <= L2_KEEP_BYTES:
+        st.active_rows.append((offsets, ent, m))
+        st.active_rows_bytes += ent.nbytes
+    elif active:
+        st.active_rows_bytes = L2_KEEP_BYTES + 1  # too big to keep: re-read later
+        st.active_rows.clear()
+    any_bad = bool(m.bad.any())
+    counted = m.normal  # normal / allocated-zero clusters that reach the frag count
+    comp_counted = None
+    if m.comp is not None:
+        comp_counted = m.comp & ~m.bad
+    if any_bad:
+        counted = counted.copy()
+        if comp_counted is None:
+            comp_counted = np.zeros(ent.shape, dtype=bool)
+        for r in np.flatnonzero(m.bad.any(axis=1)).tolist():
+            _l2_row_slow(st, offsets[r], ent, bmp, r, m, counted, comp_counted, fix)
+    cb = st.cb
+    plain_ok = (m.normal & ~m.bad) if any_bad else m.normal
+    if not st.data_file:
+        st.inc_clusters(m.off[plain_ok] >> cb)
+    if m.comp is not None and m.coff is not None and m.csize is not None:
+        comp_ok = m.comp & ~m.bad
+        coff, csize = m.coff[comp_ok], m.csize[comp_ok]
+        first = coff >> cb
+        last = (coff + csize - 1) >> cb
+        st.inc_clusters(first)
+        for extra in range(1, int((last - first).max(initial=0)) + 1):
+            st.inc_clusters((first + extra)[last - first >= extra])
+    if active:
+        seq = m.off[counted]
+        frag = 0
+        if len(seq) > 1:
+            step = seq[1:] != seq[:-1] + st.cs
+            frag = int(np.count_nonzero(step))
+            # pairs that straddle two tables do not count (QEMU restarts per table)
+            per_row = np.count_nonzero(counted, axis=-1) if counted.ndim > 1 else None
+            if per_row is not None and len(per_row) > 1:
+                starts = np.cumsum(per_row)[:-1]
+                starts = np.unique(starts[(starts > 0) & (starts < len(seq))])
+                frag -= int(np.count_nonzero(step[starts - 1]))
+        ncomp = int(np.count_nonzero(comp_counted)) if comp_counted is not None else 0
+        st.allocated += len(seq) + ncomp
+        st.compressed += ncomp
+        st.fragmented += frag + ncomp
+
+
+def _l2_row_slow(
+    st: CheckState,
+    l2_offset: int,
+    ent: U64,
+    bmp: U64 | None,
+    r: int,
+    m: L2Masks,
+    counted: Mask,
+    comp_counted: Mask,
+    fix: int,
+) -> None:
+    """The entries of one L2 table that need diagnostics, in table order."""
+    table_dirty = False
+    row_bmp = bmp[r] if bmp is not None else None
+    for i in np.flatnonzero(m.bad[r]).tolist():
+        state = _l2_entry_slow(st, i, int(ent[r, i]), int(row_bmp[i]) if row_bmp is not None else 0, fix)
+        if state == "skip":
+            counted[r, i] = False
+            ent[r, i] = np.uint64(C.OFLAG_ZERO if not st.ext else 0)
+            if row_bmp is not None:
+                row_bmp[i] = row_bmp[i] & np.uint64(C.BITMAP_ALL_ZERO)
+            table_dirty = True
+        elif state == "comp":
+            comp_counted[r, i] = True
+    if table_dirty:
+        st.write_l2(l2_offset, ent[r], row_bmp)
+
+
+def _l2_entry_slow(st: CheckState, i: int, entry: int, bitmap: int, fix: int) -> str:
+    """One L2 entry that needs diagnostics, in qemu-img's order. Returns "comp" for a
+    compressed cluster counted as allocated, "skip" for an entry repaired to a zero
+    cluster, "" otherwise."""
+    cs = st.cs
+    is_comp = bool(entry & C.OFLAG_COMPRESSED)
+    if not is_comp and entry & C.L2E_STD_RESERVED_MASK:
+        st.msgs.append(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+        st.res.corruptions += 1
+    if is_comp:
+        x = st.geom.compressed_offset_bits
+        if entry & C.OFLAG_COPIED:
+            st.msgs.append(
+                f"ERROR: coffset=0x{entry & ((1 << x) - 1):x}: copied flag must never be set "
+                "for compressed clusters"
+            )
+            entry &= ~C.OFLAG_COPIED
+            st.res.corruptions += 1
+        if st.data_file:
+            st.msgs.append(f"ERROR compressed cluster {i} with data file, entry=0x{entry:x}")
+            st.res.corruptions += 1
+            return ""
+        if bitmap:
+            st.msgs.append(
+                f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{entry:x}"
+            )
+            st.res.corruptions += 1
+            return ""
+        coff, csize = st.geom.decode_compressed(entry & ((1 << 62) - 1))
+        st.inc_region(coff, csize)
+        return "comp"
+    zero = bool(entry & 1) and not st.ext
+    offset = entry & C.OFFSET_MASK
+    copied = bool(entry & C.OFLAG_COPIED)
+    normal = offset != 0 or (not zero and copied and st.data_file)
+    if not normal:
+        if st.ext and bitmap & C.BITMAP_ALL_ALLOC:
+            st.res.corruptions += 1
+            st.msgs.append("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+        return ""
+    if (bitmap >> 32) & bitmap:
+        st.res.corruptions += 1
+        st.msgs.append(f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap")
+    if offset & (cs - 1):
+        st.res.corruptions += 1
+        contains_data = bool(bitmap & C.BITMAP_ALL_ALLOC) if st.ext else not zero
+        if not contains_data:
+            word = "Repairing" if fix & FIX_ERRORS else "ERROR"
+            st.msgs.append(
+                f"{word} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+            )
+            if fix & FIX_ERRORS:
+                st.res.corruptions -= 1
+                st.res.corruptions_fixed += 1
+                return "skip"
+        else:
+            st.msgs.append(
+                f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
+            )
+    if not st.data_file:
+        st.inc_region(offset, cs)
+    return ""
+
+
+def _check_refblocks(st: CheckState, fix: int) -> None:
+    reftable = st.meta.refcounts.reftable
+    cs = st.cs
+    st.flush_refs()
+    for i in np.flatnonzero(reftable).tolist():
+        entry = int(reftable[i])
+        offset = entry & REFT_OFFSET_MASK
+        cluster = offset >> st.cb
+        if entry & C.REFT_RESERVED_MASK:
+            st.msgs.append(f"ERROR refcount table entry {i} has reserved bits set")
+            st.res.corruptions += 1
+            st.rebuild = True
+            continue
+        if offset & (cs - 1):
+            st.msgs.append(f"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted")
+            st.res.corruptions += 1
+            st.rebuild = True
+            continue
+        if cluster >= st.nb_clusters:
+            st.res.corruptions += 1
+            word = "Repairing" if fix & FIX_ERRORS else "ERROR"
+            st.msgs.append(f"{word} refcount block {i} is outside image")
+            # a hostile offset far past the end would make a huge sparse file and an
+            # in-memory refcount array to match: only modest growth is a repair
+            sane = offset + cs <= max(2 * st.file_len, st.file_len + (1 << 30))
+            if fix & FIX_ERRORS and offset < C.MAX_HOST_OFFSET and not sane:
+                st.msgs.append("ERROR could not resize image: File too large")
+                st.rebuild = True
+            elif fix & FIX_ERRORS and offset < C.MAX_HOST_OFFSET:
+                # extend the file so that the block lies inside it again
+                try:
+                    st.storage.truncate(offset + cs)
+                except OSError as exc:
+                    st.msgs.append(f"ERROR could not resize image: {exc.strerror}")
+                    st.rebuild = True
+                    continue
+                st.storage.flush()
+                st.file_len = st.storage.size()
+                st.grow_imrt(st.geom.clusters_for(st.file_len))
+                st.res.corruptions -= 1
+                st.res.corruptions_fixed += 1
+                st.imrt[cluster] += 1
+            continue
+        if offset != 0:
+            st.imrt[cluster] += 1
+            if st.imrt[cluster] != 1:
+                st.msgs.append(f"ERROR refcount block {i} refcount={int(st.imrt[cluster])}")
+                st.res.corruptions += 1
+                st.rebuild = True
