@@ -29,18 +29,21 @@ class _Parser(argparse.ArgumentParser):
     (argparse's own default is exit 2, which qemu-img uses for 'check found corruption')."""
 
     def error(self, message: str) -> NoReturn:
-        prefix = "unrecognized arguments: "
-        if message.startswith(prefix):
-            first = message[len(prefix):].split()[0]
-            if first.startswith("-"):
-                message = f"unrecognized option '{first}'"
-            elif self.prog.endswith(" resize"):
-                message = "Expecting image file name and size"
-            else:
-                message = f"Unexpected argument: {first}"
-        print(f"{PROG}: {message}\nTry '{self.prog} --help' for more information",
-              file=sys.stderr)
+        print(f"{PROG}: {message}\n{_TRY}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+_TRY = f"Try '{PROG} --help' for more information"
+
+
+def _unexpected(verb: str, extra: list[str]) -> UsageError:
+    """qemu-img's words for arguments left over after parsing."""
+    first = extra[0]
+    if first.startswith("-") and first != "-":
+        return UsageError(f"unrecognized option '{first}'\n{_TRY}")
+    if verb == "resize":
+        return UsageError(f"Expecting image file name and size\n{_TRY}")
+    return UsageError(f"Unexpected argument: {first}\n{_TRY}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +73,7 @@ def _resize_argv(argv: list[str]) -> list[str]:
     if any(a in ("-h", "--help") for a in rest[:-1]) or rest[-1:] in (["-h"], ["--help"]):
         return argv
     if len(rest) < 2:
-        raise UsageError("Not enough arguments\nTry 'qcow2kit --help' for more information")
+        raise UsageError(f"Not enough arguments\n{_TRY}")
     size = rest.pop()
     return [argv[0], *rest, size] if "--" in rest else [argv[0], *rest, "--", size]
 
@@ -90,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         if argv[:1] == ["resize"]:
             argv = _resize_argv(argv)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise _unexpected(argv[0], extra)
         if not getattr(args, "run", None):
             parser.print_help()
             return EXIT_USAGE

@@ -1,5 +1,9 @@
 """qcow2kit map [--output=human|json] [-f FMT] [-U] [--start-offset=N] [--max-length=N]
-[--no-backing] FILE"""
+[--no-backing] FILE
+
+Owns the command-line side of map (offsets in qemu-img's size grammar, its wording for bad
+ones); never writes to the image.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ def register(sub: Any) -> None:
         "map",
         help="show where each guest range lives (like qemu-img map)",
         description="Dump the allocation of the virtual disk through the backing chain; "
-        "--output=json gives the same JSON value as qemu-img map.",
+        "--output=json gives the same JSON value as qemu-img map. Offsets and lengths are "
+        "bytes or a number with a suffix k, M, G, T, P, E (powers of 1024, 1.5M works); they "
+        "are used as given, not rounded.",
     )
     add_output(p)
     p.add_argument("-f", dest="fmt", choices=("qcow2", "raw"), help="image format (probed if omitted)")
@@ -32,8 +38,8 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..ops.map import format_human, format_json, map_path
 
-    start = parse_size(args.start)
-    length = parse_size(args.length) if args.length is not None else None
+    start = parse_size(args.start, "start offset")
+    length = parse_size(args.length, "max length") if args.length is not None else None
     entries = map_path(args.filename, args.fmt, force_share=args.force_share, start=start,
                        length=length, backing=args.backing)
     if args.output == "json":
