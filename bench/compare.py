@@ -269,7 +269,8 @@ class Result:
         return self.ratio <= self.work.target
 
 
-def run_once(argv: list[str], out: Path, fresh: Path | None) -> tuple[float, str]:
+def run_once(argv: list[str], out: Path, fresh: Path | None,
+             env: dict[str, str] | None = None) -> tuple[float, str]:
     """One timed run: prepare `out` (remove it, or copy a fresh image there), sync, run."""
     if out.exists():
         out.unlink()
@@ -277,7 +278,7 @@ def run_once(argv: list[str], out: Path, fresh: Path | None) -> tuple[float, str
         shutil.copyfile(fresh, out)
     os.sync()
     t0 = time.perf_counter()
-    res = subprocess.run(argv, capture_output=True, text=True)
+    res = subprocess.run(argv, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr[-2000:]}")
@@ -307,7 +308,8 @@ def verify(w: Workload, inputs: Inputs, out: Path, stdout: str, ref_out: Path | 
     return ""
 
 
-def run_workload(w: Workload, inputs: Inputs, pairs: int, do_verify: bool) -> Result:
+def run_workload(w: Workload, inputs: Inputs, pairs: int, do_verify: bool,
+                 env: dict[str, str] | None) -> Result:
     out = inputs.root / "out"
     ref_out = inputs.root / "ref_out"
     ours_argv, ref_argv = w.argv(inputs, out)
@@ -322,7 +324,7 @@ def run_workload(w: Workload, inputs: Inputs, pairs: int, do_verify: bool) -> Re
         stdout = {}
         for tool in order:
             if tool == "ours":
-                t, stdout[tool] = run_once(ours_argv, out, fresh)
+                t, stdout[tool] = run_once(ours_argv, out, fresh, env)
                 t_ours.append(t)
             else:
                 t, stdout[tool] = run_once(ref_argv, ref_out, fresh)
@@ -379,6 +381,34 @@ def markdown(results: list[Result], info: dict[str, str], pairs: int, quick: boo
     return "\n".join(lines)
 
 
+def code_under_test(rev: str | None, src: str | None, root: Path) -> dict[str, str] | None:
+    """The environment of the qcow2kit runs (None: the working tree, as installed in the venv);
+    prints which code is measured."""
+    checkout = Path(__file__).resolve().parent.parent
+    if rev:
+        dest = root / "src-rev"
+        dest.mkdir()
+        archive = subprocess.run(["git", "-C", str(checkout), "archive", rev, "src"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        src = str(dest / "src")
+    if src is None:
+        head = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"],
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True).stdout.splitlines()
+        print(f"# code: the working tree (HEAD {head[:60]}; {len(dirty)} changed paths under src/)",
+              flush=True)
+        return None
+    env = dict(os.environ, PYTHONPATH=src)
+    where = subprocess.run([PYTHON, "-c", "import qcow2kit; print(qcow2kit.__file__)"], env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not where.startswith(str(Path(src).resolve())) and not where.startswith(src):
+        raise SystemExit(f"qcow2kit imports from {where}, not from {src}")
+    print(f"# code: {'revision ' + rev if rev else src} ({where})", flush=True)
+    return env
+
+
 def default_dir() -> str:
     """The system's temporary directory if it shares the checkout's filesystem (so both
     tools and the inputs see the same disk as real use), else the checkout's parent."""
@@ -399,6 +429,10 @@ def main() -> int:
                     help="where to make the temporary input directory (default: the system's "
                     "temporary directory if it is on the checkout's filesystem, else the "
                     "checkout's parent)")
+    ap.add_argument("--rev", help="measure the qcow2kit source of this git revision (extracted with "
+                    "git archive into the temporary directory) instead of the working tree")
+    ap.add_argument("--src", help="measure the qcow2kit package under this directory (put first on "
+                    "PYTHONPATH) instead of the working tree")
     ap.add_argument("--list", action="store_true", help="list the workloads and exit")
     args = ap.parse_args()
     pairs = args.pairs or (3 if args.quick else 7)
@@ -418,15 +452,16 @@ def main() -> int:
     print(f"# {pairs} pairs, alternating order, os.sync() before each timed run; "
           f"{'QUICK (small sizes)' if args.quick else 'full sizes'}; load average at start "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'workload':18s} {'qemu-img':>9s} {'qcow2kit':>9s} {'ratio':>6s} {'range':>11s}  "
-          f"{'target':18s} holds  verified", flush=True)
     root = Path(tempfile.mkdtemp(prefix="qcow2kit-compare-", dir=args.dir or default_dir()))
     t_start = time.perf_counter()
     results: list[Result] = []
     try:
+        env = code_under_test(args.rev, args.src, root)
+        print(f"{'workload':18s} {'qemu-img':>9s} {'qcow2kit':>9s} {'ratio':>6s} {'range':>11s}  "
+              f"{'target':18s} holds  verified", flush=True)
         inputs = Inputs(root, size, text_size)
         for w in chosen:
-            r = run_workload(w, inputs, pairs, not args.no_verify)
+            r = run_workload(w, inputs, pairs, not args.no_verify, env)
             results.append(r)
             rs = r.ratios
             print(f"{w.name:18s} {statistics.median(r.ref):9.3f} {statistics.median(r.ours):9.3f} "
