@@ -27,7 +27,7 @@ def main() -> int:
         print(f"\nwrote 4 MiB at 0 and 8 MiB at 800 MiB; the file is {os.path.getsize(path):,} bytes")
         run("info", path)
         run("map", path)
-        rc = run("resize", "--shrink", path, "512M")
+        rc = run("resize", "--shrink", path, "-512M")  # relative: 1 GiB - 512 MiB
         print(f"after the shrink the file is {os.path.getsize(path):,} bytes")
         rc |= run("check", path)
         with qcow2kit.open(path) as img:

@@ -1,6 +1,8 @@
 """qcow2kit compare [-f FMT] [-F FMT] [-s] [-q] [-U] A B
 
-Exit codes as qemu-img: 0 identical, 1 different, 2 error."""
+Exit codes as qemu-img: 0 identical, 1 different, 2 error (a Qcow2Error or OSError). Owns the
+wording of compare's verdicts; never writes to either image, and never turns an unexpected
+exception (a bug) into a verdict: those go on to cli/main.py."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = compare(args.image_a, args.image_b, fmt_a=args.fmt_a, fmt_b=args.fmt_b,
                       force_share=args.force_share)
-    except (Qcow2Error, ValueError) as exc:
+    except Qcow2Error as exc:
         print(f"qcow2kit: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
