@@ -193,14 +193,16 @@ def layout(path: PathLike) -> dict[str, Any]:
 
 
 def refcounts_on_disk(path: PathLike) -> npt.NDArray[np.uint64]:
-    """Refcount of every cluster the refcount table describes (index = host cluster),
-    decoded bit by bit from the file: sub-byte widths least-significant-bit first."""
+    """Refcount of every host cluster up to the last one an existing refcount block describes
+    (index = host cluster), decoded from the file's bytes: sub-byte widths least-significant
+    bit first. Clusters past the end of the array have refcount 0."""
     data = Path(path).read_bytes()
     lay = layout(path)
     cs = int(lay["cluster_size"])
     bits = 1 << int(lay["refcount_order"])
     per = cs * 8 // bits
-    out = np.zeros(len(lay["reftable"]) * per, dtype=np.uint64)
+    present = [i for i, entry in enumerate(lay["reftable"]) if entry & ~0x1FF]
+    out = np.zeros((present[-1] + 1 if present else 0) * per, dtype=np.uint64)
     for i, entry in enumerate(lay["reftable"]):
         off = entry & ~0x1FF
         if not off:
