@@ -152,3 +152,19 @@ def test_bad_arguments_exit_1_like_qemu_img(tmp_path: Path, capsys: pytest.Captu
             "Expecting image file name and size" in q.stderr:
         assert err == q.stderr.replace("qemu-img", "qcow2kit")
     assert path.read_bytes() == before
+
+
+def test_a_bug_in_compare_is_not_a_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """compare's exit 2 means 'could not compare'; a bug must not hide behind it."""
+    import qcow2kit.ops.compare as ops_compare
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("planted bug")
+
+    a = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(a), "1M")
+    monkeypatch.delenv("QCOW2KIT_DEBUG", raising=False)
+    monkeypatch.setattr(ops_compare, "compare", broken)
+    assert main(["compare", str(a), str(a)]) == 70
+    assert "internal error: ValueError: planted bug" in capsys.readouterr().err

@@ -1,4 +1,8 @@
-"""qcow2kit compact [-p] [--discard-zeroes] [-q] FILE"""
+"""qcow2kit compact [-p] [--discard-zeroes] [-q] FILE
+
+Owns the command-line side of compact: the progress bar and the summary line. Never moves a
+cluster itself: Image.compact does, crash-safely.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""qcow2kit info [--output=human|json] [--backing-chain] [-f FMT] [-U] FILE"""
+"""qcow2kit info [--output=human|json] [--backing-chain] [-f FMT] [-U] FILE
+
+Owns the command-line side of info (ops/info.py builds the facts and qemu-img's layouts);
+never opens an image for writing.
+"""
 
 from __future__ import annotations
 
