@@ -50,8 +50,9 @@ class Snapshot:
         return None
 
     def to_bytes(self) -> bytes:
-        ident = self.id_str.encode()
-        name = self.name.encode()
+        # surrogate escapes give back exactly the bytes that were read
+        ident = self.id_str.encode("utf-8", "surrogateescape")
+        name = self.name.encode("utf-8", "surrogateescape")
         out = self.FIXED.pack(
             self.l1_table_offset, self.l1_size, len(ident), len(name), self.date_sec,
             self.date_nsec, self.vm_clock_nsec, self.vm_state_size, len(self.extra_data),
@@ -83,9 +84,9 @@ def parse_snapshots(buf: bytes, count: int, cluster_size: int) -> list[Snapshot]
             raise FormatError(f"snapshot table entry {i} runs past the end of the table")
         extra = bytes(buf[pos : pos + extra_len])
         pos += extra_len
-        ident = bytes(buf[pos : pos + id_len]).decode("utf-8", "replace")
+        ident = bytes(buf[pos : pos + id_len]).decode("utf-8", "surrogateescape")
         pos += id_len
-        name = bytes(buf[pos : pos + name_len]).decode("utf-8", "replace")
+        name = bytes(buf[pos : pos + name_len]).decode("utf-8", "surrogateescape")
         pos += name_len
         pos += -pos % 8
         if l1_off % cluster_size:
