@@ -51,3 +51,4 @@ HEADER_L1_OFFSET = 36  # l1_size (u32) then l1_table_offset (u64): one 12-byte w
 HEADER_REFTABLE_OFFSET = 48  # refcount_table_offset (u64) then clusters (u32): one 12-byte write
 HEADER_SNAPSHOTS_OFFSET = 60  # nb_snapshots (u32) then snapshots_offset (u64)
 HEADER_INCOMPAT_OFFSET = 72
+HEADER_AUTOCLEAR_OFFSET = 88

@@ -35,5 +35,9 @@ def write_incompatible(storage: Storage, bits: int) -> None:
     write_field(storage, C.HEADER_INCOMPAT_OFFSET, struct.pack(">Q", bits))
 
 
+def write_autoclear(storage: Storage, bits: int) -> None:
+    write_field(storage, C.HEADER_AUTOCLEAR_OFFSET, struct.pack(">Q", bits))
+
+
 def write_size(storage: Storage, size: int) -> None:
     write_field(storage, C.HEADER_SIZE_OFFSET, struct.pack(">Q", size))

@@ -62,7 +62,7 @@ class L2Map:
         l1_size: int,
         *,
         data_file: bool,
-        before_l2_write: Callable[[], None],
+        before_l2_write: Callable[[int], None],
         cache_tables: int = 64,
     ) -> None:
         self.storage = storage
@@ -92,7 +92,7 @@ class L2Map:
         return decode_table(raw, self.geom.extended_l2).copy()
 
     def _store(self, offset: int, table: U64) -> None:
-        self._before_l2_write()
+        self._before_l2_write(offset)
         self.storage.event("l2_update")
         self.storage.pwrite(offset, encode_table(table))
 

@@ -18,12 +18,13 @@ import numpy.typing as npt
 
 from ..errors import CorruptionError, FormatError, ImageStateError
 from ..format import constants as C
-from ..format.features import Compatible, Incompatible
+from ..format.bitmaps import FLAG_IN_USE, BitmapEntry, parse_directory, with_flags
+from ..format.features import Autoclear, Compatible, Incompatible
 from ..format.geometry import Geometry
 from ..format.header import Header
 from ..format.snapshot import Snapshot, parse_snapshots
 from ..io.storage import Storage
-from . import header_io
+from . import header_io, overlap
 from .l2map import L2Map
 from .refcount import Refcounts
 
@@ -38,7 +39,12 @@ class Metadata:
         *,
         data_storage: Storage | None = None,
         l2_cache_tables: int | None = None,
+        for_check: bool = False,
     ) -> None:
+        # an image without a refcount table may only be opened for check to judge and rebuild
+        missing = header.refcount_table_clusters == 0 or header.refcount_table_offset == 0
+        if missing and not for_check:
+            raise FormatError("Image does not contain a reference count table")
         self.storage = storage
         self.data_storage = data_storage if data_storage is not None else storage
         self.header = header
@@ -53,6 +59,12 @@ class Metadata:
             header.refcount_table_clusters,
             on_reftable_switch=self.set_reftable,
         )
+        # allocation must never hand out a live table's clusters, and a refcount block is
+        # never written over another structure (QEMU's overlap check)
+        self.refcounts.overlap_check = lambda start, count: overlap.overlapping_range(
+            self, start, count
+        )
+        self.refcounts.before_block_write = self._guard_refblock_write
         if l2_cache_tables is None:
             # like QEMU: enough to cover the whole disk, capped at 32 MiB of tables
             need = max(1, header.l1_size)
@@ -112,6 +124,57 @@ class Metadata:
             return CorruptionError(f"Image is corrupt (opened read-only, not marked): {reason}")
         return CorruptionError(f"Marking image as corrupt: {reason}")
 
+    def drop_unkept_promises(self) -> None:
+        """Before anything else is written (a read-write open): clear every autoclear bit
+        this writer does not maintain, so no reader trusts a structure we will let go stale.
+
+        Persistent dirty bitmaps are not updated by our writes, so every enabled (`auto`)
+        bitmap is marked in use, i.e. inconsistent, following QEMU's own read-write-open
+        order: bit 0 cleared and durable, the directory rewritten with in_use, bit 0 set
+        again. A crash in between leaves bit 0 clear, which readers also treat as
+        "inconsistent". Disabled bitmaps do not track writes and stay valid."""
+        h = self.header
+        if h.version < 3:
+            return
+        keep = h.autoclear_features & Autoclear.DATA_FILE_RAW
+        entries = self._bitmap_entries() if h.autoclear_features & Autoclear.BITMAPS else None
+        stale = [e for e in entries or [] if e.enabled and not e.in_use]
+        restored = keep | (Autoclear.BITMAPS if entries is not None else 0)
+        if h.autoclear_features == restored and not stale:
+            return
+        self.storage.flush()
+        header_io.write_autoclear(self.storage, keep)
+        self.storage.flush()
+        self.header = replace(self.header, autoclear_features=keep)
+        ext = h.bitmaps
+        if entries is None or ext is None:
+            return
+        if stale:
+            directory = self.storage.pread(ext.directory_offset, ext.directory_size)
+            self.storage.event("bitmap_directory_update")
+            self.storage.pwrite(
+                ext.directory_offset,
+                with_flags(directory, [(e, e.flags | FLAG_IN_USE) for e in stale]),
+            )
+            self.storage.flush()
+        header_io.write_autoclear(self.storage, restored)
+        self.storage.flush()
+        self.header = replace(self.header, autoclear_features=restored)
+
+    def _bitmap_entries(self) -> list[BitmapEntry] | None:
+        """The bitmap directory, or None when there is none or it cannot be trusted."""
+        try:
+            ext = self.header.bitmaps
+            if ext is None:
+                return None
+            ext.validate(self.geom.cluster_size)
+            if ext.directory_offset + ext.directory_size > self.storage.size():
+                return None
+            data = self.storage.pread(ext.directory_offset, ext.directory_size)
+            return parse_directory(data, ext.nb_bitmaps)
+        except FormatError:
+            return None
+
     def set_dirty_bit(self) -> None:
         """Lazy refcounts: the dirty bit must be durable before refcounts may lag behind."""
         if self.header.incompatible_features & Incompatible.DIRTY:
@@ -132,7 +195,27 @@ class Metadata:
         self.header = replace(self.header, incompatible_features=bits)
 
     # ---- ordering -----------------------------------------------------------------------
-    def _before_l2_write(self) -> None:
+    def note_data_written(self, *, new_clusters: bool) -> None:
+        """Guest data reached the storage (not yet flushed). Data in newly allocated
+        clusters must be durable before an L2 entry points at it (see _before_l2_write)."""
+        self.unsynced = True
+        if new_clusters:
+            self.data_unsynced = True
+
+    def note_tables_changed(self) -> None:
+        """Cached tables changed without a data write: the next flush must sync."""
+        self.unsynced = True
+
+    def _guard_refblock_write(self, offset: int) -> None:
+        overlap.guard_write(
+            self, np.array([offset], dtype=np.int64), "refcount block", skip=(overlap.REFBLOCK,)
+        )
+
+    def _before_l2_write(self, offset: int) -> None:
+        # an L2 table is never written over another structure (a corrupt L1 entry)
+        overlap.guard_write(
+            self, np.array([offset], dtype=np.int64), "L2 table", skip=(overlap.ACTIVE_L2,)
+        )
         if not self.lazy:
             self.refcounts.sync()  # flushes, so new clusters' data is durable too
         elif self.data_unsynced:
@@ -151,11 +234,20 @@ class Metadata:
             self.refcounts.unsynced = True
         else:
             self.refcounts.sync()
+        # L2 tables go first (each after the refcounts it relies on, see _before_l2_write);
+        # an L1 entry may only point at an L2 table that is durable, so flush between
         wrote_l2 = self.l2.cache.write_dirty()
         if self.l2.l1_dirty:
             if wrote_l2 or self.unsynced or self.refcounts.unsynced:
                 self.storage.flush()
                 self.refcounts.unsynced = False
+            overlap.guard_write(
+                self,
+                np.arange(self.l2.l1_offset, self.l2.l1_offset + self.l2.l1_size * 8,
+                          self.geom.cluster_size, dtype=np.int64),
+                "L1 table",
+                skip=(overlap.ACTIVE_L1,),
+            )
             self.l2.write_l1_dirty()
             self.unsynced = True
         if self.unsynced or self.refcounts.unsynced:

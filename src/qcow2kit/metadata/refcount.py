@@ -62,6 +62,8 @@ class Refcounts:
         # set by the owner: names the metadata (L1, L2, snapshot tables) a cluster range
         # overlaps, or None; refcount structures are checked here
         self.overlap_check: Callable[[int, int], str | None] | None = None
+        # set by the owner: refuses a block write that would land on other metadata
+        self.before_block_write: Callable[[int], None] | None = None
         self._dtype = refcount_dtype(geom.refcount_order)
 
     # ---- blocks -----------------------------------------------------------------------
@@ -94,8 +96,11 @@ class Refcounts:
         return decode_refblock(self.storage.pread(off, self.geom.cluster_size), self.geom.refcount_order)
 
     def _store(self, index: int, block: Block) -> None:
+        offset = self.block_offset(index)
+        if self.before_block_write is not None:
+            self.before_block_write(offset)
         self.storage.event("refblock_update")
-        self.storage.pwrite(self.block_offset(index), encode_refblock(block, self.geom.refcount_order))
+        self.storage.pwrite(offset, encode_refblock(block, self.geom.refcount_order))
         self.unsynced = True
 
     def sync(self) -> bool:
@@ -177,6 +182,32 @@ class Refcounts:
             if zero.any():
                 freed.append(part[zero & (dpart < 0)])
         out = np.concatenate(freed) if freed else np.zeros(0, dtype=np.int64)
+        if len(out):
+            self.hint = min(self.hint, int(out[0]))
+        return out
+
+    def set_values(self, clusters: I64, values: npt.NDArray[np.uint64]) -> I64:
+        """Set the refcount of each (sorted, unique) cluster, whatever it was: the check's
+        repair, where a 64-bit refcount may be too large for adjust's signed arithmetic.
+        Returns the clusters whose refcount became zero."""
+        if len(clusters) == 0:
+            return np.zeros(0, dtype=np.int64)
+        if (values > np.uint64(self.geom.refcount_max)).any():
+            raise CorruptionError(f"refcount overflow (limit {self.geom.refcount_max})")
+        e = self.entries_per_block
+        bounds = np.flatnonzero(np.diff(clusters // e)) + 1
+        freed: list[I64] = []
+        for part, vpart in zip(np.split(clusters, bounds), np.split(values, bounds), strict=True):
+            index = int(part[0] // e)
+            if not self.has_block(index):
+                raise CorruptionError(f"refcount block {index} missing for cluster {int(part[0])}")
+            block = self.cache.get(index)
+            pos = part - index * e
+            was_used = block[pos] != 0
+            block[pos] = vpart.astype(block.dtype)
+            self.cache.mark_dirty(index)
+            freed.append(part[was_used & (vpart == 0)])
+        out = np.concatenate(freed)
         if len(out):
             self.hint = min(self.hint, int(out[0]))
         return out

@@ -8,9 +8,8 @@
 - `compressed=True` deflates (or zstd-compresses, per compression_type) each cluster in a
   thread pool and packs the results at byte granularity into host clusters, as QEMU does;
   a cluster that does not shrink below the cluster size is stored uncompressed.
-  Ordering: compressed bytes are written, and their refcounts are in the refcount cache,
-  before the L2 entries that point at them are installed; metadata writes the refcounts
-  durably before any L2 table (Metadata._before_l2_write).
+  Packing and its ordering live in metadata/compressed.py, behind
+  Image.write_compressed_clusters.
 - With a backing file (-B), only clusters that read differently from the backing file are
   written; a zero cluster over non-zero backing data becomes a zero cluster.
 
@@ -263,107 +262,6 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
 
 
 # ---- compressed clusters -------------------------------------------------------------
-class CompressedWriter:
-    """Packs compressed clusters at byte granularity into host clusters of an open image.
-
-    A host cluster's refcount is the number of compressed clusters whose bytes touch it;
-    when that would pass the refcount width's maximum (refcount_bits=1: one), the next
-    compressed cluster starts in a fresh host cluster instead, as QEMU does."""
-
-    def __init__(self, img: Image) -> None:
-        self.img = img
-        self.meta = img.meta
-        self.cs = img.cluster_size
-        self.max_refs = img.meta.geom.refcount_max
-        self.tail_cluster = -1  # host cluster holding the last compressed bytes
-        self.tail_used = 0  # bytes of it in use
-        self.tail_refs = 0  # compressed clusters touching it
-
-    def _place(
-        self, base: int, sizes: list[int], first_refs: int
-    ) -> tuple[list[int], int, dict[int, int]]:
-        """Byte offsets for `sizes` from `base`, the end, and touches per host cluster."""
-        cs = self.cs
-        touches: dict[int, int] = {base // cs: first_refs} if base % cs else {}
-        offsets: list[int] = []
-        pos = base
-        for n in sizes:
-            if pos % cs and touches.get(pos // cs, 0) >= self.max_refs:
-                pos = (pos // cs + 1) * cs
-            offsets.append(pos)
-            for c in range(pos // cs, (pos + n - 1) // cs + 1):
-                touches[c] = touches.get(c, 0) + 1
-            pos += n
-        return offsets, pos, touches
-
-    def write(self, items: list[tuple[int, bytes]]) -> None:
-        """items: (guest cluster offset, compressed bytes), guest clusters unallocated."""
-        if not items:
-            return
-        meta, img, cs = self.meta, self.img, self.cs
-        g = meta.geom
-        span = g.l2_span_bytes
-        refs = meta.refcounts
-        # L2 tables first, so that their allocations do not split the data region
-        tables = {}
-        for l1i in sorted({guest // span for guest, _ in items}):
-            tables[l1i] = img._l2_for_write(l1i)
-        sizes = [len(c) for _, c in items]
-        placed = None
-        if 0 <= self.tail_cluster and self.tail_used < cs and self.tail_refs < self.max_refs:
-            base = self.tail_cluster * cs + self.tail_used
-            offsets, end, touches = self._place(base, sizes, self.tail_refs)
-            extra = (end - 1) // cs - self.tail_cluster
-            start = refs.allocate(extra) if extra else self.tail_cluster + 1
-            if extra == 0 or start == self.tail_cluster + 1:
-                placed = (offsets, end, touches, self.tail_cluster + 1)
-            else:
-                refs.add_range(start, extra, -1)  # not contiguous: give them back
-        if placed is None:
-            offsets, end, touches = self._place(0, sizes, 0)
-            start = refs.allocate(-(-end // cs))
-            shift = start * cs
-            offsets = [o + shift for o in offsets]
-            touches = {c + start: t for c, t in touches.items()}
-            placed = (offsets, end + shift, touches, start)
-        offsets, end, touches, first_new = placed
-        # refcounts: allocate() gave each new cluster 1; the tail cluster already counts
-        clusters = np.array(sorted(touches), dtype=np.int64)
-        deltas = np.array(
-            [touches[c] - (1 if c >= first_new else self.tail_refs) for c in sorted(touches)],
-            dtype=np.int64,
-        )
-        keep = deltas != 0
-        if keep.any():
-            refs.adjust(clusters[keep], deltas[keep])
-        # data before the entries that point at it
-        storage = img.storage
-        lo = offsets[0]
-        payload = bytearray(end - lo)
-        for (_, comp), off in zip(items, offsets, strict=True):
-            payload[off - lo : off - lo + len(comp)] = comp
-        storage.pwrite(lo, payload)
-        end_sector = -(-end // 512) * 512
-        if storage.size() < end_sector:
-            storage.truncate(end_sector)
-        meta.unsynced = True
-        self.tail_cluster = (end - 1) // cs
-        self.tail_used = end - self.tail_cluster * cs
-        self.tail_refs = touches[self.tail_cluster]
-        for (guest, comp), host in zip(items, offsets, strict=True):
-            l1i = guest // span
-            _, table = tables[l1i]
-            idx = (guest - l1i * span) // cs
-            desc = g.encode_compressed(host, len(comp))
-            if g.extended_l2:
-                table[idx, 0] = desc
-                table[idx, 1] = 0
-            else:
-                table[idx] = desc
-        for l2_off, _ in tables.values():
-            meta.l2.cache.mark_dirty(l2_off)
-
-
 def _compress_one(args: tuple[bytes, int, int]) -> bytes | None:
     data, ctype, cs = args
     out = compress(data, ctype)
@@ -396,7 +294,6 @@ def _convert_qcow2(
     try:
         cs = img.cluster_size
         ctype = img.header.compression_type
-        writer = CompressedWriter(img) if compressed else None
         if compressed:
             pool = ThreadPoolExecutor(max_workers=COMPRESS_WORKERS)
         base = Source(img) if img.backing is not None else None
@@ -428,10 +325,10 @@ def _convert_qcow2(
                     differs = _differs(mv, bmv, cs)
                     zero_clusters = _runs_of(differs & ~want)
                     want &= differs
-                if writer is not None and pool is not None:
+                if pool is not None:
                     # compress this chunk while the previous one is written
                     jobs = _submit_compressed(pool, mv, pos, want, cs, ctype)
-                    _finish_compressed(img, writer, pending)
+                    _finish_compressed(img, pending)
                     pending = jobs
                 else:
                     for s, e in _runs_of(want):
@@ -443,8 +340,8 @@ def _convert_qcow2(
                 progress(n)
                 pos += n
             done = b
-        if writer is not None:
-            _finish_compressed(img, writer, pending)
+        if pool is not None:
+            _finish_compressed(img, pending)
         progress(src.size - done)
         img.flush()
     finally:
@@ -512,10 +409,10 @@ def _submit_compressed(
     return jobs
 
 
-def _finish_compressed(img: Image, writer: CompressedWriter, jobs: CompressJobs) -> None:
+def _finish_compressed(img: Image, jobs: CompressJobs) -> None:
     """Write a chunk's clusters: compressed where that shrinks them, plain otherwise. A
-    plain write may allocate after the compressed tail; the writer then starts a new
-    region (it only keeps packing while allocations stay contiguous)."""
+    plain write may allocate after the compressed tail; packing then starts a new region
+    (it only continues while allocations stay contiguous)."""
     items: list[tuple[int, bytes]] = []
     plain: list[tuple[int, bytes]] = []
     for guest, data, fut in jobs:
@@ -524,7 +421,7 @@ def _finish_compressed(img: Image, writer: CompressedWriter, jobs: CompressJobs)
             plain.append((guest, data))
         else:
             items.append((guest, comp))
-    writer.write(items)
+    img.write_compressed_clusters(items)
     for guest, data in plain:
         img.write(guest, data)
 
@@ -613,4 +510,4 @@ def iter_chunks(src: Source, chunk: int = CHUNK_BYTES) -> Iterator[tuple[int, me
             pos += n
 
 
-__all__ = ["convert", "Source", "CompressedWriter", "nonzero_blocks", "iter_chunks"]
+__all__ = ["convert", "Source", "nonzero_blocks", "iter_chunks"]

@@ -1,0 +1,93 @@
+"""Compaction orchestration: optionally drop data clusters that read as all zeros, then let
+metadata/compact.py move clusters from the end of the file into free holes and truncate.
+
+Owns the zero-cluster scan (numpy over whole runs, 8 MiB at a time) and the choice of how a
+zero cluster is dropped (a zero cluster on v3; unallocated on v2 without a backing file,
+where unallocated reads as zeros). The moves and their crash ordering live in
+metadata/compact.py. Works on any object with the `ZeroScanDisk` surface (Image provides
+it); must not import qcow2kit.image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from .chain import Readable
+from .format.header import Header
+from .io.storage import Storage
+from .metadata import compact as compact_mod
+from .metadata.compact import CompactResult
+from .metadata.l2map import Kind
+from .metadata.meta import Metadata
+
+SCAN_BYTES = 8 << 20
+
+
+class ZeroScanDisk(Protocol):
+    @property
+    def meta(self) -> Metadata: ...
+
+    @property
+    def backing(self) -> Readable | None: ...
+
+    @property
+    def data_storage(self) -> Storage | None: ...
+
+    @property
+    def header(self) -> Header: ...
+
+    @property
+    def virtual_size(self) -> int: ...
+
+    def clear_guest(self, offset: int, length: int, mode: str) -> None: ...
+
+
+def discard_zero_clusters(disk: ZeroScanDisk) -> int:
+    """Drop every allocated data cluster whose bytes are all zero; return how many."""
+    v2 = disk.header.version < 3
+    if v2 and disk.backing is not None:
+        return 0  # an unallocated cluster would show the backing file instead
+    mode = "discard" if v2 else "zero_unmap"
+    meta = disk.meta
+    cs = meta.geom.cluster_size
+    data = disk.data_storage or meta.storage
+    found = 0
+    pos = 0
+    size = disk.virtual_size
+    while pos < size:
+        n = min(SCAN_BYTES, size - pos)
+        zero_clusters: list[int] = []
+        for run in meta.l2.lookup(pos, n):
+            if run.kind != Kind.DATA:
+                continue
+            a = -(-run.guest_offset // cs) * cs
+            b = (run.end // cs) * cs
+            if b <= a:
+                continue
+            buf = data.pread(run.host_offset + (a - run.guest_offset), b - a)
+            rows = np.frombuffer(buf, dtype=np.uint8).reshape(-1, cs)
+            empty = np.flatnonzero(~rows.any(axis=1))
+            zero_clusters.extend((a + empty * cs).tolist())
+        for guest in zero_clusters:
+            disk.clear_guest(guest, cs, mode)
+        found += len(zero_clusters)
+        pos += n
+    meta.release_pending()
+    return found
+
+
+def compact(
+    disk: ZeroScanDisk,
+    *,
+    discard_zeroes: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> CompactResult:
+    if discard_zeroes:
+        discard_zero_clusters(disk)
+    return compact_mod.compact(disk.meta, progress)
+
+
+__all__ = ["ZeroScanDisk", "discard_zero_clusters", "compact", "CompactResult"]
