@@ -110,6 +110,23 @@ def parse_option_size(key: str, text: str) -> int:
         ) from None
 
 
+_NUMBER_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))")
+
+
+def parse_option_number(key: str, text: str) -> int:
+    """A plain number given as an option value (-o refcount_bits=16): decimal, 0x hex or
+    0-prefixed octal, as qemu-img reads numbers; a '-' wraps modulo 2**64 there, so here too
+    (the value is then refused by the range check of the option)."""
+    m = _NUMBER_RE.fullmatch(text)
+    if m is None:
+        raise UsageError(f"Parameter '{key}' expects a number")
+    sign, hexa, octal, dec = m.groups()
+    value = int(hexa, 16) if hexa else int(octal, 8) if octal else int(dec)
+    if value > UINT64_MAX:
+        raise UsageError(f"Value '{text}' is too large for parameter '{key}'")
+    return (-value) & UINT64_MAX if sign == "-" else value
+
+
 def round_to_sector(size: int) -> int:
     """Round a size up to the next multiple of 512, as qemu-img does for image sizes."""
     return -(-size // SECTOR) * SECTOR

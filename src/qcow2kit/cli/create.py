@@ -15,16 +15,23 @@ from .common import (
     SIZE_HELP,
     UsageError,
     parse_bool,
+    parse_option_number,
     parse_option_size,
     parse_options,
     parse_size,
     round_to_sector,
 )
 
-_INT_OPTS = {"cluster_size": "cluster_size", "refcount_bits": "refcount_bits"}
+_SIZE_OPTS = {"cluster_size"}
+_NUMBER_OPTS = {"refcount_bits"}
 _BOOL_OPTS = {"lazy_refcounts", "extended_l2", "data_file_raw"}
-_STR_OPTS = {"compat", "compression_type", "preallocation", "backing_file", "backing_fmt",
-             "data_file"}
+_STR_OPTS = {"backing_file", "backing_fmt", "data_file"}
+# option -> (the name qemu-img's message uses, the values it accepts)
+_CHOICE_OPTS = {
+    "compat": ("version", ("0.10", "v2", "1.1", "v3")),
+    "preallocation": ("preallocation", ("off", "metadata", "falloc", "full")),
+    "compression_type": ("compression-type", ("zlib", "zstd")),
+}
 
 
 def register(sub: Any) -> None:
@@ -58,8 +65,15 @@ def options_to_kwargs(opts: dict[str, str]) -> dict[str, Any]:
         k = key.replace("-", "_")
         if k == "size":
             continue
-        if k in _INT_OPTS:
-            kwargs[_INT_OPTS[k]] = parse_option_size(key, value)
+        if k in _SIZE_OPTS:
+            kwargs[k] = parse_option_size(key, value)
+        elif k in _NUMBER_OPTS:
+            kwargs[k] = parse_option_number(key, value)
+        elif k in _CHOICE_OPTS:
+            name, allowed = _CHOICE_OPTS[k]
+            if value not in allowed:
+                raise UsageError(f"Parameter '{name}' does not accept value '{value}'")
+            kwargs[k] = value
         elif k in _BOOL_OPTS:
             kwargs[k] = parse_bool(key, value)
         elif k in _STR_OPTS:
@@ -69,9 +83,9 @@ def options_to_kwargs(opts: dict[str, str]) -> dict[str, Any]:
     return kwargs
 
 
-def _requested_size(args: argparse.Namespace, opts: dict[str, str]) -> int | None:
+def _requested_size(args: argparse.Namespace, opts: dict[str, str],
+                    size: int | None) -> int | None:
     """The size as the user wrote it (not yet rounded), in qemu-img's order of checks."""
-    size = parse_size(args.size) if args.size is not None else None
     text = opts.get("size")
     if text is None:
         return size
@@ -85,17 +99,23 @@ def _requested_size(args: argparse.Namespace, opts: dict[str, str]) -> int | Non
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidArgumentError
     from ..ops.create import create
 
+    # like qemu-img: the positional size is read with the arguments, before any -o option
+    size = parse_size(args.size) if args.size is not None else None
     if args.fmt != "qcow2":
         raise UsageError(f"creating '{args.fmt}' images is not supported (only qcow2)")
     opts = parse_options(args.options)
-    kwargs = options_to_kwargs(opts)
+    try:
+        kwargs = options_to_kwargs(opts)
+    except UsageError as exc:
+        raise UsageError(f"{args.filename}: {exc}") from None
     if args.backing:
         kwargs["backing_file"] = args.backing
     if args.backing_fmt:
         kwargs["backing_fmt"] = args.backing_fmt
-    size = _requested_size(args, opts)
+    size = _requested_size(args, opts, size)
     if args.unsafe and size is None:
         raise UsageError("-u requires a size")
     if size is None and "backing_file" not in kwargs:
@@ -106,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
     if rounded is not None and rounded > INT64_MAX:
         # -o size= takes values up to 2**64-1; qemu-img's signed size then goes negative
         raise UsageError(f"{args.filename}: Could not resize image: Image size cannot be negative")
-    create(args.filename, rounded, **kwargs)
+    try:
+        create(args.filename, rounded, **kwargs)
+    except InvalidArgumentError as exc:
+        raise UsageError(f"{args.filename}: {exc}") from None
     if not args.quiet:
         print(f"Formatting '{args.filename}', fmt=qcow2 size={size if size is not None else '?'}")
     return 0
