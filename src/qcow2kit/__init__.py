@@ -7,7 +7,6 @@ module must never hold logic of its own beyond checking and forwarding arguments
 """
 
 import os as _os
-import typing as _typing
 
 from .errors import (
     CorruptionError,
@@ -20,10 +19,14 @@ from .errors import (
     UnsupportedFeatureError,
 )
 
-if _typing.TYPE_CHECKING:
+# typing's own TYPE_CHECKING would import typing (a third of this import's time); type
+# checkers honour any constant of this name, and it is deleted so it does not leak
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     from .image import Image
     from .metadata.check import CheckResult
     from .metadata.l2map import Kind, Run
+del TYPE_CHECKING
 
 __version__ = "0.1.0"
 
