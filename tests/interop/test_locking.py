@@ -16,7 +16,7 @@ import pytest
 
 import qcow2kit
 from qcow2kit.cli.main import main as cli_main
-from tests.helpers import qemu_img
+from tests.helpers import assert_clean, qemu_img, qemu_io
 
 QEMU_IO = shutil.which("qemu-io")
 QEMU_NBD = shutil.which("qemu-nbd")
@@ -147,6 +147,8 @@ def test_qemu_force_share_reader_allows_our_writer(image: Path) -> None:
     with qemu_io_holding(image, "-r", "-U"):
         with qcow2kit.open(str(image), "r+") as img:
             img.write(4096, b"w")
+    qemu_io(image, "read -P 0x5a 0 4096", "read -P 0x77 4096 1", "read -P 0x5a 4097 4095")
+    assert_clean(image)
 
 
 def test_cli_verbs_refused_while_qemu_writes(image: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -278,4 +279,12 @@ def test_compression_round_trip(ctype: int) -> None:
     rng = random.Random(ctype)
     for cs in (512, 65536):
         data = rng.randbytes(cs // 4) + bytes(cs - cs // 4)
-        assert decompress(compress(data, ctype), cs, ctype) == data
+        packed = compress(data, ctype)
+        assert decompress(packed, cs, ctype) == data
+        # and a decoder that is not ours reads it: raw deflate, or a zstd frame
+        if ctype == C.COMPRESSION_ZLIB:
+            assert zlib.decompressobj(-15).decompress(packed) == data
+        else:
+            import zstandard
+
+            assert zstandard.ZstdDecompressor().decompressobj().decompress(packed) == data
