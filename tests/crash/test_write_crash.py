@@ -161,6 +161,7 @@ def _prefill(path: Path, size: int, step: int) -> None:
 
 
 # ---- allocation: L2 tables, refcount blocks, refcount table growth --------------------------
+@pytest.mark.slow
 def test_allocation_grows_reftable(tmp_path: Path) -> None:
     """512 B clusters with 64-bit refcounts: a refcount block covers 64 clusters and one
     reftable cluster 4096 clusters (2 MiB), so ~2.5 MiB of new data forces refcount blocks,
@@ -460,6 +461,7 @@ _RANDOM_SETUPS = [
 _SEEDS = int(os.environ.get("QK_CRASH_SEEDS", "1"))  # more seeds for a long hunt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(_SEEDS))
 @pytest.mark.parametrize("setup", range(len(_RANDOM_SETUPS)), ids=[o for o, _ in _RANDOM_SETUPS])
 def test_random_workload_crash(tmp_path: Path, setup: int, seed: int) -> None:

@@ -98,6 +98,7 @@ def test_harness_catches_a_contract_violation(seeds: list[H.Seed], work: Path) -
     assert H.file_state(path) != before
 
 
+@pytest.mark.slow
 @FUZZ_SETTINGS
 @given(seed_index=st.integers(0, len(H.SEED_NAMES) - 1), muts=mutations, rnd=st.integers(0, 1 << 32))
 def test_mutated_images(seeds: list[H.Seed], work: Path, seed_index: int, muts: list[H.Mutation],
@@ -106,6 +107,7 @@ def test_mutated_images(seeds: list[H.Seed], work: Path, seed_index: int, muts: 
     H.run_input(work, seed, H.mutate(seed, muts), rnd)
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=max(50, EXAMPLES // 3))
 @given(seed_index=st.integers(0, len(H.SEED_NAMES) - 1),
        blob=st.binary(min_size=1, max_size=64), where=st.integers(0, 1 << 32),

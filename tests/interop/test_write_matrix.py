@@ -67,6 +67,7 @@ def _matrix_image(
     return path, DiskModel(size, base_data), span
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cs,xl2,compat,backing", MATRIX,
     ids=[f"cs{c}{'-xl2' if x else ''}-v{v}{'-bk' if b else ''}" for c, x, v, b in MATRIX],
