@@ -67,6 +67,15 @@ def contents(s: Storage) -> bytes:
 
 
 # ---- reading ----------------------------------------------------------------------------------
+def test_implements_every_protocol_member(make: Factory) -> None:
+    members = [n for n in vars(Storage) if not n.startswith("_")]
+    members += list(Storage.__annotations__)
+    s = make(INITIAL, True)
+    missing = [n for n in members if not hasattr(s, n)]
+    assert not missing, f"{type(s).__name__} lacks {missing}"
+    assert {"pread", "pwrite", "flush", "truncate", "size", "punch_hole", "close", "event"} <= set(members)
+
+
 def test_identity(make: Factory) -> None:
     rw, ro = make(INITIAL, True), make(INITIAL, False)
     assert isinstance(rw.name, str) and rw.name
@@ -293,6 +302,7 @@ def test_file_locks_conflict_like_qemu(tmp_path: Path) -> None:
         FileStorage(str(path), False, lock=False).close()
     finally:
         w.close()
+    FileStorage(str(path), True).close()  # closing released the locks
 
 
 # ---- RecordingStorage -------------------------------------------------------------------------
