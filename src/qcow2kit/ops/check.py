@@ -2,20 +2,19 @@
 `qemu-img check` does (human summary, JSON).
 
 Opening goes through the metadata layer directly rather than Image, because a check must
-work on images that Image refuses to open read-write (corrupt bit set) and must not run the
-automatic dirty-bit repair first: it is the repair. Imports metadata, format and io only.
+work on images that Image refuses to open (corrupt bit set, no refcount table, a snapshot
+table that does not parse) and must not run the automatic dirty-bit repair first: it is the
+repair. Imports metadata, format and io only.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
-from ..errors import FormatError, UnsupportedFeatureError
+from ..errors import UnsupportedFeatureError
 from ..io.file import FileStorage
-from ..metadata import header_io
 from ..metadata.check import CheckResult, check_image
-from ..metadata.meta import Metadata
+from ..metadata.check.opening import open_for_check
 
 # qemu-img prints its JSON in QDict bucket order; these are the keys in that order
 _JSON_ORDER = (
@@ -45,16 +44,7 @@ def check_path(path: str, repair: str | None = None, *, force_share: bool = Fals
         raise UnsupportedFeatureError("This image format does not support checks")
     storage = FileStorage(path, repair is not None, force_share=force_share)
     try:
-        header = header_io.read_header(storage)
-        try:
-            meta = Metadata(storage, header)
-        except FormatError:
-            if not header.nb_snapshots:
-                raise
-            # like QEMU in check mode: the snapshot table is read (and judged) by the check
-            meta = Metadata(storage, replace(header, nb_snapshots=0))
-            meta.header = header
-        return check_image(meta, repair)
+        return check_image(open_for_check(storage), repair)
     finally:
         storage.close()
 

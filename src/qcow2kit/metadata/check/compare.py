@@ -26,24 +26,29 @@ def compare(st: CheckState, fix: int) -> int:
     highest = int(used[-1]) if len(used) else 0
     mism = np.flatnonzero(ok & (disk != want))
     lines: list[tuple[int, str]] = []
-    if bad:
-        first = bad[0]
-        off = int(st.meta.refcounts.reftable[first[2]]) & REFT_OFFSET_MASK
+    cs = st.cs
+    reftable = st.meta.refcounts.reftable
+    unaligned = [b for _lo, _hi, b in bad if int(reftable[b]) & REFT_OFFSET_MASK & (cs - 1)]
+    if unaligned:
+        # QEMU flags the image corrupt on the first unaligned block it tries to load; a block
+        # beyond any possible file offset just fails to read
+        off = int(reftable[unaligned[0]]) & REFT_OFFSET_MASK
         lines.append(
             (
                 -1,
                 (
                     f"qcow2: Image is corrupt: Refblock offset {hx(off)} unaligned (reftable index: "
-                    f"{hx(first[2])}); further non-fatal corruption events will be suppressed"
+                    f"{hx(unaligned[0])}); further non-fatal corruption events will be suppressed"
                 ),
             )
         )
-        for lo, hi, _b in bad:
-            for k in range(lo, hi):
-                lines.append((k, f"Can't get refcount for cluster {k}: Input/output error"))
-            st.res.check_errors += hi - lo
-    r1 = disk[mism].astype(np.int64)
-    r2 = want[mism].astype(np.int64)
+    for lo, hi, _b in bad:
+        for k in range(lo, hi):
+            lines.append((k, f"Can't get refcount for cluster {k}: Input/output error"))
+        st.res.check_errors += hi - lo
+    # unsigned: a 64-bit refcount with the top bit set is a very large refcount
+    r1 = disk[mism]
+    r2 = want[mism]
     zero = r1 == 0
     if zero.any():
         st.rebuild = True
@@ -52,8 +57,7 @@ def compare(st: CheckState, fix: int) -> int:
     fixing = leak_fix | err_fix
     if fixing.any():
         clusters = mism[fixing].astype(np.int64)
-        deltas = (r2 - r1)[fixing]
-        freed = st.meta.refcounts.adjust(clusters, deltas)
+        freed = st.meta.refcounts.set_values(clusters, r2[fixing])
         st.meta.refcounts.sync()
         st.meta.forget_freed(freed, punch=True)
     st.res.leaks_fixed += int(np.count_nonzero(leak_fix))

@@ -37,18 +37,18 @@ def check_oflag_copied(st: CheckState, fix: int) -> None:
         unreadable[lo:hi] = True
     word = "Repairing" if repair else "ERROR"
 
-    def refcounts_of(clusters: I64) -> tuple[I64, npt.NDArray[np.bool_]]:
+    def refcounts_of(clusters: I64) -> tuple[U64, npt.NDArray[np.bool_]]:
         inside = clusters < n_disk
-        vals = np.zeros(len(clusters), dtype=np.int64)
+        vals = np.zeros(len(clusters), dtype=np.uint64)
         okay = np.ones(len(clusters), dtype=bool)
-        vals[inside] = disk[clusters[inside]].astype(np.int64)
+        vals[inside] = disk[clusters[inside]]
         okay[inside] = ~unreadable[clusters[inside]]
         for j in np.flatnonzero(~inside).tolist():
             v = st.disk_refcount_one(int(clusters[j]))
             if v is None:
                 okay[j] = False
             else:
-                vals[j] = min(v, (1 << 63) - 1)  # 64-bit refcounts: only "not 1" matters here
+                vals[j] = v
         return vals, okay
 
     for i in _copied_suspects(st, l1, disk, unreadable).tolist():
@@ -82,7 +82,7 @@ def check_oflag_copied(st: CheckState, fix: int) -> None:
         if len(idx) == 0:
             continue
         if st.data_file:
-            refc = np.ones(len(idx), dtype=np.int64)
+            refc = np.ones(len(idx), dtype=np.uint64)
             okay = np.ones(len(idx), dtype=bool)
         else:
             refc, okay = refcounts_of(off[idx] >> cb)

@@ -26,6 +26,9 @@ U64 = npt.NDArray[np.uint64]
 Mask = npt.NDArray[np.bool_]
 
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+INT64_MAX = (1 << 63) - 1  # QEMU's file offsets are signed 64-bit
+# QEMU's block layer fails any request reaching past INT64_MAX rounded down to 1 GiB (EIO)
+BDRV_MAX_LENGTH = INT64_MAX & ~((1 << 30) - 1)
 L2_KEEP_BYTES = 64 << 20  # L2 tables kept between the refcount pass and the COPIED pass
 _REF_FLUSH_ELEMENTS = 1 << 22
 
@@ -172,7 +175,7 @@ class CheckState:
     # ---- on-disk refcounts ----------------------------------------------------------------------
     def disk_refcounts(self, n: int) -> tuple[npt.NDArray[np.uint64], list[tuple[int, int, int]]]:
         """On-disk refcounts of clusters [0, n), and the (start, end, reftable index) ranges
-        whose refcount block cannot be read (unaligned offset)."""
+        whose refcount block cannot be read (unaligned, or beyond any file offset)."""
         out = np.zeros(n, dtype=np.uint64)
         bad: list[tuple[int, int, int]] = []
         reftable = self.meta.refcounts.reftable
@@ -183,7 +186,7 @@ class CheckState:
             if off == 0:
                 continue
             lo, hi = b * e, min(n, (b + 1) * e)
-            if off & (self.cs - 1):
+            if off & (self.cs - 1) or off + self.cs > BDRV_MAX_LENGTH:
                 bad.append((lo, hi, b))
                 continue
             block = decode_refblock(self.storage.pread(off, self.cs), order)
@@ -199,7 +202,7 @@ class CheckState:
         off = int(reftable[b]) & REFT_OFFSET_MASK
         if off == 0:
             return 0
-        if off & (self.cs - 1):
+        if off & (self.cs - 1) or off + self.cs > BDRV_MAX_LENGTH:
             return None
         block = decode_refblock(self.storage.pread(off, self.cs), self.geom.refcount_order)
         return int(block[cluster - b * e])

@@ -18,7 +18,7 @@ import numpy as np
 from ...format import constants as C
 from .bitmaps import check_bitmaps
 from .result import FIX_ERRORS, hx
-from .state import L2_KEEP_BYTES, REFT_OFFSET_MASK, U64, CheckState, L2Masks, Mask
+from .state import BDRV_MAX_LENGTH, INT64_MAX, L2_KEEP_BYTES, REFT_OFFSET_MASK, U64, CheckState, L2Masks, Mask
 
 
 def calculate(st: CheckState, fix: int) -> None:
@@ -303,26 +303,38 @@ def _check_refblocks(st: CheckState, fix: int) -> None:
             st.res.corruptions += 1
             word = "Repairing" if fix & FIX_ERRORS else "ERROR"
             st.msgs.append(f"{word} refcount block {i} is outside image")
+            if not fix & FIX_ERRORS:
+                continue
             # a hostile offset far past the end would make a huge sparse file and an
             # in-memory refcount array to match: only modest growth is a repair
             sane = offset + cs <= max(2 * st.file_len, st.file_len + (1 << 30))
-            if fix & FIX_ERRORS and offset < C.MAX_HOST_OFFSET and not sane:
+            if offset > INT64_MAX - cs:
+                # negative, or overflowing once the block's size is added, as a signed file
+                # offset: QEMU's resize fails with EINVAL
+                st.msgs.append("ERROR could not resize image: Invalid argument")
+                st.rebuild = True
+                continue
+            if offset + cs > BDRV_MAX_LENGTH:
+                st.msgs.append("ERROR could not resize image: Input/output error")
+                st.rebuild = True
+                continue
+            if offset >= C.MAX_HOST_OFFSET or not sane:
                 st.msgs.append("ERROR could not resize image: File too large")
                 st.rebuild = True
-            elif fix & FIX_ERRORS and offset < C.MAX_HOST_OFFSET:
-                # extend the file so that the block lies inside it again
-                try:
-                    st.storage.truncate(offset + cs)
-                except OSError as exc:
-                    st.msgs.append(f"ERROR could not resize image: {exc.strerror}")
-                    st.rebuild = True
-                    continue
-                st.storage.flush()
-                st.file_len = st.storage.size()
-                st.grow_imrt(st.geom.clusters_for(st.file_len))
-                st.res.corruptions -= 1
-                st.res.corruptions_fixed += 1
-                st.imrt[cluster] += 1
+                continue
+            # extend the file so that the block lies inside it again
+            try:
+                st.storage.truncate(offset + cs)
+            except OSError as exc:
+                st.msgs.append(f"ERROR could not resize image: {exc.strerror}")
+                st.rebuild = True
+                continue
+            st.storage.flush()
+            st.file_len = st.storage.size()
+            st.grow_imrt(st.geom.clusters_for(st.file_len))
+            st.res.corruptions -= 1
+            st.res.corruptions_fixed += 1
+            st.imrt[cluster] += 1
             continue
         if offset != 0:
             st.imrt[cluster] += 1
