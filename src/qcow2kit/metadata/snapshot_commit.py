@@ -52,6 +52,8 @@ _READ_BATCH_TABLES = 256
 class RefcountOverflowError(InvalidArgumentError):
     """A refcount would exceed the image's refcount width (QEMU answers -EINVAL)."""
 
+    errno = 22  # EINVAL
+
 
 class TableReader:
     """L2 tables read straight from storage (the caller flushed the cache first), kept for

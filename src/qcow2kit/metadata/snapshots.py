@@ -60,7 +60,11 @@ class ActiveBitmapsError(SnapshotError):
     """QEMU refuses to apply a snapshot while any persistent bitmap exists."""
 
 
+# every refusal QEMU reports with an error number (`errno`)
+REFUSALS = (SnapshotError, SnapshotsUnsupportedError, RefcountOverflowError)
+
 __all__ = [
+    "REFUSALS",
     "SnapshotError", "SnapshotNotFoundError", "TooManySnapshotsError",
     "SnapshotsUnsupportedError", "ActiveBitmapsError", "RefcountOverflowError",
     "find", "next_id", "truncate_name", "create", "apply", "delete",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import struct
 import time
@@ -50,17 +51,22 @@ def _actual_size(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def _shown(text: str) -> str:
+    """A name read with surrogate escapes, as QEMU shows it: invalid UTF-8 as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _snapshot_json(sn: Snapshot) -> dict[str, Any]:
     out: dict[str, Any] = {}
     icount = sn.icount
     if icount is not None and icount != (1 << 64) - 1:
         out["icount"] = icount
     out["vm-clock-nsec"] = sn.vm_clock_nsec % 1_000_000_000
-    out["name"] = sn.name
+    out["name"] = _shown(sn.name)
     out["date-sec"] = sn.date_sec
     out["date-nsec"] = sn.date_nsec
     out["vm-clock-sec"] = sn.vm_clock_nsec // 1_000_000_000
-    out["id"] = sn.id_str
+    out["id"] = _shown(sn.id_str)
     out["vm-state-size"] = sn.vm_state_size_large
     return out
 
@@ -204,7 +210,17 @@ def qemu_json(value: Any, level: int = 0) -> str:
         if not value:
             return "[\n" + end + "]"
         return "[\n" + ",\n".join(pad + qemu_json(v, level + 1) for v in value) + "\n" + end + "]"
-    return json.dumps(value)
+    return _upper_escapes(json.dumps(value))
+
+
+_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9a-f]{4})")
+
+
+def _upper_escapes(text: str) -> str:
+    """QEMU writes \\uXXXX escapes with capital hex digits."""
+    if "\\u" not in text:
+        return text
+    return _ESCAPE.sub(lambda m: m.group(1) + "\\u" + m.group(2).upper(), text)
 
 
 # ---- human layout ----------------------------------------------------------------------
@@ -217,6 +233,11 @@ def size_to_str(value: int) -> str:
     return "%0.3g %sB" % (value / div, suffixes[i])  # noqa: UP031 - C printf semantics
 
 
+def _left(text: str, width: int) -> str:
+    # C's %-Ns pads by bytes, not characters
+    return text + " " * max(0, width - len(text.encode()))
+
+
 def _snapshot_row(sn: dict[str, Any]) -> str:
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
     secs = sn["vm-clock-sec"]
@@ -224,7 +245,7 @@ def _snapshot_row(sn: dict[str, Any]) -> str:
     clock = f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}.{ms % 1000:03d}"
     icount = str(sn["icount"]) if "icount" in sn else ""
     return (
-        f"{sn['id']:<9} {sn['name']:<16} {size_to_str(sn['vm-state-size']):>8}"
+        f"{_left(sn['id'], 9)} {_left(sn['name'], 16)} {size_to_str(sn['vm-state-size']):>8}"
         f"{date:>20}{clock:>13}{icount:>11}"
     )
 

@@ -135,7 +135,7 @@ def create_command(path: str, name: str) -> None:
     with _open_rw(path) as img:
         try:
             create_snapshot(img, name)
-        except (snapshots.SnapshotError, snapshots.SnapshotsUnsupportedError) as exc:
+        except snapshots.REFUSALS as exc:
             code = exc.errno
             raise SnapshotCommandError(
                 f"Could not create snapshot '{name}': -{code} ({_strerror(code)})"
@@ -153,7 +153,7 @@ def delete_command(path: str, name: str) -> None:
         except snapshots.SnapshotNotFoundError:
             raise SnapshotCommandError(
                 f"Could not delete snapshot '{name}': snapshot not found") from None
-        except (snapshots.SnapshotError, snapshots.SnapshotsUnsupportedError) as exc:
+        except snapshots.REFUSALS as exc:
             raise SnapshotCommandError(f"Could not delete snapshot '{name}': {exc}") from None
 
 
@@ -168,7 +168,7 @@ def apply_command(path: str, name: str) -> None:
             apply_snapshot(img, name)
         except snapshots.ActiveBitmapsError as exc:
             raise SnapshotCommandError(f"Could not apply snapshot '{name}': {exc}") from None
-        except (snapshots.SnapshotError, snapshots.SnapshotsUnsupportedError) as exc:
+        except snapshots.REFUSALS as exc:
             raise SnapshotCommandError(
                 f"Could not apply snapshot '{name}': Failed to load snapshot: "
                 f"{_strerror(exc.errno)}"
