@@ -1,0 +1,162 @@
+"""qcow2 output of convert: create the target with ops.create and fill it from a Source.
+
+Owns the target Image from creation to close:
+- plain output is written through Image.write in large coalesced pieces; cluster-aligned
+  all-zero blocks stay unallocated;
+- compressed output deflates (or zstd-compresses, per compression_type) each cluster in a
+  thread pool and hands the results to Image.write_compressed_clusters, which packs them
+  at byte granularity as QEMU does; a cluster that does not shrink is stored plain;
+- with a backing file (-B) only clusters that read differently from the backing file are
+  written; a zero cluster over non-zero backing data becomes a zero cluster.
+Goes through public Image methods only, so every crash-safety rule of the write path
+(DESIGN.md section 3) holds here too. Never writes to the source.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ...format.compression import compress
+from ...image import Image
+from ...io.file import FileStorage
+from ..create import create
+from .source import CHUNK_BYTES, Source
+from .zeroscan import BoolArray, aligned_data_ranges, differs, nonzero_blocks, runs_of, union
+
+Progress = Callable[[int], None]
+
+# compression threads (zlib and zstd release the GIL while they work)
+COMPRESS_WORKERS = max(4, 2 * (os.cpu_count() or 2))
+
+CompressJobs = list[tuple[int, bytes, "Future[bytes | None]"]]
+
+
+def convert_qcow2(
+    src: Source,
+    dst: str,
+    *,
+    options: dict[str, Any],
+    compressed: bool,
+    backing: str | None,
+    backing_fmt: str | None,
+    progress: Progress,
+    sparse_bytes: int,
+    durable: bool = False,
+) -> None:
+    """Create dst as a qcow2 image of src's size (options as ops.create takes them) and
+    copy src's guest bytes into it."""
+    opts = dict(options)
+    if backing is not None:
+        opts["backing_file"] = backing
+        if backing_fmt is not None:
+            opts["backing_fmt"] = backing_fmt
+    create(dst, src.size, **opts)
+    img = Image.open_path(dst, writable=True)
+    if isinstance(img.storage, FileStorage):
+        img.storage.durable = durable
+    pool: ThreadPoolExecutor | None = None
+    try:
+        cs = img.cluster_size
+        ctype = img.header.compression_type
+        if compressed:
+            pool = ThreadPoolExecutor(max_workers=COMPRESS_WORKERS)
+        base = Source(img) if img.backing is not None else None
+        chunk = max(CHUNK_BYTES // cs, 1) * cs
+        buf = bytearray(chunk)
+        bbuf = bytearray(chunk) if base is not None else None
+        if sparse_bytes:
+            ranges = aligned_data_ranges(src.segments(0, src.size), cs, src.size)
+        else:
+            ranges = [(0, src.size)] if src.size else []
+        if base is not None:
+            ranges = union(ranges, aligned_data_ranges(base.segments(0, src.size), cs, src.size))
+        done = 0
+        pending: CompressJobs = []
+        for a, b in ranges:
+            progress(a - done)
+            pos = a
+            while pos < b:
+                n = min(chunk, b - pos)
+                mv = memoryview(buf)[:n]
+                src.read_into(mv, pos)
+                want = nonzero_blocks(mv, cs)
+                if not sparse_bytes:
+                    want[:] = True
+                zero_clusters: list[tuple[int, int]] = []
+                if base is not None and bbuf is not None:
+                    bmv = memoryview(bbuf)[:n]
+                    base.read_into(bmv, pos)
+                    diff = differs(mv, bmv, cs)
+                    zero_clusters = runs_of(diff & ~want)
+                    want &= diff
+                if pool is not None:
+                    # compress this chunk while the previous one is written
+                    jobs = _submit_compressed(pool, mv, pos, want, cs, ctype)
+                    _finish_compressed(img, pending)
+                    pending = jobs
+                else:
+                    for s, e in runs_of(want):
+                        lo, hi = s * cs, min(n, e * cs)
+                        img.write(pos + lo, mv[lo:hi])
+                for s, e in zero_clusters:
+                    lo, hi = s * cs, min(n, e * cs)
+                    img.write_zeroes(pos + lo, hi - lo)
+                progress(n)
+                pos += n
+            done = b
+        if pool is not None:
+            _finish_compressed(img, pending)
+        progress(src.size - done)
+        img.flush()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        img.close()
+
+
+def _compress_one(args: tuple[bytes, int, int]) -> bytes | None:
+    data, ctype, cs = args
+    out = compress(data, ctype)
+    return out if len(out) < cs else None
+
+
+def _submit_compressed(
+    pool: ThreadPoolExecutor,
+    mv: memoryview,
+    pos: int,
+    want: BoolArray,
+    cs: int,
+    ctype: int,
+) -> CompressJobs:
+    """Start compressing the wanted clusters of a chunk: (guest offset, data, future)."""
+    jobs: CompressJobs = []
+    for i in np.flatnonzero(want).tolist():
+        data = bytes(mv[i * cs : (i + 1) * cs])
+        padded = data + bytes(cs - len(data))  # a disk may end inside its last cluster
+        jobs.append((pos + i * cs, data, pool.submit(_compress_one, (padded, ctype, cs))))
+    return jobs
+
+
+def _finish_compressed(img: Image, jobs: CompressJobs) -> None:
+    """Write a chunk's clusters: compressed where that shrinks them, plain otherwise. A
+    plain write may allocate after the compressed tail; packing then starts a new region
+    (it only continues while allocations stay contiguous)."""
+    items: list[tuple[int, bytes]] = []
+    plain: list[tuple[int, bytes]] = []
+    for guest, data, fut in jobs:
+        comp = fut.result()
+        if comp is None:
+            plain.append((guest, data))
+        else:
+            items.append((guest, comp))
+    img.write_compressed_clusters(items)
+    for guest, data in plain:
+        img.write(guest, data)
+
+
+__all__ = ["convert_qcow2"]
