@@ -35,10 +35,6 @@ SNAPSHOT_TABLE = "the snapshot table"
 INACTIVE_L1 = "an inactive L1 table"
 BITMAP_DIRECTORY = "the bitmap directory"
 
-# the refcount structures check themselves inside Refcounts (they change mid-allocation)
-REFCOUNT_STRUCTURES = frozenset({REFTABLE, REFBLOCK})
-
-
 def _span(offset: int, nbytes: int, bits: int) -> I64:
     if nbytes <= 0:
         return np.zeros(0, dtype=np.int64)
@@ -90,12 +86,13 @@ def first_overlap(meta: Metadata, clusters: I64, skip: Iterable[str] = ()) -> tu
 
 
 def overlapping_range(meta: Metadata, start: int, count: int) -> str | None:
-    """The non-refcount structure among host clusters [start, start+count), for the
-    allocation guard in Refcounts (a corrupt refcount of 0 on a live table)."""
-    hit = first_overlap(
-        meta, np.arange(start, start + count, dtype=np.int64), skip=REFCOUNT_STRUCTURES
-    )
-    return None if hit is None else hit[0]
+    """The structure among host clusters [start, start+count), for the allocation guard
+    in Refcounts (a corrupt refcount of 0 on a live table)."""
+    end = start + count
+    for name, held in regions(meta):
+        if ((held >= start) & (held < end)).any():
+            return name
+    return None
 
 
 def guard_write(meta: Metadata, host_offsets: I64, what: str, skip: Iterable[str] = ()) -> None:

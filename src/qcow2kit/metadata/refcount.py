@@ -59,8 +59,7 @@ class Refcounts:
         self.unsynced = False
         self.hint = 0
         self.end_cluster = geom.clusters_for(storage.size())
-        # set by the owner: names the metadata (L1, L2, snapshot tables) a cluster range
-        # overlaps, or None; refcount structures are checked here
+        # set by the owner: names the metadata structure a cluster range overlaps, or None
         self.overlap_check: Callable[[int, int], str | None] | None = None
         # set by the owner: refuses a block write that would land on other metadata
         self.before_block_write: Callable[[int], None] | None = None
@@ -293,24 +292,14 @@ class Refcounts:
 
     def _check_overlap(self, start: int, count: int) -> None:
         """Clusters with refcount 0 handed out by a corrupt refcount table may still hold
-        metadata: refuse (like QEMU's overlap check) before anything overwrites them."""
-        bits = self.geom.cluster_bits
-        end = start + count
-        what = None
-        rt0 = self.reftable_offset >> bits
-        if start == 0:
-            what = "the image header"
-        elif start < rt0 + self.reftable_clusters and rt0 < end:
-            what = "the refcount table"
-        else:
-            blocks = (self.reftable >> np.uint64(bits))[self.reftable != 0]
-            if ((blocks >= start) & (blocks < end)).any():
-                what = "a refcount block"
-            elif self.overlap_check is not None:
-                what = self.overlap_check(start, count)
+        metadata: refuse (like QEMU's overlap check) before anything overwrites them. The
+        owner's registry (metadata/overlap.py) names every structure, these included."""
+        what = "the image header" if start == 0 else None
+        if what is None and self.overlap_check is not None:
+            what = self.overlap_check(start, count)
         if what is not None:
             raise CorruptionError(
-                f"Preventing invalid allocation of clusters {start}..{end - 1} "
+                f"Preventing invalid allocation of clusters {start}..{start + count - 1} "
                 f"(overlaps with {what}); the refcounts are wrong"
             )
 
