@@ -309,7 +309,7 @@ def verify(w: Workload, inputs: Inputs, out: Path, stdout: str, ref_out: Path | 
 
 
 def run_workload(w: Workload, inputs: Inputs, pairs: int, do_verify: bool,
-                 env: dict[str, str] | None) -> Result:
+                 env: dict[str, str]) -> Result:
     out = inputs.root / "out"
     ref_out = inputs.root / "ref_out"
     ours_argv, ref_argv = w.argv(inputs, out)
@@ -319,6 +319,9 @@ def run_workload(w: Workload, inputs: Inputs, pairs: int, do_verify: bool,
     t_ours: list[float] = []
     t_ref: list[float] = []
     verified = ""
+    # untimed warm-up of both: Python writes its bytecode caches, the page cache holds the input
+    run_once(ours_argv, out, fresh, env)
+    run_once(ref_argv, ref_out, fresh, env)
     for pair in range(pairs):
         order = ("ours", "ref") if pair % 2 == 0 else ("ref", "ours")
         stdout = {}
@@ -327,7 +330,7 @@ def run_workload(w: Workload, inputs: Inputs, pairs: int, do_verify: bool,
                 t, stdout[tool] = run_once(ours_argv, out, fresh, env)
                 t_ours.append(t)
             else:
-                t, stdout[tool] = run_once(ref_argv, ref_out, fresh)
+                t, stdout[tool] = run_once(ref_argv, ref_out, fresh, env)
                 t_ref.append(t)
         if pair == 0 and do_verify and w.verify:
             verified = verify(w, inputs, out, stdout["ours"], ref_out if ref_out.exists() else None,
@@ -381,10 +384,16 @@ def markdown(results: list[Result], info: dict[str, str], pairs: int, quick: boo
     return "\n".join(lines)
 
 
-def code_under_test(rev: str | None, src: str | None, root: Path) -> dict[str, str] | None:
-    """The environment of the qcow2kit runs (None: the working tree, as installed in the venv);
-    prints which code is measured."""
+def code_under_test(rev: str | None, src: str | None, root: Path) -> dict[str, str]:
+    """The environment of the runs; prints which code is measured.
+
+    Python runs with bytecode caches, as an installed package does: PYTHONDONTWRITEBYTECODE
+    (set in some shells) is dropped and the caches go to a directory under `root`
+    (PYTHONPYCACHEPREFIX), filled by each workload's warm-up run, so the checkout is not touched.
+    Without this every qcow2kit process would compile its modules again."""
     checkout = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
     if rev:
         dest = root / "src-rev"
         dest.mkdir()
@@ -399,8 +408,8 @@ def code_under_test(rev: str | None, src: str | None, root: Path) -> dict[str, s
                                capture_output=True, text=True).stdout.splitlines()
         print(f"# code: the working tree (HEAD {head[:60]}; {len(dirty)} changed paths under src/)",
               flush=True)
-        return None
-    env = dict(os.environ, PYTHONPATH=src)
+        return env
+    env["PYTHONPATH"] = src
     where = subprocess.run([PYTHON, "-c", "import qcow2kit; print(qcow2kit.__file__)"], env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     if not where.startswith(str(Path(src).resolve())) and not where.startswith(src):
@@ -449,7 +458,8 @@ def main() -> int:
     info = machine()
     print(f"# bench/compare.py, {info['date']}; nproc {info['nproc']}, {info['cpu']}, kernel "
           f"{info['kernel']}, {info['python']}, {info['qemu']}")
-    print(f"# {pairs} pairs, alternating order, os.sync() before each timed run; "
+    print(f"# {pairs} pairs, alternating order after one untimed warm-up run of each, os.sync() "
+          "before each timed run; bytecode cached (PYTHONPYCACHEPREFIX in the temporary directory); "
           f"{'QUICK (small sizes)' if args.quick else 'full sizes'}; load average at start "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     root = Path(tempfile.mkdtemp(prefix="qcow2kit-compare-", dir=args.dir or default_dir()))
