@@ -25,8 +25,9 @@ import numpy.typing as npt
 
 from ..errors import UnsupportedFeatureError
 from ..format import constants as C
+from ..format.entries import compressed_extents, decode_l2
 from ..format.tables import decode_table, encode_refblock, encode_table
-from . import resize
+from . import overlap, resize
 from .meta import Metadata
 
 I64 = npt.NDArray[np.int64]
@@ -153,27 +154,21 @@ class Compactor:
     def move_data(self, target: int) -> None:
         meta = self.meta
         g = meta.geom
-        x = g.compressed_offset_bits
         l2_offsets = _l2_offsets(meta)
         moving: set[int] = set()
         spans: list[tuple[int, int]] = []
         for off in l2_offsets:
             table = meta.l2.table(off)
             ent = table[:, 0] if g.extended_l2 else table
-            comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
+            fields = decode_l2(ent)
+            comp = fields.compressed
             if not meta.header.has_data_file:
-                host = ((ent[~comp] & np.uint64(C.OFFSET_MASK)) >> np.uint64(self.bits)).astype(
-                    np.int64
-                )
+                host = fields.host[~comp] >> self.bits
                 moving.update(host[(host >= target)].tolist())
             if comp.any():
-                desc = ent[comp] & np.uint64((1 << 62) - 1)
-                coff = (desc & np.uint64((1 << x) - 1)).astype(np.int64)
-                nsect = ((desc >> np.uint64(x)) & np.uint64((1 << (self.bits - 8)) - 1)).astype(
-                    np.int64
-                ) + 1
+                coff, clen = compressed_extents(fields.descriptor[comp], g)
                 first = coff >> self.bits
-                last = (coff + nsect * 512 - (coff & 511) - 1) >> self.bits
+                last = (coff + clen - 1) >> self.bits
                 for f, la in zip(first.tolist(), last.tolist(), strict=True):
                     if la >= target:
                         spans.append((f, la))
@@ -246,10 +241,11 @@ class Compactor:
         for off in l2_offsets:
             table = meta.l2.table(off)
             ent = table[:, 0] if g.extended_l2 else table
-            comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
+            fields = decode_l2(ent)
+            comp = fields.compressed
             changed = False
             if not meta.header.has_data_file:
-                host = ((ent & np.uint64(C.OFFSET_MASK)) >> np.uint64(self.bits)).astype(np.int64)
+                host = fields.host >> self.bits
                 hit, dest = lookup(host)
                 sel = hit & ~comp & (host != 0)
                 if sel.any():
@@ -316,6 +312,10 @@ class Compactor:
             if not len(slots):
                 return
             old, new = off >> self.bits, int(slots[0])
+            # new table, switch, free old: the copy's own refcount is durable, then the copy,
+            # then the one reftable entry that switches to it, each flushed before the next;
+            # a crash leaves the old block in use (and at most a leaked copy)
+            overlap.guard_write(meta, np.array([new * self.cs], dtype=np.int64), "refcount block")
             rc.add_range(new, 1, 1)
             rc.sync()
             block = rc.cache.get(index)

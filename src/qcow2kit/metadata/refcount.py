@@ -327,7 +327,13 @@ class Refcounts:
             pos = block_end
 
     def grow_reftable(self, min_entries: int) -> None:
-        """New table (with the blocks that describe it), flush, switch header, free old."""
+        """New table (with the blocks that describe it), flush, switch header, free old.
+
+        Order: the new refcount blocks and the counts for the new region are written and
+        flushed; then the new table (a copy of the old plus the new blocks), flushed; then
+        one 12-byte header write switches offset and size together, flushed; only then is
+        the old table's space released. A crash before the switch leaves the old table in
+        charge (the new clusters leak); after it, the old table's clusters leak at most."""
         cs = self.geom.cluster_size
         e = self.entries_per_block
         cur = len(self.reftable)
