@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from ..format import constants as C
+from ..format.entries import decode_l2
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
 
@@ -187,10 +189,9 @@ class _Mapper:
         kind, _host, _desc = l2.classify(table, u0, u1)
         c0, c1 = u0 // sub, -(-u1 // sub)
         ent = table[c0:c1, 0] if g.extended_l2 else table[c0:c1]
-        comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
-        copied = (ent >> np.uint64(63)).astype(bool)
-        chost = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
-        alloc = ~comp & ((chost != 0) | (copied & l2.data_file))
+        fields = decode_l2(ent)
+        chost = fields.host
+        alloc = ~fields.compressed & ((chost != 0) | (fields.copied & l2.data_file))
         units = np.arange(u0, u1, dtype=np.int64)
         cl = units // sub - c0
         off = np.where(alloc[cl], chost[cl] + (units % sub) * unit, -1)
@@ -226,7 +227,7 @@ class _Mapper:
 def map_image(img: Image | RawImage, start: int = 0, length: int | None = None) -> list[MapEntry]:
     """The merged extents of the virtual disk (or of [start, start+length) inside it)."""
     if start < 0 or (length is not None and length < 0):
-        raise ValueError("start offset and length must not be negative")
+        raise InvalidArgumentError("start offset and length must not be negative")
     size = disk_size(img)
     end = size if length is None else min(size, start + length)
     m = _Mapper()
