@@ -26,7 +26,7 @@ from qcow2kit.errors import FormatError
 from qcow2kit.io.file import FileStorage
 from qcow2kit.metadata.check.opening import read_header_for_check
 from qcow2kit.metadata.meta import Metadata
-from tests.helpers import assert_clean, qemu_img, qemu_io
+from tests.helpers import assert_clean, qemu_img, qemu_io, read_incompatible
 
 HEADER_REFTABLE = 48  # refcount_table_offset (u64), refcount_table_clusters (u32)
 
@@ -233,3 +233,25 @@ def test_refcount64_top_bit_is_a_leak(
     else:
         assert_clean(ours)
         _same_data(pristine, ours)
+
+
+# ---- the COPIED repair never writes a table over other metadata ----------------------------------
+def test_copied_repair_refuses_write_over_metadata(tmp_path: Path) -> None:
+    """L1[0] points at the L1 table itself: fixing its COPIED flag would write the L1
+    table, which is now also an active L2 table. QEMU's overlap check refuses, marks the
+    image corrupt and fails the check; so must we (issue 11: one registry of metadata ranges,
+    used by check)."""
+    pristine = tmp_path / "pristine.qcow2"
+    _base(pristine)
+    damaged = tmp_path / "damaged.qcow2"
+    shutil.copy(pristine, damaged)
+    l1 = _u64(damaged, 40)
+    _put(damaged, l1, struct.pack(">Q", (1 << 63) | l1))
+    ours, theirs = _copies(tmp_path, damaged)
+    _assert_same(run_ours(ours, "--output=json"), run_qemu(theirs, "--output=json"))
+    o = run_ours(ours, "-r", "all", "--output=json")
+    q = run_qemu(theirs, "-r", "all", "--output=json")
+    assert q.rc == 1
+    _assert_same(o, q)
+    assert read_incompatible(theirs) & 2
+    assert read_incompatible(ours) & 2, "the refused write must mark the image corrupt"

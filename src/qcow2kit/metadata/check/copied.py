@@ -16,8 +16,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ...format import constants as C
+from .. import overlap
 from .result import FIX_ERRORS, FIX_LEAKS, CheckFailedError
-from .state import I64, REFT_OFFSET_MASK, U64, CheckState
+from .state import I64, U64, CheckState
 
 
 def check_oflag_copied(st: CheckState, fix: int) -> None:
@@ -65,6 +66,11 @@ def check_oflag_copied(st: CheckState, fix: int) -> None:
                     f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} refcount={refcount}"
                 )
                 if repair:
+                    hit = _overlaps_metadata(st, meta.l2.l1_offset + i * 8, overlap.ACTIVE_L1)
+                    if hit is not None:
+                        _refuse_write(st, hit)
+                        st.res.check_errors += 1
+                        raise CheckFailedError("Input/output error")
                     new = (l1_entry | C.OFLAG_COPIED) if refcount == 1 else (l1_entry & ~C.OFLAG_COPIED)
                     st.storage.event("l1_update")
                     st.storage.pwrite(meta.l2.l1_offset + i * 8, struct.pack(">Q", new))
@@ -98,7 +104,10 @@ def check_oflag_copied(st: CheckState, fix: int) -> None:
                 ent[j] = np.uint64((entry | C.OFLAG_COPIED) if r == 1 else (entry & ~C.OFLAG_COPIED))
                 dirty += 1
         if dirty:
-            if l2_offset & (cs - 1) or _overlaps_metadata(st, l2_offset):
+            hit = _overlaps_metadata(st, l2_offset, overlap.ACTIVE_L2)
+            if hit is not None:
+                _refuse_write(st, hit)
+            if l2_offset & (cs - 1) or hit is not None:
                 st.msgs.append(
                     "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error"
                 )
@@ -168,19 +177,38 @@ def _copied_chunks(
     return out
 
 
-def _overlaps_metadata(st: CheckState, offset: int) -> bool:
-    """Would writing one cluster at offset hit the header, L1, reftable or a refblock?"""
-    cs = st.cs
-    meta = st.meta
-    if offset < cs:
-        return True
-    ranges = [
-        (meta.header.l1_table_offset, meta.header.l1_size * 8),
-        (meta.refcounts.reftable_offset, meta.refcounts.reftable_clusters * cs),
-        (st.snapshots_offset, st.snapshots_size),
-    ]
-    for start, size in ranges:
-        if size and start < offset + cs and offset < start + size:
-            return True
-    blocks = meta.refcounts.reftable & np.uint64(REFT_OFFSET_MASK)
-    return bool(np.any(blocks == np.uint64(offset)))
+# QEMU's names for the structures in its overlap messages
+_QEMU_NAMES = {
+    overlap.HEADER: "qcow2_header",
+    overlap.REFTABLE: "refcount table",
+    overlap.REFBLOCK: "refcount block",
+    overlap.ACTIVE_L1: "active L1 table",
+    overlap.ACTIVE_L2: "active L2 table",
+    overlap.SNAPSHOT_TABLE: "snapshot table",
+    overlap.INACTIVE_L1: "inactive L1 table",
+    overlap.BITMAP_DIRECTORY: "bitmap directory",
+}
+
+
+def _overlaps_metadata(st: CheckState, offset: int, own: str) -> str | None:
+    """The structure that rewriting the cluster at offset (part of `own`) would hit, if any.
+    Asks the registry of metadata ranges (QEMU's overlap check), and the snapshot table as
+    this pass read it (opening skips a table that does not parse)."""
+    cluster = np.array([offset >> st.cb], dtype=np.int64)
+    hit = overlap.first_overlap(st.meta, cluster, skip=(own,))
+    if hit is not None:
+        return hit[0]
+    start, size = st.snapshots_offset, st.snapshots_size
+    if size and start >> st.cb <= offset >> st.cb <= (start + size - 1) >> st.cb:
+        return overlap.SNAPSHOT_TABLE
+    return None
+
+
+def _refuse_write(st: CheckState, hit: str) -> None:
+    """Like QEMU: a table write that would land on other metadata marks the image corrupt."""
+    name = _QEMU_NAMES.get(hit, hit)
+    st.msgs.append(
+        f"qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with "
+        f"{name}); further corruption events will be suppressed"
+    )
+    st.meta.mark_corrupt(f"Preventing invalid write on metadata (overlaps with {name})")
