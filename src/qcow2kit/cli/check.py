@@ -1,7 +1,10 @@
 """qcow2kit check [-r leaks|all] [--output=human|json] [-q] [-U] [-f FMT] FILE
 
 Exit codes as qemu-img check: 0 consistent (or repaired), 1 the check could not complete,
-2 corruptions, 3 leaked clusters only, 63 the format has no checks (raw)."""
+2 corruptions, 3 leaked clusters only, 63 the format has no checks (raw).
+
+Owns the command line and what is printed where (diagnostics on stderr, summary or JSON on
+stdout); must never open or judge an image itself: ops.check does."""
 
 from __future__ import annotations
 

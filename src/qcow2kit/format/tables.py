@@ -1,7 +1,8 @@
 """numpy codecs for L1/L2/reftable tables and refcount blocks of every width.
 
 Tables decode to native uint64 arrays; extended L2 tables decode to shape (n, 2).
-Sub-byte refcounts are packed least-significant bit first, as the spec says.
+Sub-byte refcounts are packed least-significant bit first, as the spec says. Refcounts
+decode unsigned (a 64-bit refcount may use its top bit). Pure codecs: must never do I/O.
 """
 
 from __future__ import annotations
