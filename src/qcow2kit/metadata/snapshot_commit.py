@@ -36,9 +36,9 @@ from ..errors import CorruptionError, InvalidArgumentError
 from ..format import constants as C
 from ..format.entries import referenced_clusters
 from ..format.snapshot import Snapshot, snapshot_table_bytes
-from ..format.tables import decode_table, encode_refblock, encode_table, refcount_dtype
+from ..format.tables import decode_table, encode_refblock, encode_table
 from .meta import Metadata
-from .overlap import first_overlap
+from .refchanges import Allocator, RefChanges
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -130,117 +130,6 @@ def span(meta: Metadata, offset: int, nbytes: int) -> I64:
     return np.arange(offset >> bits, ((offset + nbytes - 1) >> bits) + 1, dtype=np.int64)
 
 
-class RefChanges:
-    """Net refcount change per cluster, and the refcounts before it (read once)."""
-
-    def __init__(self, meta: Metadata) -> None:
-        self.rc = meta.refcounts
-        self.parts: list[I64] = []
-        self.deltas: list[I64] = []
-        self._known = np.zeros(0, dtype=np.int64)
-        self._known_rc = np.zeros(0, dtype=np.int64)
-        self._resolved: tuple[I64, I64, I64] | None = None
-
-    def add(self, clusters: I64, delta: int) -> None:
-        if len(clusters):
-            self.parts.append(np.asarray(clusters, dtype=np.int64))
-            self.deltas.append(np.full(len(clusters), delta, dtype=np.int64))
-            self._resolved = None
-
-    def old(self, clusters: I64) -> I64:
-        """Refcounts before the operation of sorted unique clusters."""
-        pos = np.searchsorted(self._known, clusters)
-        pos_c = np.minimum(pos, max(len(self._known) - 1, 0))
-        hit = (pos < len(self._known)) & (self._known[pos_c] == clusters) if len(self._known) else (
-            np.zeros(len(clusters), dtype=bool))
-        out = np.zeros(len(clusters), dtype=np.int64)
-        out[hit] = self._known_rc[pos_c[hit]]
-        miss = clusters[~hit]
-        if len(miss):
-            vals = self.rc.values(miss).astype(np.int64)
-            out[~hit] = vals
-            keys = np.concatenate((self._known, miss))
-            order = np.argsort(keys, kind="stable")
-            self._known = keys[order]
-            self._known_rc = np.concatenate((self._known_rc, vals))[order]
-        return out
-
-    def resolve(self) -> tuple[I64, I64, I64]:
-        """(clusters, refcount before, refcount after) of every cluster whose count changes."""
-        if self._resolved is None:
-            self._resolved = self._resolve()
-        return self._resolved
-
-    def _resolve(self) -> tuple[I64, I64, I64]:
-        if not self.parts:
-            z = np.zeros(0, dtype=np.int64)
-            return z, z, z
-        clusters = np.concatenate(self.parts)
-        deltas = np.concatenate(self.deltas)
-        order = np.argsort(clusters, kind="stable")
-        clusters, deltas = clusters[order], deltas[order]
-        uniq, first = np.unique(clusters, return_index=True)
-        sums = np.add.reduceat(deltas, first)
-        keep = sums != 0
-        uniq, sums = uniq[keep], sums[keep]
-        before = self.old(uniq)
-        return uniq, before, before + sums
-
-    def after(self, clusters: I64) -> I64:
-        """Refcounts after the change of arbitrary clusters (any order, repeats allowed)."""
-        uniq, inv = np.unique(clusters, return_inverse=True)
-        changed, _before, after = self.resolve()
-        vals = self.old(uniq)
-        pos = np.searchsorted(changed, uniq)
-        pos_c = np.minimum(pos, max(len(changed) - 1, 0))
-        if len(changed):
-            hit = changed[pos_c] == uniq
-            vals[hit] = after[pos_c[hit]]
-        return vals[inv]
-
-
-class _Allocator:
-    """First fit over the clusters free in the old state; each run is taken above the last
-    one, so runs never overlap each other and nothing the old state uses is handed out."""
-
-    def __init__(self, meta: Metadata) -> None:
-        self.meta = meta
-        self.cursor = 1
-        self.runs: list[tuple[int, int]] = []
-
-    def take(self, count: int) -> int:
-        if count == 0:
-            return 0
-        rc = self.meta.refcounts
-        start = rc.find_free(count, start_at=self.cursor)
-        clusters = np.arange(start, start + count, dtype=np.int64)
-        hit = first_overlap(self.meta, clusters)
-        if hit is not None:
-            raise CorruptionError(
-                f"Preventing invalid allocation of cluster {hit[1]} (overlaps with {hit[0]}); "
-                "the refcounts are wrong"
-            )
-        if (start + count) >> (56 - self.meta.geom.cluster_bits):
-            raise CorruptionError("allocation beyond the 2^56 byte host offset limit")
-        self.cursor = start + count
-        self.runs.append((start, count))
-        return start
-
-
-def require_referenced(net: RefChanges, clusters: I64, what: str) -> None:
-    """Clusters a table references must have a refcount: otherwise the image is corrupt and
-    adding to a wrong count would hide it."""
-    if not len(clusters):
-        return
-    uniq = np.unique(clusters)
-    zero = uniq[net.old(uniq) == 0]
-    if len(zero):
-        raise CorruptionError(
-            f"cluster {int(zero[0])} ({what}) is referenced but has refcount 0; "
-            "run 'check -r all' first"
-        )
-
-
 def commit(
     meta: Metadata,
     net: RefChanges,
@@ -257,7 +146,7 @@ def commit(
     cs, bits = geom.cluster_size, geom.cluster_bits
     rc = meta.refcounts
     old = meta.header
-    alloc = _Allocator(meta)
+    alloc = Allocator(meta, net)
     if old.nb_snapshots:
         net.add(span(meta, old.snapshots_offset, len(snapshot_table_bytes(meta.snapshots))), -1)
 
@@ -278,7 +167,6 @@ def commit(
         copies.append(table)
     net.add(offs[rows] >> bits, -1)
     copy_start = alloc.take(len(copies))
-    net.add(np.arange(copy_start, copy_start + len(copies), dtype=np.int64), 1)
     new_l1[l1_used[rows]] = ((copy_start + np.arange(len(rows))) * cs).astype(np.uint64)
     tables = (new_l1[l1_used] & _OFFSET).astype(np.int64) >> bits
     single = net.after(tables) == 1
@@ -293,7 +181,6 @@ def commit(
         l1_start = meta.l2.l1_offset >> bits
     else:
         l1_start = alloc.take(l1_clusters)
-        net.add(np.arange(l1_start, l1_start + l1_clusters, dtype=np.int64), 1)
         if not old_l1_kept:
             net.add(span(meta, meta.l2.l1_offset, meta.l2.l1_size * 8), -1)
 
@@ -302,11 +189,11 @@ def commit(
         raise InvalidArgumentError("Snapshot table is too big")
     snap_clusters = geom.clusters_for(len(table_bytes))
     snap_start = alloc.take(snap_clusters)
-    net.add(np.arange(snap_start, snap_start + snap_clusters, dtype=np.int64), 1)
 
     placed, table_start, reftable = _place_refcount_structures(meta, net, alloc)
     changed, before, after = net.resolve()
     _validate(geom.refcount_max, changed, before, after)
+    alloc.check()
 
     # ---- write everything new, then flush: nothing the old header reaches is touched
     st = meta.storage
@@ -319,7 +206,7 @@ def commit(
     if snap_clusters:
         st.event("snapshot_table_write")
         st.pwrite(snap_start * cs, _padded(table_bytes, snap_clusters * cs))
-    _write_refblocks(meta, placed, changed, after)
+    _write_refblocks(meta, net, placed)
     st.event("reftable_write")
     st.pwrite(table_start * cs, encode_table(reftable))
     st.flush()
@@ -343,8 +230,7 @@ def commit(
     rc.cache.clear()
     rc.reftable = reftable
     rc.reftable_offset, rc.reftable_clusters = table_start * cs, reftable_clusters
-    top = max((s + n for s, n in alloc.runs), default=0)
-    rc.end_cluster = max(rc.end_cluster, top, geom.clusters_for(st.size()))
+    rc.end_cluster = max(rc.end_cluster, alloc.end, geom.clusters_for(st.size()))
     meta.l2.cache.clear()
     meta.l2.l1 = new_l1
     meta.l2.l1_offset, meta.l2.l1_size = l1_offset, len(new_l1)
@@ -389,7 +275,7 @@ def _validate(limit: int, clusters: I64, before: I64, after: I64) -> None:
 
 
 def _place_refcount_structures(
-    meta: Metadata, net: RefChanges, alloc: _Allocator
+    meta: Metadata, net: RefChanges, alloc: Allocator
 ) -> tuple[dict[int, int], int, U64]:
     """Copy every refcount block whose counts change, and the refcount table; the copies'
     own clusters change counts too, so repeat until nothing new needs a copy."""
@@ -401,7 +287,8 @@ def _place_refcount_structures(
     old_entries = len(rc.reftable)
     for _ in range(64):
         changed, _b, _a = net.resolve()
-        blocks = np.unique(changed // e).tolist()
+        of = changed // e  # sorted
+        blocks = of[np.concatenate(([True], of[1:] != of[:-1]))].tolist() if len(of) else []
         missing = [b for b in blocks if b not in placed]
         entries = max(old_entries, (max(blocks) + 1) if blocks else 0)
         need = max(rc.reftable_clusters, meta.geom.clusters_for(entries * 8))
@@ -415,7 +302,6 @@ def _place_refcount_structures(
             raise CorruptionError("the refcount table would exceed its 8 MiB limit")
         if missing:
             start = alloc.take(len(missing))
-            net.add(np.arange(start, start + len(missing), dtype=np.int64), 1)
             olds = [rc.block_offset(b) >> meta.geom.cluster_bits for b in missing if rc.has_block(b)]
             net.add(np.array(olds, dtype=np.int64), -1)
             placed.update({b: start + j for j, b in enumerate(missing)})
@@ -425,23 +311,20 @@ def _place_refcount_structures(
             else:
                 net.add(span(meta, rc.reftable_offset, rc.reftable_clusters * cs), -1)
             table_start, table_clusters = alloc.take(need), need
-            net.add(np.arange(table_start, table_start + need, dtype=np.int64), 1)
     raise CorruptionError("could not place the new refcount blocks")
 
 
-def _write_refblocks(meta: Metadata, placed: dict[int, int], changed: I64, after: I64) -> None:
-    rc = meta.refcounts
+def _write_refblocks(meta: Metadata, net: RefChanges, placed: dict[int, int]) -> None:
+    """The new refcount blocks: the old counts plus the net change, one write per run of
+    adjacent new blocks."""
     cs = meta.geom.cluster_size
-    e = rc.entries_per_block
+    e = meta.refcounts.entries_per_block
     order = meta.geom.refcount_order
-    dtype = refcount_dtype(order)
-    blocks_of = changed // e
+    net.after(np.array([max(placed, default=0) * e + e - 1], dtype=np.int64))  # cover them all
     runs: list[tuple[int, list[bytes]]] = []
     for b in sorted(placed, key=lambda k: placed[k]):
-        block = rc.cache.get(b).copy() if rc.has_block(b) else np.zeros(e, dtype=dtype)
-        lo, hi = np.searchsorted(blocks_of, [b, b + 1])
-        block[changed[lo:hi] - b * e] = after[lo:hi].astype(block.dtype)
-        data = encode_refblock(block, order)
+        block = net.after(np.arange(b * e, (b + 1) * e, dtype=np.int64))
+        data = encode_refblock(block.astype(net.before.dtype), order)
         cluster = placed[b]
         if runs and runs[-1][0] + len(runs[-1][1]) == cluster:
             runs[-1][1].append(data)

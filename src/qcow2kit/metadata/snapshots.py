@@ -21,13 +21,12 @@ from ..format import constants as C
 from ..format.features import Autoclear
 from ..format.snapshot import Snapshot
 from .meta import Metadata
+from .refchanges import RefChanges
 from .snapshot_commit import (
-    RefChanges,
     RefcountOverflowError,
     TableReader,
     commit,
     read_l1,
-    require_referenced,
     span,
     tree_refs,
 )
@@ -145,10 +144,8 @@ def create(meta: Metadata, name: str, *, now: float | None = None) -> Snapshot:
     net, reader = RefChanges(meta), TableReader(meta)
     active = meta.l2.l1.copy()
     tables, data = tree_refs(meta, reader, active)
-    require_referenced(net, tables, "an L2 table")
-    require_referenced(net, data, "a data cluster")
-    net.add(tables, 1)
-    net.add(data, 1)
+    net.add(tables, 1, referenced="an L2 table")
+    net.add(data, 1, referenced="a data cluster")
     size = meta.header.size
     extra = struct.pack(">QQQ", 0, size, 0)  # vm_state_size_large, disk_size, icount
     snap = Snapshot(
@@ -200,13 +197,12 @@ def apply(meta: Metadata, key: str) -> Snapshot:
         l1 = np.concatenate((l1, np.zeros(need - len(l1), dtype=np.uint64)))
     net, reader = RefChanges(meta), TableReader(meta)
     new_tables, new_data = tree_refs(meta, reader, l1)
-    require_referenced(net, new_tables, "an L2 table")
-    require_referenced(net, new_data, "a data cluster")
     old_tables, old_data = tree_refs(meta, reader, meta.l2.l1)
-    net.add(new_tables, 1)
-    net.add(new_data, 1)
+    net.add(new_tables, 1, referenced="an L2 table")
+    net.add(new_data, 1, referenced="a data cluster")
     net.add(old_tables, -1)
     net.add(old_data, -1)
     commit(meta, net, reader, size=size, active_l1=l1, snapshots=list(meta.snapshots),
            old_l1_kept=False)
     return snap
+

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import FormatError, Qcow2Error
 from ..format import constants as C
+from ..format.features import Autoclear
 from ..format.snapshot import Snapshot, parse_snapshots
 from ..io.file import FileStorage
 from ..metadata.header_io import read_header
@@ -121,6 +122,17 @@ def _strerror(code: int) -> str:
     return os.strerror(code)
 
 
+def _has_bitmaps(path: str) -> bool:
+    storage = FileStorage(path, False)
+    try:
+        header = read_header(storage)
+    finally:
+        storage.close()
+    ext = header.bitmaps
+    return bool(header.autoclear_features & Autoclear.BITMAPS) and ext is not None and (
+        ext.nb_bitmaps > 0)
+
+
 def _open_rw(path: str) -> Image:
     from ..image import Image
 
@@ -163,6 +175,10 @@ def apply_command(path: str, name: str) -> None:
     if probe_format(path) != "qcow2":
         raise SnapshotCommandError(
             f"Could not apply snapshot '{name}': Block driver does not support snapshots")
+    if _has_bitmaps(path):
+        # refused before a read-write open could touch anything
+        raise SnapshotCommandError(f"Could not apply snapshot '{name}': Device has active "
+                                   "dirty bitmaps")
     with _open_rw(path) as img:
         try:
             apply_snapshot(img, name)
