@@ -1,5 +1,5 @@
 """qcow2kit convert [-f FMT] [-O qcow2|raw] [-c] [-o key=value,...] [-p] [-S SIZE]
-[-B BACKING [-F FMT]] [-U] SRC DST"""
+[-B BACKING [-F FMT]] [-U] [-l SNAPSHOT | -s NAME] SRC DST"""
 
 from __future__ import annotations
 
@@ -33,9 +33,23 @@ def register(sub: Any) -> None:
                    help="cache mode of the output: unsafe (default, as qemu-img convert) "
                    "never waits for the disk; writeback flushes in crash-safe order")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("-l", dest="snapshot_param", metavar="SNAPSHOT",
+                   help="copy an internal snapshot: snapshot.id=ID[,snapshot.name=NAME], "
+                   "snapshot.name=NAME, or NAME (an ID, else a name)")
+    p.add_argument("-s", dest="snapshot_name", metavar="NAME",
+                   help="copy an internal snapshot (old spelling of -l NAME)")
     p.add_argument("source")
     p.add_argument("target")
     p.set_defaults(run=run)
+
+
+def _snapshot(args: argparse.Namespace) -> tuple[str | None, str | None] | None:
+    from ..ops.snapshot import parse_snapshot_option
+
+    if args.snapshot_param is not None and args.snapshot_name is not None:
+        raise UsageError("-l and -s name the snapshot twice")
+    text = args.snapshot_param if args.snapshot_param is not None else args.snapshot_name
+    return None if text is None else parse_snapshot_option(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             bar.total = image_info(args.source, args.fmt, force_share=True)["virtual-size"]
         convert(
             args.source, args.target, src_fmt=args.fmt, out_fmt=args.out_fmt,
+            snapshot=_snapshot(args),
             options=kwargs, compressed=args.compressed, backing=backing,
             backing_fmt=backing_fmt, force_share=args.force_share, progress=progress,
             sparse_bytes=parse_size(args.sparse), cache=args.cache,

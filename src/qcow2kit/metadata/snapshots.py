@@ -13,13 +13,15 @@ from __future__ import annotations
 import errno as errnos
 import struct
 import time
+from dataclasses import replace
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from ..errors import ImageStateError, InvalidArgumentError, UnsupportedFeatureError
 from ..format import constants as C
 from ..format.features import Autoclear
 from ..format.snapshot import Snapshot
+from .l2map import L2Map
 from .meta import Metadata
 from .refchanges import RefChanges
 from .snapshot_commit import (
@@ -66,7 +68,7 @@ __all__ = [
     "REFUSALS",
     "SnapshotError", "SnapshotNotFoundError", "TooManySnapshotsError",
     "SnapshotsUnsupportedError", "ActiveBitmapsError", "RefcountOverflowError",
-    "find", "next_id", "truncate_name", "create", "apply", "delete",
+    "find", "next_id", "truncate_name", "create", "apply", "delete", "load_view",
 ]
 
 
@@ -206,3 +208,27 @@ def apply(meta: Metadata, key: str) -> Snapshot:
            old_l1_kept=False)
     return snap
 
+
+
+# ---- read-only view ------------------------------------------------------------------------
+def _no_writes(*_: object) -> None:
+    raise ImageStateError("a snapshot view is read-only")
+
+
+def load_view(meta: Metadata, index: int) -> Snapshot:
+    """Point a read-only Metadata at snapshot `index`'s disk: its L1 table and its disk size
+    (QEMU's temporary snapshot load keeps the current size; reading the snapshot's own size
+    loses nothing when the image has since been shrunk)."""
+    if meta.writable:
+        raise ImageStateError("a snapshot can only be viewed through a read-only image")
+    snap = meta.snapshots[index]
+    size = snap.disk_size if snap.disk_size is not None else meta.header.size
+    read_l1(meta, snap.l1_table_offset, snap.l1_size)  # validates the table's place
+    meta.l2 = L2Map(
+        meta.storage, meta.geom, snap.l1_table_offset, snap.l1_size,
+        data_file=meta.header.has_data_file, before_l2_write=_no_writes,
+        cache_tables=meta.l2.cache.capacity,
+    )
+    meta.header = replace(meta.header, size=size, l1_size=snap.l1_size,
+                          l1_table_offset=snap.l1_table_offset)
+    return snap

@@ -117,6 +117,84 @@ def apply_snapshot(img: Image, id_or_name: str) -> Snapshot:
     return snapshots.apply(img.meta, id_or_name)
 
 
+# ---- read-only views -------------------------------------------------------------------------
+SNAPSHOT_OPT_BASE = "snapshot."
+
+
+def parse_snapshot_option(text: str) -> tuple[str | None, str | None]:
+    """`convert -l`: "snapshot.id=ID[,snapshot.name=NAME]" (either or both; ",," is a
+    literal comma) gives (id, name); a plain NAME gives (NAME, NAME), meaning "the ID,
+    else the name", as qemu-img."""
+    if not text.startswith(SNAPSHOT_OPT_BASE):
+        return text, text
+    ident: str | None = None
+    name: str | None = None
+    parts, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    parts.append(cur)
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if key == "snapshot.id" and sep:
+            ident = value
+        elif key == "snapshot.name" and sep:
+            name = value
+        else:
+            raise SnapshotCommandError(
+                f"Invalid parameter '{key}'\nFailed in parsing snapshot param '{text}'")
+    return ident, name
+
+
+def find_view(snapshots: list[Snapshot], ident: str | None, name: str | None) -> int | None:
+    """Index of the snapshot `convert -l` means: both given, the first matching both; a
+    plain name (ident == name), the first with that ID, else the first with that name."""
+    if ident is not None and ident == name:
+        for field in ("id_str", "name"):
+            for i, sn in enumerate(snapshots):
+                if getattr(sn, field) == ident:
+                    return i
+        return None
+    for i, sn in enumerate(snapshots):
+        if (ident is None or sn.id_str == ident) and (name is None or sn.name == name):
+            return i
+    return None
+
+
+def view_snapshot(img: Image, ident: str | None, name: str | None = None) -> Snapshot:
+    """Turn a read-only Image into a view of one snapshot's disk (see find_view for how
+    ident / name select it); read, as_file, map and convert then see that disk."""
+    from ..metadata import snapshots
+
+    index = find_view(img.snapshots, ident, name)
+    if index is None:
+        raise SnapshotCommandError("Failed to load snapshot: Can't find snapshot")
+    return snapshots.load_view(img.meta, index)
+
+
+def open_snapshot(path: str, id_or_name: str, *, force_share: bool = False,
+                  backing: bool = True) -> Image:
+    """Open a read-only view of one snapshot's disk: the first snapshot with that ID,
+    else the first with that name."""
+    from ..image import Image
+
+    img = Image.open_path(path, writable=False, force_share=force_share, backing=backing)
+    try:
+        view_snapshot(img, id_or_name, id_or_name)
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
 # ---- the command -------------------------------------------------------------------------
 def _strerror(code: int) -> str:
     return os.strerror(code)
@@ -192,6 +270,7 @@ def apply_command(path: str, name: str) -> None:
 
 
 __all__ = [
-    "SnapshotCommandError", "read_snapshots", "list_row", "list_table", "create_snapshot",
+    "SnapshotCommandError", "parse_snapshot_option", "find_view", "view_snapshot",
+    "open_snapshot", "read_snapshots", "list_row", "list_table", "create_snapshot",
     "delete_snapshot", "apply_snapshot", "create_command", "delete_command", "apply_command",
 ]

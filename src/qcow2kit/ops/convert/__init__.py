@@ -16,8 +16,8 @@ import os
 import stat
 from typing import Any
 
-from ...errors import FormatError, InvalidArgumentError
-from ...image import open_any
+from ...errors import FormatError, InvalidArgumentError, UnsupportedFeatureError
+from ...image import Image, RawImage, open_any
 from ...io.file import FileStorage
 from .qcow2out import Progress, convert_qcow2
 from .rawout import convert_raw
@@ -41,8 +41,12 @@ def convert(
     progress: Progress | None = None,
     sparse_bytes: int = SPARSE_BYTES,
     cache: str = "unsafe",
+    snapshot: tuple[str | None, str | None] | None = None,
 ) -> None:
     """Copy the virtual disk at src_path into a new raw file or qcow2 image at dst_path.
+
+    snapshot: copy an internal snapshot's disk instead, as (id, name) from
+    ops.snapshot.parse_snapshot_option (qemu-img convert -l).
 
     cache: "unsafe" (qemu-img convert's default) never waits for the disk; "writeback"
     flushes in crash-safe order and at the end.
@@ -68,6 +72,8 @@ def convert(
         raise FormatError("source and target are the same file")
     img = open_any(src_path, src_fmt, force_share=force_share)
     try:
+        if snapshot is not None:
+            _load_snapshot(img, snapshot)
         src = Source(img)
         prog = progress or (lambda n: None)
         if out_fmt == "raw":
@@ -80,6 +86,16 @@ def convert(
             )
     finally:
         img.close()
+
+
+def _load_snapshot(img: Image | RawImage, snapshot: tuple[str | None, str | None]) -> None:
+    from ..snapshot import view_snapshot
+
+    if not isinstance(img, Image):
+        raise UnsupportedFeatureError(
+            "Failed to load snapshot: Block format 'raw' used by device '' does not support "
+            "temporarily loading internal snapshots")
+    view_snapshot(img, *snapshot)
 
 
 def _check_target_unlocked(path: str) -> None:
