@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from . import compaction, resizing
 from .chain import MAX_BACKING_DEPTH, RawImage, Readable, backing_path, open_data_file, open_raw, probe_format
 from .errors import CorruptionError, FormatError, ImageStateError, InvalidArgumentError, UnsupportedFeatureError
-from .format.compression import compress, decompress
+from .format.compression import compress_clusters, decompress
 from .format.features import Incompatible
 from .format.header import Header
 from .format.snapshot import Snapshot
@@ -28,6 +28,7 @@ from .imagefile import ImageFile
 from .io.file import FileStorage
 from .io.storage import Storage
 from .metadata import header_io, mapping
+from .metadata.bitmaps import Bitmaps
 from .metadata.check import CheckResult, check_image
 from .metadata.compact import CompactResult
 from .metadata.compressed import CompressedPacker
@@ -83,12 +84,13 @@ class Image:
                     self.filename, header, storage.writable
                 )
             self.meta = Metadata(storage, header, data_storage=self.data_storage)
+            self.bitmaps = Bitmaps(self.meta)  # persistent dirty bitmaps (img.bitmaps)
             if backing and header.backing_file:  # an empty name means none, as in QEMU
                 self.backing = self._open_backing(header, chain)
             if storage.writable:
-                # before anything else is written: no feature bit may keep claiming what
-                # our writes will not maintain
-                self.meta.drop_unkept_promises()
+                # before anything else is written: bitmaps in use, and no feature bit
+                # left claiming what our writes will not maintain
+                self.bitmaps.start_writing()
                 if header.incompatible_features & Incompatible.DIRTY:
                     self._repair_dirty()
         except BaseException:
@@ -275,6 +277,7 @@ class Image:
         self._check_range(offset, len(mv))
         self._begin_write()
         try:
+            self.bitmaps.mark(offset, len(mv))
             self.write_guest(offset, mv)
             self.meta.release_pending()
         except CorruptionError as exc:
@@ -313,17 +316,8 @@ class Image:
                 f"compressed writes cover whole clusters of {cs} bytes "
                 f"(got offset {offset}, length {len(mv)})"
             )
-        ctype = self.header.compression_type
-        items: list[tuple[int, bytes]] = []
-        plain: list[int] = []
-        for pos in range(0, len(mv), cs):
-            cluster = bytes(mv[pos : pos + cs])
-            packed = compress(cluster + bytes(cs - len(cluster)), ctype)
-            if len(packed) < cs:
-                items.append((offset + pos, packed))
-            else:
-                plain.append(pos)
-        self.write_compressed_clusters(items)
+        packed, plain = compress_clusters(mv, cs, self.header.compression_type)
+        self.write_compressed_clusters([(offset + pos, out) for pos, out in packed])
         for pos in plain:
             self.write(offset + pos, mv[pos : pos + cs])
 
@@ -346,6 +340,8 @@ class Image:
         if self._packer is None:
             self._packer = CompressedPacker(self.meta)
         sizes = [len(packed) for _, packed in items]
+        for guest, _ in items:
+            self.bitmaps.mark(guest, cs)
         try:
             placement = self._packer.place([g for g, _ in items], sizes)
             payload = bytearray(placement.end - placement.start)
@@ -367,6 +363,7 @@ class Image:
         self._check_range(offset, length)
         self._begin_write()
         try:
+            self.bitmaps.mark(offset, length)
             v2 = self.header.version < 3 and not self.meta.geom.extended_l2
             if v2 and self.backing is not None:
                 self.write_zero_bytes(offset, length)
@@ -382,6 +379,7 @@ class Image:
         self._check_range(offset, length)
         self._begin_write()
         try:
+            self.bitmaps.mark(offset, length)
             self.clear_guest(offset, length, "discard")
             self.meta.release_pending()
         except CorruptionError as exc:
@@ -443,6 +441,7 @@ class Image:
         try:
             if self.writable and not self.meta.corrupt:
                 self.meta.release_pending()
+                self.bitmaps.store()
                 self.meta.flush()
                 if self.meta.lazy:
                     self.meta.clear_dirty_bit()

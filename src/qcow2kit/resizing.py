@@ -74,10 +74,8 @@ def validate(disk: GuestDisk, new_size: int, shrink: bool, preallocation: str) -
         raise ResizeError("Preallocation can only be used for growing images")
     if new_size < old_size and not shrink:
         raise ResizeError(
-            "Use the --shrink option to perform a shrink operation.\n"
-            "warning: Shrinking an image will delete all data beyond the shrunken image's "
-            "end. Before performing such an operation, make sure there is no important "
-            "data there."
+            f"shrinking from {old_size} to {new_size} bytes deletes the data past the new "
+            "end; pass shrink=True to confirm"
         )
     if disk.meta.snapshots and disk.header.version < 3:
         raise ResizeError("Can't resize a v2 image which has snapshots")

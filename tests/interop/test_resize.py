@@ -159,7 +159,7 @@ def _sha(path: Path) -> str:
 @pytest.mark.parametrize(
     "kwargs,new,message",
     [
-        ({}, 8 * M, "Use the --shrink option"),
+        ({}, 8 * M, "pass shrink=True"),
         ({"shrink": True}, 0, "must be positive"),
         ({"shrink": True}, 8 * M + 100, "multiple of 512"),
         ({"shrink": True, "preallocation": "full"}, 8 * M, "Preallocation can only be used"),

@@ -36,3 +36,21 @@ def compress(data: bytes, compression_type: int) -> bytes:
     import zstandard
 
     return zstandard.ZstdCompressor().compress(data)
+
+
+def compress_clusters(data: memoryview, cluster_size: int, compression_type: int) -> tuple[
+    list[tuple[int, bytes]], list[int]
+]:
+    """Compress each cluster of data (the last may be short: it is zero-padded). Returns
+    (offset, compressed bytes) for clusters that shrink below the cluster size, and the
+    offsets of those that do not (QEMU stores those uncompressed)."""
+    packed: list[tuple[int, bytes]] = []
+    plain: list[int] = []
+    for pos in range(0, len(data), cluster_size):
+        cluster = bytes(data[pos : pos + cluster_size])
+        out = compress(cluster + bytes(cluster_size - len(cluster)), compression_type)
+        if len(out) < cluster_size:
+            packed.append((pos, out))
+        else:
+            plain.append(pos)
+    return packed, plain

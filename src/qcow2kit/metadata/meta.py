@@ -18,8 +18,7 @@ import numpy.typing as npt
 
 from ..errors import CorruptionError, FormatError, ImageStateError
 from ..format import constants as C
-from ..format.bitmaps import FLAG_IN_USE, BitmapEntry, parse_directory, with_flags
-from ..format.features import Autoclear, Compatible, Incompatible
+from ..format.features import Compatible, Incompatible
 from ..format.geometry import Geometry
 from ..format.header import Header
 from ..format.snapshot import Snapshot, parse_snapshots
@@ -123,57 +122,6 @@ class Metadata:
         if not self.writable:
             return CorruptionError(f"Image is corrupt (opened read-only, not marked): {reason}")
         return CorruptionError(f"Marking image as corrupt: {reason}")
-
-    def drop_unkept_promises(self) -> None:
-        """Before anything else is written (a read-write open): clear every autoclear bit
-        this writer does not maintain, so no reader trusts a structure we will let go stale.
-
-        Persistent dirty bitmaps are not updated by our writes, so every enabled (`auto`)
-        bitmap is marked in use, i.e. inconsistent, following QEMU's own read-write-open
-        order: bit 0 cleared and durable, the directory rewritten with in_use, bit 0 set
-        again. A crash in between leaves bit 0 clear, which readers also treat as
-        "inconsistent". Disabled bitmaps do not track writes and stay valid."""
-        h = self.header
-        if h.version < 3:
-            return
-        keep = h.autoclear_features & Autoclear.DATA_FILE_RAW
-        entries = self._bitmap_entries() if h.autoclear_features & Autoclear.BITMAPS else None
-        stale = [e for e in entries or [] if e.enabled and not e.in_use]
-        restored = keep | (Autoclear.BITMAPS if entries is not None else 0)
-        if h.autoclear_features == restored and not stale:
-            return
-        self.storage.flush()
-        header_io.write_autoclear(self.storage, keep)
-        self.storage.flush()
-        self.header = replace(self.header, autoclear_features=keep)
-        ext = h.bitmaps
-        if entries is None or ext is None:
-            return
-        if stale:
-            directory = self.storage.pread(ext.directory_offset, ext.directory_size)
-            self.storage.event("bitmap_directory_update")
-            self.storage.pwrite(
-                ext.directory_offset,
-                with_flags(directory, [(e, e.flags | FLAG_IN_USE) for e in stale]),
-            )
-            self.storage.flush()
-        header_io.write_autoclear(self.storage, restored)
-        self.storage.flush()
-        self.header = replace(self.header, autoclear_features=restored)
-
-    def _bitmap_entries(self) -> list[BitmapEntry] | None:
-        """The bitmap directory, or None when there is none or it cannot be trusted."""
-        try:
-            ext = self.header.bitmaps
-            if ext is None:
-                return None
-            ext.validate(self.geom.cluster_size)
-            if ext.directory_offset + ext.directory_size > self.storage.size():
-                return None
-            data = self.storage.pread(ext.directory_offset, ext.directory_size)
-            return parse_directory(data, ext.nb_bitmaps)
-        except FormatError:
-            return None
 
     def set_dirty_bit(self) -> None:
         """Lazy refcounts: the dirty bit must be durable before refcounts may lag behind."""

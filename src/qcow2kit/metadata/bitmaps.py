@@ -1,0 +1,445 @@
+"""Persistent dirty bitmaps of one open image: load, track guest writes, store crash-safely.
+
+Owns the bitmaps extension's life while an image is open, following QEMU's protocol:
+- read-only: the directory is read and validated (a hostile directory raises FormatError
+  naming the bitmap and field); nothing is written;
+- read-write open (`start_writing`): every consistent bitmap is loaded into memory, then
+  marked in use on disk before any guest write (autoclear bit 0 cleared and durable, the
+  directory rewritten in place with in_use, bit 0 set again): a crash from here on leaves
+  the bitmaps "in use", which every reader treats as inconsistent, never as clean;
+- every guest write, zero write and discard sets the covered granules of each enabled
+  bitmap (`mark`);
+- close (`store`): the loaded bitmaps go to new data clusters, new tables and a new
+  directory with in_use clear; refcounts and all of it flushed; one 24-byte write of the
+  extension switches the header to the new directory; flushed; only then are the old
+  tables, data clusters and directory freed. A crash before the switch leaves the old
+  (in-use) bitmaps and leaked new clusters; after it, the new ones and leaked old clusters.
+Bitmaps found in use at open stay untouched and inconsistent (they can only be removed).
+Never imports qcow2kit.image.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import FormatError, ImageStateError, InvalidArgumentError, UnsupportedFeatureError
+from ..format import bitmaps as fmt
+from ..format import constants as C
+from ..format.extensions import MAX_BITMAPS, BitmapsExtension, Extension
+from ..format.features import Autoclear
+from . import header_io
+from .meta import Metadata
+
+U8 = npt.NDArray[np.uint8]
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+_EXT_HEADER_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapInfo:
+    """One persistent dirty bitmap as `img.bitmaps` lists it."""
+
+    name: str
+    granularity: int
+    enabled: bool
+    in_use: bool
+    persistent: bool = True
+
+
+class Bitmaps:
+    """`img.bitmaps`: iterate for BitmapInfo; add / remove / clear / enable / disable /
+    merge change them (stored when the image is closed); dirty_runs reads one."""
+
+    def __init__(self, meta: Metadata) -> None:
+        self.meta = meta
+        self.entries: list[fmt.BitmapEntry] = []  # the directory, in order
+        self.bits: dict[str, U8] = {}  # loaded bitmaps (packed, LSB first)
+        self.changed = False  # the set on disk no longer matches memory
+        self.writing = False
+        self.extension_valid = False
+        self._read()
+
+    # ---- reading ----------------------------------------------------------------------
+    def _read(self) -> None:
+        h = self.meta.header
+        ext = h.bitmaps
+        if h.version < 3 or ext is None or not h.autoclear_features & Autoclear.BITMAPS:
+            return
+        ext.validate(self.meta.geom.cluster_size)
+        size = self.meta.storage.size()
+        if ext.directory_offset + ext.directory_size > size:
+            raise FormatError(
+                f"bitmaps extension: directory at {ext.directory_offset:#x} "
+                f"({ext.directory_size} bytes) lies outside the file"
+            )
+        data = self.meta.storage.pread(ext.directory_offset, ext.directory_size)
+        entries = fmt.parse_directory(data, ext.nb_bitmaps)
+        names: set[str] = set()
+        cs = self.meta.geom.cluster_size
+        for e in entries:
+            fmt.validate_entry(e, cs, h.size)
+            if e.name in names:
+                raise FormatError(f"bitmap directory: the name '{e.name}' appears twice")
+            names.add(e.name)
+            if e.bitmap_table_offset + e.bitmap_table_size * 8 > size:
+                raise FormatError(f"bitmap '{e.name}': bitmap table lies outside the file")
+        self.entries = entries
+        self.extension_valid = True
+
+    def _table(self, e: fmt.BitmapEntry) -> U64:
+        raw = self.meta.storage.pread(e.bitmap_table_offset, e.bitmap_table_size * 8)
+        table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        bad = (table & np.uint64(fmt.TABLE_RESERVED_MASK)) != 0
+        offsets = table & np.uint64(fmt.TABLE_OFFSET_MASK)
+        bad |= (offsets != 0) & ((table & np.uint64(fmt.TABLE_ALL_ONES)) != 0)
+        bad |= offsets >= np.uint64(self.meta.storage.size())
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise FormatError(f"bitmap '{e.name}': table entry {i} is invalid ({int(table[i]):#x})")
+        return table
+
+    def _load(self, e: fmt.BitmapEntry) -> U8:
+        cs = self.meta.geom.cluster_size
+        nbytes = -(-fmt.granules(self.meta.header.size, e.granularity_bits) // 8)
+        needed = -(-nbytes // cs)  # a longer table (hostile or stale) is not read past this
+        out = np.zeros(needed * cs, dtype=np.uint8)
+        table = self._table(e)[:needed]
+        for i, entry in enumerate(table.tolist()):
+            off = entry & fmt.TABLE_OFFSET_MASK
+            if off:
+                out[i * cs : (i + 1) * cs] = np.frombuffer(self.meta.storage.pread(off, cs), np.uint8)
+            elif entry & fmt.TABLE_ALL_ONES:
+                out[i * cs : (i + 1) * cs] = 0xFF
+        return out[:nbytes].copy()
+
+    def __iter__(self) -> Iterator[BitmapInfo]:
+        for e in self.entries:
+            # a bitmap we hold in memory is marked in use on disk only while we write
+            in_use = e.in_use and e.name not in self.bits
+            yield BitmapInfo(e.name, e.granularity, e.enabled, in_use)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return any(e.name == name for e in self.entries)
+
+    def find(self, name: str) -> fmt.BitmapEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise InvalidArgumentError(f"Dirty bitmap '{name}' not found")
+
+    def dirty_runs(self, name: str, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, dirty) runs of the guest range, granule-aligned at the inside."""
+        e = self.find(name)
+        if e.in_use and name not in self.bits:
+            raise ImageStateError(f"Bitmap '{name}' is inconsistent and cannot be used")
+        bits = self.bits[name] if name in self.bits else self._load(e)
+        g = e.granularity_bits
+        first, last = offset >> g, (offset + length - 1) >> g
+        flags = np.unpackbits(bits, bitorder="little")[first : last + 1].astype(bool)
+        out: list[tuple[int, int, bool]] = []
+        if not len(flags):
+            return out
+        edges = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
+        starts = np.concatenate(([0], edges))
+        ends = np.concatenate((edges, [len(flags)]))
+        for s, t in zip(starts.tolist(), ends.tolist(), strict=True):
+            a = max(offset, (first + s) << g)
+            b = min(offset + length, (first + t) << g)
+            out.append((a, b - a, bool(flags[s])))
+        return out
+
+    # ---- writing ----------------------------------------------------------------------
+    def start_writing(self) -> None:
+        """Load every consistent bitmap and mark it in use before the first write; clear
+        every autoclear bit this writer does not maintain."""
+        meta = self.meta
+        h = meta.header
+        self.writing = True
+        if h.version < 3:
+            return
+        for e in self.entries:
+            if not e.in_use:
+                self.bits[e.name] = self._load(e)
+        keep = h.autoclear_features & Autoclear.DATA_FILE_RAW
+        restored = keep | (Autoclear.BITMAPS if self.extension_valid else 0)
+        if h.autoclear_features == restored and not self.bits:
+            return
+        meta.storage.flush()
+        self._write_autoclear(keep)
+        if not self.extension_valid:
+            return
+        if self.bits:
+            ext = meta.header.bitmaps
+            assert ext is not None
+            self.entries = [e.with_flags(e.flags | fmt.FLAG_IN_USE) if e.name in self.bits else e
+                            for e in self.entries]
+            meta.storage.event("bitmap_directory_update")
+            meta.storage.pwrite(ext.directory_offset, fmt.encode_directory(self.entries))
+            meta.storage.flush()
+        self._write_autoclear(restored)
+
+    def _write_autoclear(self, bits: int) -> None:
+        header_io.write_autoclear(self.meta.storage, bits)
+        self.meta.storage.flush()
+        self.meta.header = replace(self.meta.header, autoclear_features=bits)
+
+    def mark(self, offset: int, length: int) -> None:
+        """Set the granules of [offset, offset+length) in every enabled loaded bitmap."""
+        if length <= 0:
+            return
+        for e in self.entries:
+            if e.enabled and e.name in self.bits:
+                _set_bits(self.bits[e.name], offset >> e.granularity_bits,
+                          (offset + length - 1) >> e.granularity_bits)
+
+    # ---- the bitmap command -----------------------------------------------------------
+    def _usable(self, name: str) -> fmt.BitmapEntry:
+        self.meta.check_writable()
+        e = self.find(name)
+        if name not in self.bits:
+            raise ImageStateError(f"Bitmap '{name}' is inconsistent and cannot be used")
+        return e
+
+    def add(self, name: str, granularity: int | None = None, *, enabled: bool = True) -> None:
+        meta = self.meta
+        meta.check_writable()
+        if meta.header.version < 3:
+            raise UnsupportedFeatureError("Cannot store dirty bitmaps in qcow2 v2 files")
+        if not name:
+            raise InvalidArgumentError("Bitmap name cannot be empty")
+        if len(name.encode()) > fmt.MAX_NAME_BYTES:
+            raise InvalidArgumentError(
+                f"Name length exceeds maximum ({fmt.MAX_NAME_BYTES} characters)"
+            )
+        if any(e.name == name for e in self.entries):
+            raise InvalidArgumentError(f"Bitmap already exists: {name}")
+        if len(self.entries) >= MAX_BITMAPS:
+            raise InvalidArgumentError(f"Too many bitmaps (at most {MAX_BITMAPS})")
+        gbits = (fmt.default_granularity_bits(meta.geom.cluster_bits) if granularity is None
+                 else granularity.bit_length() - 1)
+        if granularity is not None and (granularity & (granularity - 1) or granularity < 512
+                                        or granularity > 1 << 31):
+            raise InvalidArgumentError("Granularity must be power of 2 and at least 512")
+        size = meta.header.size
+        entry = fmt.BitmapEntry(0, 0, fmt.table_entries(size, gbits, meta.geom.cluster_size),
+                                fmt.FLAG_IN_USE | (fmt.FLAG_AUTO if enabled else 0),
+                                fmt.TYPE_DIRTY_TRACKING, gbits, name)
+        self.entries.append(entry)
+        self.bits[name] = np.zeros(-(-fmt.granules(size, gbits) // 8), dtype=np.uint8)
+        self.changed = True
+
+    def remove(self, name: str) -> None:
+        self.meta.check_writable()
+        self.find(name)
+        self.entries = [e for e in self.entries if e.name != name]
+        self.bits.pop(name, None)
+        self.changed = True
+
+    def clear(self, name: str) -> None:
+        self._usable(name)
+        self.bits[name][:] = 0
+        self.changed = True
+
+    def enable(self, name: str) -> None:
+        self._set_enabled(name, True)
+
+    def disable(self, name: str) -> None:
+        self._set_enabled(name, False)
+
+    def _set_enabled(self, name: str, enabled: bool) -> None:
+        e = self._usable(name)
+        flags = (e.flags | fmt.FLAG_AUTO) if enabled else (e.flags & ~fmt.FLAG_AUTO)
+        self.entries = [x.with_flags(flags) if x.name == name else x for x in self.entries]
+        self.changed = True
+
+    def merge(self, name: str, source: str, source_image: Bitmaps | None = None) -> None:
+        """OR bitmap `source` (of this image, or of source_image's bitmaps) into `name`;
+        granularities may differ."""
+        bits, gbits = (source_image or self).loaded_bits(source)
+        self._merge_bits(name, bits, gbits)
+
+    def _merge_bits(self, name: str, source_bits: U8, source_granularity_bits: int) -> None:
+        e = self._usable(name)
+        target = self.bits[name]
+        size = self.meta.header.size
+        tg, sg = e.granularity_bits, source_granularity_bits
+        src = np.flatnonzero(
+            np.unpackbits(source_bits, bitorder="little")[: fmt.granules(size, sg)]
+        ).astype(np.int64)
+        if sg <= tg:
+            hit = np.unique(src >> (tg - sg))
+        else:
+            per = 1 << (sg - tg)
+            hit = (np.repeat(src << (sg - tg), per) + np.tile(np.arange(per), len(src)))
+        want = np.zeros(len(target) * 8, dtype=np.uint8)
+        want[hit[hit < fmt.granules(size, tg)]] = 1
+        target |= np.packbits(want, bitorder="little")
+        self.changed = True
+
+    def loaded_bits(self, name: str) -> tuple[U8, int]:
+        e = self.find(name)
+        bits = self.bits[name] if name in self.bits else None
+        if bits is None:
+            if e.in_use:
+                raise ImageStateError(f"Bitmap '{name}' is inconsistent and cannot be used")
+            bits = self._load(e)
+        return bits, e.granularity_bits
+
+    # ---- storing ----------------------------------------------------------------------
+    def store(self) -> None:
+        """Write the loaded bitmaps beside the old ones and switch with one header write."""
+        if not self.writing or (not self.bits and not self.changed):
+            return
+        meta = self.meta
+        cs = meta.geom.cluster_size
+        old_ext = meta.header.bitmaps if self.extension_valid else None
+        freed: list[I64] = []
+        new_entries: list[fmt.BitmapEntry] = []
+        for e in self.entries:
+            if e.name not in self.bits:
+                new_entries.append(e)  # in use since before we opened it: left untouched
+                continue
+            if e.bitmap_table_offset:
+                freed.append(self._clusters_of(e))
+            new_entries.append(self._write_bitmap(e, self.bits[e.name]))
+        removed = {e.name for e in self._on_disk_entries()} - {e.name for e in new_entries}
+        for e in self._on_disk_entries():
+            if e.name in removed:
+                freed.append(self._clusters_of(e))
+        if old_ext is not None:
+            freed.append(_span(old_ext.directory_offset, old_ext.directory_size, cs))
+        directory = fmt.encode_directory(new_entries)
+        new_ext: BitmapsExtension | None = None
+        if new_entries:
+            nclusters = -(-len(directory) // cs)
+            dir_at = meta.refcounts.allocate(nclusters) * cs
+            meta.storage.event("bitmap_directory_write")
+            meta.storage.pwrite(dir_at, directory + bytes(nclusters * cs - len(directory)))
+            new_ext = BitmapsExtension(len(new_entries), len(directory), dir_at)
+        # allocate before reference: the refcounts and every new cluster are durable before
+        # the header points at them
+        meta.refcounts.sync()
+        meta.storage.flush()
+        self._switch_header(new_ext)
+        meta.storage.flush()
+        self.entries = fmt.parse_directory(directory, len(new_entries)) if new_entries else []
+        self.extension_valid = new_ext is not None
+        self.bits = {}
+        self.changed = False
+        if freed:
+            meta.defer_free(np.concatenate(freed))
+            meta.release_pending()
+
+    def _on_disk_entries(self) -> list[fmt.BitmapEntry]:
+        if not self.extension_valid:
+            return []
+        ext = self.meta.header.bitmaps
+        assert ext is not None
+        data = self.meta.storage.pread(ext.directory_offset, ext.directory_size)
+        return fmt.parse_directory(data, ext.nb_bitmaps)
+
+    def _clusters_of(self, e: fmt.BitmapEntry) -> I64:
+        cs = self.meta.geom.cluster_size
+        if not e.bitmap_table_offset:
+            return np.zeros(0, dtype=np.int64)
+        table = self._table(e)
+        offsets = (table & np.uint64(fmt.TABLE_OFFSET_MASK)).astype(np.int64)
+        data = offsets[offsets != 0] // cs
+        return np.concatenate((data, _span(e.bitmap_table_offset, e.bitmap_table_size * 8, cs)))
+
+    def _write_bitmap(self, e: fmt.BitmapEntry, bits: U8) -> fmt.BitmapEntry:
+        """New data clusters for the non-zero parts, then a new table."""
+        meta = self.meta
+        cs = meta.geom.cluster_size
+        n = fmt.table_entries(meta.header.size, e.granularity_bits, cs)
+        padded = np.zeros(n * cs, dtype=np.uint8)
+        padded[: len(bits)] = bits
+        rows = padded.reshape(n, cs) if n else padded.reshape(0, cs)
+        nonzero = np.flatnonzero(rows.any(axis=1))
+        table = np.zeros(n, dtype=np.uint64)
+        if len(nonzero):
+            first = meta.refcounts.allocate(len(nonzero))
+            hosts = (first + np.arange(len(nonzero), dtype=np.int64)) * cs
+            meta.storage.event("bitmap_data_write")
+            meta.storage.pwrite(int(hosts[0]), rows[nonzero].tobytes())
+            table[nonzero] = hosts.astype(np.uint64)
+        tclusters = -(-n * 8 // cs)
+        table_at = meta.refcounts.allocate(tclusters) * cs if tclusters else 0
+        if tclusters:
+            raw = table.astype(">u8").tobytes()
+            meta.storage.event("bitmap_table_write")
+            meta.storage.pwrite(table_at, raw + bytes(tclusters * cs - len(raw)))
+        return replace(e, bitmap_table_offset=table_at, bitmap_table_size=n,
+                       flags=e.flags & ~fmt.FLAG_IN_USE)
+
+    def _switch_header(self, ext: BitmapsExtension | None) -> None:
+        """One write of the extension's 24 bytes when it stays where it is; otherwise the
+        header is rewritten (the bitmaps extension is added or dropped) with bit 0 clear,
+        and bit 0 set by a separate 8-byte write after that is durable."""
+        meta = self.meta
+        h = meta.header
+        payload = None if ext is None else struct.pack(">IIQQ", ext.nb_bitmaps, 0, ext.directory_size,
+                                                      ext.directory_offset)
+        at = self._extension_payload_offset()
+        if payload is not None and at is not None and h.autoclear_features & Autoclear.BITMAPS:
+            header_io.write_field(meta.storage, at, payload, "bitmap_extension_update")
+            exts = tuple(Extension(x.type, payload) if x.type == C.EXT_BITMAPS else x
+                         for x in h.extensions)
+            meta.header = replace(h, extensions=exts)
+            return
+        others = tuple(x for x in h.extensions if x.type != C.EXT_BITMAPS)
+        exts = others + ((Extension(C.EXT_BITMAPS, payload),) if payload is not None else ())
+        bits = h.autoclear_features & ~Autoclear.BITMAPS
+        new = replace(h, extensions=exts, autoclear_features=bits).relayout()
+        raw = new.to_bytes()
+        if len(raw) > meta.geom.cluster_size:
+            raise UnsupportedFeatureError("the header extensions no longer fit in cluster 0")
+        meta.storage.event("header_update")
+        meta.storage.pwrite(0, raw)
+        meta.storage.flush()
+        meta.header = new
+        if payload is not None:
+            self._write_autoclear(bits | Autoclear.BITMAPS)
+
+    def _extension_payload_offset(self) -> int | None:
+        h = self.meta.header
+        pos = h.header_length
+        for x in h.extensions:
+            if x.type == C.EXT_BITMAPS:
+                return pos + _EXT_HEADER_BYTES
+            pos += _EXT_HEADER_BYTES + len(x.data) + (-len(x.data) % 8)
+        return None
+
+
+def _set_bits(bits: U8, first: int, last: int) -> None:
+    """Set bits first..last (inclusive), LSB first within each byte."""
+    last = min(last, len(bits) * 8 - 1)
+    if first > last:
+        return
+    b0, b1 = first >> 3, last >> 3
+    lo = np.uint8((0xFF << (first & 7)) & 0xFF)
+    hi = np.uint8(0xFF >> (7 - (last & 7)))
+    if b0 == b1:
+        bits[b0] |= lo & hi
+        return
+    bits[b0] |= lo
+    bits[b0 + 1 : b1] = 0xFF
+    bits[b1] |= hi
+
+
+def _span(offset: int, nbytes: int, cs: int) -> I64:
+    if nbytes <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(offset // cs, (offset + nbytes - 1) // cs + 1, dtype=np.int64)
+
+
+__all__ = ["Bitmaps", "BitmapInfo"]
