@@ -361,11 +361,12 @@ def machine() -> dict[str, str]:
             "kernel": platform.release()}
 
 
-def markdown(results: list[Result], info: dict[str, str], pairs: int, quick: bool) -> str:
+def markdown(results: list[Result], info: dict[str, str], pairs: int, quick: bool, code: str) -> str:
     lines = [
         f"Measured with `python bench/compare.py` on {info['date']}: {info['nproc']} cores "
-        f"({info['cpu']}), {info['python']}, {info['qemu']}; {pairs} pairs of alternating runs, "
-        "`os.sync()` before each; ratio = median of the per-pair ratios qcow2kit / qemu-img "
+        f"({info['cpu']}), {info['python']}, {info['qemu']}; qcow2kit {code}; one untimed warm-up "
+        f"run of each tool, then {pairs} pairs of alternating runs, `os.sync()` before each, "
+        "Python bytecode cached; ratio = median of the per-pair ratios qcow2kit / qemu-img "
         "(below 1 means qcow2kit is faster). The machine is shared with other jobs, so timings are "
         "noisy: the range shows the lowest and highest per-pair ratio."
         + (" QUICK RUN (small sizes): not a measurement." if quick else ""),
@@ -384,8 +385,8 @@ def markdown(results: list[Result], info: dict[str, str], pairs: int, quick: boo
     return "\n".join(lines)
 
 
-def code_under_test(rev: str | None, src: str | None, root: Path) -> dict[str, str]:
-    """The environment of the runs; prints which code is measured.
+def code_under_test(rev: str | None, src: str | None, root: Path) -> tuple[dict[str, str], str]:
+    """The environment of the runs and which code they measure (also printed).
 
     Python runs with bytecode caches, as an installed package does: PYTHONDONTWRITEBYTECODE
     (set in some shells) is dropped and the caches go to a directory under `root`
@@ -406,16 +407,18 @@ def code_under_test(rev: str | None, src: str | None, root: Path) -> dict[str, s
                               capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--", "src"],
                                capture_output=True, text=True).stdout.splitlines()
+        code = f"working tree at {head.split()[0]}" + (f" + {len(dirty)} changed paths" if dirty else "")
         print(f"# code: the working tree (HEAD {head[:60]}; {len(dirty)} changed paths under src/)",
               flush=True)
-        return env
+        return env, code
     env["PYTHONPATH"] = src
     where = subprocess.run([PYTHON, "-c", "import qcow2kit; print(qcow2kit.__file__)"], env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     if not where.startswith(str(Path(src).resolve())) and not where.startswith(src):
         raise SystemExit(f"qcow2kit imports from {where}, not from {src}")
-    print(f"# code: {'revision ' + rev if rev else src} ({where})", flush=True)
-    return env
+    code = f"revision {rev}" if rev else f"from {src}"
+    print(f"# code: {code} ({where})", flush=True)
+    return env, code
 
 
 def default_dir() -> str:
@@ -465,8 +468,9 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="qcow2kit-compare-", dir=args.dir or default_dir()))
     t_start = time.perf_counter()
     results: list[Result] = []
+    code = ""
     try:
-        env = code_under_test(args.rev, args.src, root)
+        env, code = code_under_test(args.rev, args.src, root)
         print(f"{'workload':18s} {'qemu-img':>9s} {'qcow2kit':>9s} {'ratio':>6s} {'range':>11s}  "
               f"{'target':18s} holds  verified", flush=True)
         inputs = Inputs(root, size, text_size)
@@ -484,7 +488,7 @@ def main() -> int:
           f"{sum(r.holds for r in results)}/{len(results)} targets hold")
     if args.markdown:
         print()
-        print(markdown(results, info, pairs, args.quick))
+        print(markdown(results, info, pairs, args.quick, code))
     return 0
 
 
