@@ -464,9 +464,11 @@ class Image:
             self.meta.set_dirty_bit()
         try:
             if new_size < self.virtual_size:
+                self.bitmaps.detach()  # stored anew on close, at the new size
                 resizing.shrink(self, new_size)
             else:
                 resizing.grow(self, new_size, preallocation)
+            self.bitmaps.resize(new_size)
         except CorruptionError as exc:
             raise self.meta.mark_corrupt(str(exc)) from None
 
@@ -480,6 +482,7 @@ class Image:
         if self.meta.lazy:
             self.meta.set_dirty_bit()
         try:
+            self.bitmaps.detach()  # stored anew on close, where compaction left room
             return compaction.compact(self, discard_zeroes=discard_zeroes, progress=progress)
         except CorruptionError as exc:
             raise self.meta.mark_corrupt(str(exc)) from None

@@ -24,11 +24,12 @@ from typing import Protocol
 import numpy as np
 
 from .chain import Readable
-from .errors import ResizeError
+from .errors import ImageStateError, ResizeError
 from .format import constants as C
 from .format.header import Header
 from .io.storage import Storage
 from .metadata import mapping, resize
+from .metadata.bitmaps import Bitmaps
 from .metadata.meta import Metadata
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -45,6 +46,9 @@ class GuestDisk(Protocol):
 
     @property
     def data_storage(self) -> Storage | None: ...
+
+    @property
+    def bitmaps(self) -> Bitmaps: ...
 
     @property
     def header(self) -> Header: ...
@@ -79,11 +83,10 @@ def validate(disk: GuestDisk, new_size: int, shrink: bool, preallocation: str) -
         )
     if disk.meta.snapshots and disk.header.version < 3:
         raise ResizeError("Can't resize a v2 image which has snapshots")
-    if disk.header.bitmaps is not None:
-        raise ResizeError(
-            "Cannot resize an image with persistent dirty bitmaps (not supported by "
-            "qcow2kit yet); remove them with qemu-img bitmap --remove first"
-        )
+    try:
+        disk.bitmaps.check_consistent()
+    except ImageStateError as exc:
+        raise ResizeError(str(exc)) from None
     if new_size > disk.meta.geom.l2_span_bytes * (C.MAX_L1_BYTES // 8):
         raise ResizeError(f"New size {new_size} exceeds the largest size the L1 table allows")
 

@@ -210,3 +210,41 @@ def test_store_is_crash_safe(tmp_path: Path) -> None:
     n = check_crash_states(initial, storage.log, tmp_path / "states", verify=verify,
                            reorder_samples=2, max_states=150)
     assert n >= 8 and judged, "no state where the stored bitmap could be judged"
+
+
+@pytest.mark.parametrize("new_size", ["6M", "20M"])
+def test_resize_keeps_bitmaps_as_qemu_does(tmp_path: Path, new_size: str) -> None:
+    img = tmp_path / "r.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "12M")
+    qemu_io(img, "write -P 1 0 12M")
+    qemu_img("bitmap", "--add", "-g", "64k", str(img), "b")
+    with qcow2kit.open(str(img), "r+") as disk:
+        disk.write(1 << 20, b"w" * 100_000)
+        disk.write(10 << 20, b"v" * 4096)  # past a shrink: dropped
+        disk.resize({"6M": 6 << 20, "20M": 20 << 20}[new_size], shrink=True)
+        if new_size == "20M":
+            disk.write(19 << 20, b"g" * 512)  # the grown range is clean until written
+    size = {"6M": 6 << 20, "20M": 20 << 20}[new_size]
+    assert json.loads(qemu_img("info", "--output=json", str(img)).stdout)["virtual-size"] == size
+    assert_clean(img)
+    expected = [(1 << 20, 2 * 65536)]
+    if new_size == "20M":
+        expected += [(10 << 20, 65536), (19 << 20, 65536)]
+    assert _qemu_dirty(tmp_path, img, "b") == expected
+
+
+def test_compact_with_bitmaps(tmp_path: Path) -> None:
+    img = tmp_path / "k.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "8M")
+    qemu_io(img, "write -P 1 0 8M")
+    qemu_img("bitmap", "--add", str(img), "b")
+    qemu_io(img, "write -P 2 4M 8k")  # recorded by QEMU
+    qemu_io(img, "discard 0 4M")  # recorded too
+    before = img.stat().st_size
+    with qcow2kit.open(str(img), "r+") as disk:
+        disk.write(7 << 20, b"z" * 512)
+        disk.compact()
+    assert img.stat().st_size < before
+    assert_clean(img)
+    # granularity: the 4 KiB cluster size
+    assert _qemu_dirty(tmp_path, img, "b") == [(0, (4 << 20) + 8192), (7 << 20, 4096)]

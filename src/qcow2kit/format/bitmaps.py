@@ -94,7 +94,10 @@ def validate_entry(entry: BitmapEntry, cluster_size: int, disk_size: int) -> Non
         raise FormatError(f"{where}: bitmap_table_offset {entry.bitmap_table_offset:#x} unaligned")
     if entry.bitmap_table_size > MAX_TABLE_ENTRIES:
         raise FormatError(f"{where}: bitmap_table_size {entry.bitmap_table_size} exceeds the limit")
-    if entry.bitmap_table_size < table_entries(disk_size, entry.granularity_bits, cluster_size):
+    # an in-use bitmap may predate a resize that crashed before storing it: never loaded
+    if not entry.in_use and entry.bitmap_table_size < table_entries(
+        disk_size, entry.granularity_bits, cluster_size
+    ):
         raise FormatError(
             f"{where}: bitmap_table_size {entry.bitmap_table_size} is too small for the disk size"
         )

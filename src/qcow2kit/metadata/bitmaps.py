@@ -294,6 +294,55 @@ class Bitmaps:
             bits = self._load(e)
         return bits, e.granularity_bits
 
+    # ---- whole-image operations ---------------------------------------------------------
+    def check_consistent(self) -> None:
+        """Resize, shrink and compact need every bitmap in memory, as QEMU does."""
+        for e in self.entries:
+            if e.name not in self.bits and e.in_use:
+                raise ImageStateError(
+                    f"Bitmap '{e.name}' is inconsistent and cannot be used\n"
+                    "Try block-dirty-bitmap-remove to delete this bitmap from disk"
+                )
+
+    def resize(self, new_size: int) -> None:
+        """Bits past a shrink are dropped; grown space is clean."""
+        for e in self.entries:
+            bits = self.bits.get(e.name)
+            if bits is None:
+                continue
+            count = fmt.granules(new_size, e.granularity_bits)
+            out = np.zeros(-(-count // 8), dtype=np.uint8)
+            keep = min(len(out), len(bits))
+            out[:keep] = bits[:keep]
+            if count % 8 and len(out):
+                out[-1] &= np.uint8((1 << (count % 8)) - 1)
+            self.bits[e.name] = out
+        if self.entries:
+            self.changed = True
+
+    def detach(self) -> None:
+        """Drop the on-disk copies of the bitmaps held in memory before a shrink or compact
+        moves clusters (they are stored anew on close). They are marked in use on disk, so
+        a crash from here on loses nothing a reader could still trust: it finds no bitmaps
+        instead of inconsistent ones."""
+        self.check_consistent()
+        if not self.extension_valid:
+            return
+        meta = self.meta
+        cs = meta.geom.cluster_size
+        ext = meta.header.bitmaps
+        assert ext is not None
+        freed = [self._clusters_of(e) for e in self._on_disk_entries()]
+        freed.append(_span(ext.directory_offset, ext.directory_size, cs))
+        meta.flush()
+        self._switch_header(None)  # unreference before free
+        meta.storage.flush()
+        self.extension_valid = False
+        self.entries = [replace(e, bitmap_table_offset=0) for e in self.entries]
+        self.changed = True
+        meta.defer_free(np.concatenate(freed))
+        meta.release_pending()
+
     # ---- storing ----------------------------------------------------------------------
     def store(self) -> None:
         """Write the loaded bitmaps beside the old ones and switch with one header write."""
