@@ -1,0 +1,78 @@
+"""Snapshot table limits: 65,536 snapshots at most (QEMU: -EFBIG), names cut at 255 bytes,
+the Python calls' errors, and a snapshot of an image with a backing file."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qcow2kit
+from qcow2kit.format.snapshot import Snapshot
+from qcow2kit.image import Image
+from qcow2kit.metadata import snapshots as meta_snapshots
+from qcow2kit.metadata.refchanges import RefChanges
+from qcow2kit.metadata.snapshot_commit import TableReader, commit
+from qcow2kit.ops.snapshot import apply_snapshot, create_snapshot, delete_snapshot
+from tests.helpers import assert_clean, qemu_img, qemu_io, to_raw
+
+EXTRA = struct.pack(">QQQ", 0, 0, 0)
+
+
+def ours(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "qcow2kit", *args], capture_output=True)
+
+
+def test_65536_snapshots_and_no_more(tmp_path: Path) -> None:
+    p = tmp_path / "many.qcow2"
+    qcow2kit.create(str(p), 1 << 20, cluster_size=65536)
+    with Image.open_path(str(p), writable=True) as img:
+        # snapshots without L1 tables, written as one table change
+        meta = img.meta
+        fake = [Snapshot(0, 0, str(i + 1), "s", 0, 0, 0, 0, EXTRA) for i in range(65535)]
+        commit(meta, RefChanges(meta), TableReader(meta), size=1 << 20,
+               active_l1=meta.l2.l1.copy(), snapshots=fake, old_l1_kept=False)
+    assert ours("snapshot", "-c", "last", str(p)).returncode == 0
+    res = ours("snapshot", "-c", "one-too-many", str(p))
+    assert res.returncode == 1
+    assert res.stderr == b"qcow2kit: Could not create snapshot 'one-too-many': -27 (File too large)\n"
+    assert_clean(p)
+    assert ours("snapshot", "-d", "last", str(p)).returncode == 0
+    assert_clean(p)
+    assert ours("snapshot", "-c", "again", str(p)).returncode == 0
+    theirs = qemu_img("snapshot", "-c", "x", str(p), check=False)  # leaks a cluster itself
+    assert "-27 (File too large)" in theirs.stderr
+
+
+def test_python_calls(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(base), "2M")
+    qemu_io(base, "write -P 1 0 2M")
+    p = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o",
+             "cluster_size=4096", str(p))
+    with qcow2kit.open(str(p), "r+") as img:
+        img.write(4096, b"\x22" * 8192)
+        sn = create_snapshot(img, "n" * 300)
+        assert (sn.id_str, len(sn.name), sn.disk_size, sn.icount) == ("1", 255, 2 << 20, 0)
+        before = img.read(0, 2 << 20)
+        img.write(0, b"\x33" * 4096)  # unflushed: the snapshot calls flush first
+        create_snapshot(img, "after")
+        apply_snapshot(img, "1")
+        assert img.read(0, 2 << 20) == before
+        with pytest.raises(meta_snapshots.SnapshotNotFoundError):
+            delete_snapshot(img, "nope")
+        with pytest.raises(meta_snapshots.SnapshotNotFoundError):
+            apply_snapshot(img, "nope")
+        delete_snapshot(img, "after")
+        img.write(1 << 20, b"\x44" * 4096)
+    assert_clean(p)
+    data = to_raw(p, tmp_path / "x.raw")
+    assert data[:4096] == b"\x01" * 4096 and data[4096:12288] == b"\x22" * 8192
+    assert data[1 << 20 : (1 << 20) + 4096] == b"\x44" * 4096
+    with qcow2kit.open(str(p)) as img, pytest.raises(qcow2kit.ImageStateError):
+        create_snapshot(img, "read-only")
