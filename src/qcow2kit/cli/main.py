@@ -18,7 +18,8 @@ from typing import NoReturn
 from ..errors import Qcow2Error
 from .common import PROG, UsageError
 
-VERBS = ("create", "info", "map", "convert", "compare", "resize", "check", "compact", "snapshot", "bitmap")
+VERBS = ("create", "info", "map", "convert", "compare", "resize", "check", "compact", "snapshot", "bitmap",
+         "serve")
 EXIT_USAGE = 1
 EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: distinct from every exit code qemu-img uses
 DEBUG_ENV = "QCOW2KIT_DEBUG"
