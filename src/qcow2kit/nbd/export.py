@@ -133,6 +133,11 @@ class Export:
         if multi_conn:
             flags |= P.TF_CAN_MULTI_CONN
         self.eflags = flags
+        self._backed: list[bool] = []  # per chain depth: has that layer a backing file?
+        layer: Image | RawImage | None = image
+        while isinstance(layer, Image):
+            self._backed.append(layer.backing is not None)
+            layer = layer.backing
         self.contexts: tuple[str, ...] = (P.CTX_BASE_ALLOCATION,) + (
             (P.CTX_ALLOCATION_DEPTH,) if allocation_depth else ()
         )
@@ -251,8 +256,12 @@ class Export:
                     continue
                 if ctx == P.CTX_BASE_ALLOCATION:
                     flags = (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0)
+                elif e.present:
+                    flags = e.depth + 1
                 else:
-                    flags = e.depth + 1 if e.present else 0
+                    # past the end of a shorter backing file, qemu counts the zeros as
+                    # allocated in that backing layer (bdrv_co_common_block_status_above)
+                    flags = e.depth + 2 if e.depth < len(self._backed) and self._backed[e.depth] else 0
                 if extents and extents[-1][1] == flags:
                     extents[-1] = (extents[-1][0] + e.length, flags)
                 elif len(extents) < max_extents:

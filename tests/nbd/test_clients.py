@@ -1,0 +1,194 @@
+"""qcow2kit serve against the real clients, with qemu-nbd 7.2 as the oracle: nbdinfo (JSON and
+every map context), nbdcopy, qemu-img convert / map / compare / info and qemu-io over
+nbd+unix://, then qemu-img check of the served image."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_clean, qemu_compare, qemu_img, qemu_io
+from tests.nbd.nbdtools import NBDCOPY, NBDINFO, cli_serve, our_server, qemu_nbd, run, uri
+
+
+def _chain(tmp_path: Path) -> Path:
+    """QEMU_FACTS_2 section 4's image: 8M overlay, backing data 0-2M, top data 1-2M, top zero
+    cluster 4-5M; plus a compressed cluster and data past a shorter backing file's end."""
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "7M")
+    qemu_io(base, "write -P 1 0 2M", "write -P 3 6M 64k")
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top), "8M")
+    qemu_io(top, "write -P 2 1M 1M", "write -z 4M 1M", "write -c -P 4 3M 64k", "write -P 5 7680k 4k")
+    return top
+
+
+def _prealloc(tmp_path: Path) -> Path:
+    img = tmp_path / "pre.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "preallocation=metadata", str(img), "4M")
+    qemu_io(img, "write -P 9 1M 128k")
+    return img
+
+
+def _raw_backing(tmp_path: Path) -> Path:
+    raw = tmp_path / "base.raw"
+    with open(raw, "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"\x07" * 65536)
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(top), "4M")
+    qemu_io(top, "write -P 2 2M 64k")
+    return top
+
+
+IMAGES = {"chain": _chain, "prealloc": _prealloc, "rawback": _raw_backing}
+
+
+def _both(image: Path, tmp_path: Path, args: tuple[str, ...], *commands: list[str]) -> tuple[list[str], list[str]]:
+    """Run the commands (URI placeholder "{uri}") against qemu-nbd, then our server, on the
+    same image; the outputs of each."""
+    outs: list[list[str]] = []
+    for which in ("qemu", "ours"):
+        sock = tmp_path / f"{which}.sock"
+        start = qemu_nbd if which == "qemu" else cli_serve
+        name = args[args.index("-x") + 1] if "-x" in args else ""
+        with start(image, sock, *args, *(("-t",) if which == "ours" else ())):
+            outs.append([run(*[a.replace("{uri}", uri(sock, name)) for a in c]) for c in commands])
+    return outs[0], outs[1]
+
+
+def _json(text: str, sock_name: str) -> dict[str, object]:
+    data = json.loads(text)
+    for ex in data["exports"]:
+        ex.pop("uri")
+    return data  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("args", [
+    (),
+    ("-r",),
+    ("-r", "-e", "4", "-A", "-x", "exp1", "-D", "my desc"),
+    ("-e", "2", "-A", "--discard=unmap", "--detect-zeroes=unmap"),
+])
+def test_nbdinfo_json_matches_qemu_nbd(tmp_path: Path, args: tuple[str, ...]) -> None:
+    image = _chain(tmp_path)
+    theirs, ours = _both(image, tmp_path, args, [str(NBDINFO), "--json", "{uri}"])
+    assert _json(ours[0], "ours") == _json(theirs[0], "qemu")
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_nbdinfo_maps_match_qemu_nbd(tmp_path: Path, kind: str) -> None:
+    image = IMAGES[kind](tmp_path)
+    theirs, ours = _both(
+        image, tmp_path, ("-r", "-A"),
+        [str(NBDINFO), "--map", "{uri}"],
+        [str(NBDINFO), "--map=qemu:allocation-depth", "{uri}"],
+        [str(NBDINFO), "--map", "--totals", "{uri}"],
+    )
+    assert ours == theirs
+    assert len(ours[0].splitlines()) > 1
+
+
+def test_nbdcopy_and_convert_give_the_same_raw(tmp_path: Path) -> None:
+    image = _chain(tmp_path)
+    want = tmp_path / "want.raw"
+    qemu_img("convert", "-O", "raw", str(image), str(want))
+    sock = tmp_path / "s.sock"
+    copy = tmp_path / "copy.raw"
+    conv = tmp_path / "conv.raw"
+    with cli_serve(image, sock, "-r", "-e", "4", "-t"):
+        run(str(NBDCOPY), uri(sock), str(copy))
+        qemu_img("convert", "-f", "raw", "-O", "raw", uri(sock), str(conv))
+        qemu_img("convert", "-O", "raw", uri(sock), str(tmp_path / "probed.raw"))
+        # qemu-img over NBD agrees with the direct answers
+        res = qemu_img("compare", "-f", "raw", uri(sock), str(image))
+        assert res.returncode == 0
+        info = json.loads(qemu_img("info", "--output=json", uri(sock)).stdout)
+        direct = json.loads(qemu_img("info", "--output=json", str(image)).stdout)
+        assert info["virtual-size"] == direct["virtual-size"]
+        nbd_map = json.loads(qemu_img("map", "--output=json", "-f", "raw", uri(sock)).stdout)
+    for out in (copy, conv, tmp_path / "probed.raw"):
+        assert out.read_bytes() == want.read_bytes()
+    direct_map = json.loads(qemu_img("map", "--output=json", str(image)).stdout)
+    assert _zero_data(nbd_map) == _zero_data(direct_map)
+
+
+def _zero_data(entries: list[dict[str, object]]) -> list[tuple[object, ...]]:
+    """(start, end, zero, data) merged: what block status over NBD can say."""
+    out: list[list[object]] = []
+    for e in entries:
+        start, length = int(str(e["start"])), int(str(e["length"]))
+        key = (e["zero"], e["data"])
+        if out and tuple(out[-1][2:]) == key and out[-1][1] == start:
+            out[-1][1] = start + length
+        else:
+            out.append([start, start + length, *key])
+    return [tuple(x) for x in out]
+
+
+WORKLOAD = (
+    "write -P 5 1000 200k",
+    "write -z 300k 500k",
+    "write -P 7 1M 2M",
+    "discard 1536k 1M",
+    "write -z -u 2M 512k",
+    "aio_write -P 9 5M 64k",
+    "aio_write -P 10 5200k 64k",
+    "aio_flush",
+    "write -z 6000000 1000",
+    "write -f -P 11 7M 3000",
+    "flush",
+    "read -P 7 1M 512k",
+)
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_qemu_io_writes_match_qemu_nbd(tmp_path: Path, compat: str) -> None:
+    """The same writes, zeroes and discards through qemu-nbd and through us: the images are
+    clean, identical in content and mapping, and equal to a raw mirror."""
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"compat={compat}", str(base), "8M")
+    qemu_io(base, "write -P 1 0 3M")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copy(base, ours)
+    shutil.copy(base, theirs)
+    mirror = tmp_path / "mirror.raw"
+    qemu_img("convert", "-O", "raw", str(base), str(mirror))
+    qemu_io(mirror, *WORKLOAD, fmt="raw")
+    for image, start in ((theirs, qemu_nbd), (ours, cli_serve)):
+        sock = tmp_path / f"{image.stem}.sock"
+        with start(image, sock, "--discard=unmap", *(("-t",) if start is cli_serve else ())):
+            qemu_io(uri(sock), *WORKLOAD, fmt="raw")
+    assert_clean(ours)
+    qemu_compare(ours, theirs, "qcow2", "qcow2")
+    qemu_compare(ours, mirror)
+    assert qemu_img("map", "--output=json", str(ours)).stdout == \
+        qemu_img("map", "--output=json", str(theirs)).stdout
+
+
+def test_default_discard_ignores_trim(tmp_path: Path) -> None:
+    image = tmp_path / "i.qcow2"
+    qemu_img("create", "-f", "qcow2", str(image), "4M")
+    qemu_io(image, "write -P 1 0 1M")
+    before = qemu_img("map", "--output=json", str(image)).stdout
+    sock = tmp_path / "s.sock"
+    with our_server(image, sock):
+        qemu_io(uri(sock), "discard 0 1M", fmt="raw")
+    assert qemu_img("map", "--output=json", str(image)).stdout == before
+    assert_clean(image)
+
+
+def test_served_image_is_locked(tmp_path: Path) -> None:
+    image = tmp_path / "i.qcow2"
+    qemu_img("create", "-f", "qcow2", str(image), "1M")
+    sock = tmp_path / "s.sock"
+    with our_server(image, sock):
+        res = qemu_img("info", str(image), check=False)
+        assert res.returncode != 0 and "lock" in res.stderr
+        assert qemu_img("info", "-U", str(image)).returncode == 0
+    assert not os.path.exists(sock)
