@@ -46,7 +46,9 @@ def listing_equal(p: Path) -> bytes:
 def test_list_matches_qemu(tmp_path: Path) -> None:
     p = make(tmp_path)
     assert listing_equal(p) == b""
-    for name in ("s1", "a-name-longer-than-sixteen-bytes", "", "1", "x" * 300, "caf\u00e9"):
+    names = ("s1", "a-name-longer-than-sixteen-bytes", "", "1", "x" * 300, "caf\u00e9",
+             "raw\udcffbyte")  # the last one is the byte 0xff, not UTF-8
+    for name in names:
         qemu_img("snapshot", "-c", name, str(p))
     out = listing_equal(p)
     assert out.startswith(b"Snapshot list:\nID        TAG")

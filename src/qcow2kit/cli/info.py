@@ -7,6 +7,7 @@ never opens an image for writing.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .common import add_output
@@ -27,6 +28,13 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def _write(text: str) -> None:
+    # snapshot names may hold bytes that are not UTF-8: print them as they are, like qemu-img
+    sys.stdout.flush()
+    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+    sys.stdout.buffer.flush()
+
+
 def run(args: argparse.Namespace) -> int:
     from ..ops.info import chain_info, human, human_chain, image_info, qemu_json
 
@@ -35,11 +43,11 @@ def run(args: argparse.Namespace) -> int:
         if args.output == "json":
             print(qemu_json(infos))
         else:
-            print(human_chain(infos), end="")
+            _write(human_chain(infos))
         return 0
     info = image_info(args.filename, args.fmt, force_share=args.force_share)
     if args.output == "json":
         print(qemu_json(info))
     else:
-        print(human(info), end="")
+        _write(human(info))
     return 0

@@ -51,22 +51,17 @@ def _actual_size(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def _shown(text: str) -> str:
-    """A name read with surrogate escapes, as QEMU shows it: invalid UTF-8 as U+FFFD."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 def _snapshot_json(sn: Snapshot) -> dict[str, Any]:
     out: dict[str, Any] = {}
     icount = sn.icount
     if icount is not None and icount != (1 << 64) - 1:
         out["icount"] = icount
     out["vm-clock-nsec"] = sn.vm_clock_nsec % 1_000_000_000
-    out["name"] = _shown(sn.name)
+    out["name"] = sn.name
     out["date-sec"] = sn.date_sec
     out["date-nsec"] = sn.date_nsec
     out["vm-clock-sec"] = sn.vm_clock_nsec // 1_000_000_000
-    out["id"] = _shown(sn.id_str)
+    out["id"] = sn.id_str
     out["vm-state-size"] = sn.vm_state_size_large
     return out
 
@@ -210,6 +205,9 @@ def qemu_json(value: Any, level: int = 0) -> str:
         if not value:
             return "[\n" + end + "]"
         return "[\n" + ",\n".join(pad + qemu_json(v, level + 1) for v in value) + "\n" + end + "]"
+    if isinstance(value, str):
+        # names keep undecodable bytes as surrogate escapes; JSON shows them as U+FFFD
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return _upper_escapes(json.dumps(value))
 
 
@@ -235,7 +233,7 @@ def size_to_str(value: int) -> str:
 
 def _left(text: str, width: int) -> str:
     # C's %-Ns pads by bytes, not characters
-    return text + " " * max(0, width - len(text.encode()))
+    return text + " " * max(0, width - len(text.encode("utf-8", "surrogateescape")))
 
 
 def _snapshot_row(sn: dict[str, Any]) -> str:
