@@ -7,6 +7,7 @@ the same (all read back by qemu-img)."""
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,3 +95,15 @@ def test_crash_delete_last_returns_copied(tmp_path: Path) -> None:
     """Deleting the only snapshot: every shared cluster returns to refcount 1 and COPIED."""
     img = base_image(tmp_path, "cluster_size=65536,extended_l2=on", size="8M")
     run_crash(tmp_path, img, lambda im: delete_snapshot(im, "1"), max_states=50)
+
+
+def test_crash_create_grows_the_refcount_table(tmp_path: Path) -> None:
+    """512-byte clusters and 64-bit refcounts: one refcount table cluster covers 2 MiB of
+    file, so the new state needs a bigger refcount table (and new refcount blocks)."""
+    img = tmp_path / "c.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", str(img), "4M")
+    qemu_io(img, "write -P 1 0 1950k")
+    before = img.read_bytes()
+    run_crash(tmp_path, img, lambda im: create_snapshot(im, "grow"), max_states=60)
+    assert struct.unpack_from(">I", before, 56)[0] < struct.unpack_from(
+        ">I", (tmp_path / "final.qcow2").read_bytes(), 56)[0]
