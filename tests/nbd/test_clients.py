@@ -49,7 +49,9 @@ def _raw_backing(tmp_path: Path) -> Path:
 IMAGES = {"chain": _chain, "prealloc": _prealloc, "rawback": _raw_backing}
 
 
-def _both(image: Path, tmp_path: Path, args: tuple[str, ...], *commands: list[str]) -> tuple[list[str], list[str]]:
+def _both(
+    image: Path, tmp_path: Path, args: tuple[str, ...], *commands: list[str]
+) -> tuple[list[str], list[str]]:
     """Run the commands (URI placeholder "{uri}") against qemu-nbd, then our server, on the
     same image; the outputs of each."""
     outs: list[list[str]] = []

@@ -186,7 +186,10 @@ class NBDServer:
             deadline = time.monotonic() + self.handshake_timeout
             try:
                 state = Handshake(SocketChannel(sock, deadline), self.spec).run()
-            except (EOFError, OSError, P.ProtocolError) as exc:
+            except EOFError as exc:
+                log.debug("%s: left during the handshake: %s", peer, exc)
+                return
+            except (OSError, P.ProtocolError) as exc:
                 log.warning("%s: handshake failed: %s", peer, exc)
                 return
             if state is None or self._stopping:
