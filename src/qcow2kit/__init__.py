@@ -1,6 +1,6 @@
 """qcow2kit: read, write, resize, shrink, check and compact qcow2 images without QEMU.
 
-Owns the public surface: open(), create(), Image, CheckResult, the map types Run and Kind, and
+Owns the public surface: open(), create(), measure(), Image, CheckResult, the map types Run and Kind, and
 the exception tree; `__all__` lists exactly these names. Importing the package must stay light
 (no numpy, no image code) until an image is opened or one of the lazy names is used, and this
 module must never hold logic of its own beyond checking and forwarding arguments.
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .image import Image
     from .metadata.check import CheckResult
     from .metadata.l2map import Kind, Run
+    from .ops.measure import measure
 del TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ _LAZY = {
     "CheckResult": "qcow2kit.metadata.check",
     "Run": "qcow2kit.metadata.l2map",
     "Kind": "qcow2kit.metadata.l2map",
+    "measure": "qcow2kit.ops.measure",
 }
 
 
@@ -114,6 +116,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "open",
     "create",
+    "measure",
     "Image",
     "CheckResult",
     "Run",

@@ -18,7 +18,7 @@ from qcow2kit.ops.create import create as ops_create
 from tests.helpers import assert_clean, qemu_img
 
 PUBLIC = {
-    "open", "create", "Image", "CheckResult", "Run", "Kind", "Qcow2Error", "FormatError",
+    "open", "create", "measure", "Image", "CheckResult", "Run", "Kind", "Qcow2Error", "FormatError",
     "UnsupportedFeatureError", "CorruptionError", "ImageStateError", "LockError", "ResizeError",
     "InvalidArgumentError",
 }

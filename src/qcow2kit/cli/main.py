@@ -19,7 +19,7 @@ from ..errors import Qcow2Error
 from .common import PROG, UsageError
 
 VERBS = ("create", "info", "map", "convert", "compare", "resize", "check", "compact", "snapshot", "bitmap",
-         "serve")
+         "serve", "amend", "measure", "rebase", "commit")
 EXIT_USAGE = 1
 EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: distinct from every exit code qemu-img uses
 DEBUG_ENV = "QCOW2KIT_DEBUG"
