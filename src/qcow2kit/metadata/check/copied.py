@@ -16,9 +16,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ...format import constants as C
+from ...format.entries import decode_l2
 from .. import overlap
 from .result import FIX_ERRORS, FIX_LEAKS, CheckFailedError
-from .state import I64, U64, CheckState
+from .state import I64, U64, CheckState, Mask
 
 
 def check_oflag_copied(st: CheckState, fix: int) -> None:
@@ -79,11 +80,7 @@ def check_oflag_copied(st: CheckState, fix: int) -> None:
                     st.res.corruptions -= 1
                     st.res.corruptions_fixed += 1
         ent, bmp = st.read_l2(l2_offset)
-        comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
-        copied = (ent >> np.uint64(63)).astype(bool)
-        off = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
-        zero = ~comp & ((ent & np.uint64(1)) != 0) if not st.ext else np.zeros(len(ent), bool)
-        normal = ~comp & ((off != 0) | (~zero & copied & st.data_file))
+        copied, normal, off = _normal_entries(st, ent)
         idx = np.flatnonzero(normal)
         if len(idx) == 0:
             continue
@@ -165,16 +162,19 @@ def _copied_chunks(
     out = []
     for lo in range(0, len(offsets), batch):
         ent, _bmp = st.read_l2_tables(offsets[lo : lo + batch])
-        comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
-        copied = (ent >> np.uint64(63)).astype(bool)
-        off = (ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
-        if st.ext:
-            zero = np.zeros(ent.shape, dtype=bool)
-        else:
-            zero = ~comp & ((ent & np.uint64(1)) != 0)
-        normal = ~comp & ((off != 0) | (~zero & copied & st.data_file))
+        _copied, normal, off = _normal_entries(st, ent)
         out.append((lo, ent, normal, off))
     return out
+
+
+def _normal_entries(st: CheckState, ent: U64) -> tuple[Mask, Mask, I64]:
+    """(COPIED flag, "normal" cluster, host offset) of L2 entries of any shape, as QEMU's
+    COPIED check sees them: a normal cluster has a host offset, or (with an external data
+    file, where offset 0 is valid) is allocated and not a zero cluster."""
+    f = decode_l2(ent)
+    zero = f.zero if not st.ext else np.zeros(ent.shape, dtype=bool)
+    normal = ~f.compressed & ((f.host != 0) | (~zero & f.copied & st.data_file))
+    return f.copied, normal, f.host
 
 
 # QEMU's names for the structures in its overlap messages
