@@ -22,8 +22,10 @@ UINT64_MAX = (1 << 64) - 1
 SECTOR = 512
 
 _SUFFIX = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-# C's isspace() set, then an optional '+' (what strtoull skips), then the number
-_SIZE_RE = re.compile(
+# C's isspace() set, then an optional '+' (what strtoull skips), then the number. The
+# patterns are compiled on first use (re's cache keeps them): compiling costs start-up time
+# that commands without sizes (info) should not pay.
+_SIZE_RE = (
     r"[ \t\n\v\f\r]*\+?"
     r"(?:0[xX](?P<hex>[0-9a-fA-F]+)|(?P<int>[0-9]+)(?P<frac>\.[0-9]*(?:[eE][+-]?[0-9]+)?)?)"
     r"(?P<suffix>[bBkKmMgGtTpPeE]?)"
@@ -50,7 +52,7 @@ class _SizeRangeError(ValueError):
 
 def _size_value(text: str) -> int:
     """The number of bytes text names, 0 <= n < 2**64; raises _SizeSyntaxError / _SizeRangeError."""
-    m = _SIZE_RE.match(text)
+    m = re.match(_SIZE_RE, text)
     if m is None or m.end() != len(text):
         raise _SizeSyntaxError(text)
     suffix = m["suffix"].lower()
@@ -110,14 +112,14 @@ def parse_option_size(key: str, text: str) -> int:
         ) from None
 
 
-_NUMBER_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))")
+_NUMBER_RE = r"[ \t\n\v\f\r]*([+-]?)(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))"
 
 
 def parse_option_number(key: str, text: str) -> int:
     """A plain number given as an option value (-o refcount_bits=16): decimal, 0x hex or
     0-prefixed octal, as qemu-img reads numbers; a '-' wraps modulo 2**64 there, so here too
     (the value is then refused by the range check of the option)."""
-    m = _NUMBER_RE.fullmatch(text)
+    m = re.fullmatch(_NUMBER_RE, text)
     if m is None:
         raise UsageError(f"Parameter '{key}' expects a number")
     sign, hexa, octal, dec = m.groups()

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import Qcow2Error
 from .common import PROG, UsageError
@@ -25,9 +25,41 @@ EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: distinct from every exit code qemu
 DEBUG_ENV = "QCOW2KIT_DEBUG"
 
 
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns, without importing shutil (and through it bz2, lzma,
+    fnmatch): argparse builds a formatter for every add_argument, so every command paid for
+    that import at start-up. Same sources in the same order: $COLUMNS, the terminal of
+    stdout, 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        columns = 80
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's default layout; only the width is found without importing shutil."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() - 2 if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with qemu-img's reaction to bad arguments: a one-line message and exit 1
-    (argparse's own default is exit 2, which qemu-img uses for 'check found corruption')."""
+    (argparse's own default is exit 2, which qemu-img uses for 'check found corruption').
+    Every subcommand's parser is one too (add_subparsers makes them of the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{PROG}: {message}\n{_TRY}", file=sys.stderr)
@@ -47,7 +79,9 @@ def _unexpected(verb: str, extra: list[str]) -> UsageError:
     return UsageError(f"Unexpected argument: {first}\n{_TRY}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
+    """The parser; with `verbs`, only those subcommands' modules are imported and registered
+    (start-up: `qcow2kit info` should not pay for importing every other verb)."""
     parser = _Parser(
         prog=PROG,
         description="Create, inspect, convert, resize (and shrink), check and compact qcow2 "
@@ -55,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Exit codes follow qemu-img; {EXIT_INTERNAL} means an internal error (a bug: "
         f"please report it; {DEBUG_ENV}=1 shows the traceback).",
     )
-    sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
-    for verb in VERBS:
+    # prog given: argparse would otherwise build a help formatter to derive the same
+    # "qcow2kit" from the usage line, importing shutil for the terminal width
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", prog=PROG)
+    for verb in verbs:
         try:
             module = importlib.import_module(f"qcow2kit.cli.{verb}")
         except ModuleNotFoundError as exc:
@@ -91,7 +127,10 @@ def _report_bug(exc: BaseException) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
+        # a known verb first: only its module is needed (the others are never reached, since
+        # argparse dispatches on the first positional); anything else needs the full table
+        # (help, or an invalid choice listing every verb)
+        parser = build_parser(argv[:1] if argv[:1] and argv[0] in VERBS else VERBS)
         if argv[:1] == ["resize"]:
             argv = _resize_argv(argv)
         args, extra = parser.parse_known_args(argv)

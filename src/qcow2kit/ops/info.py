@@ -3,27 +3,27 @@ qemu-img's human layout.
 
 Start-up must stay light: this module reads the header through metadata.header_io and the
 snapshot / bitmap directories through format/ codecs only. It must not import numpy (so
-not image.py, metadata.meta or format.tables).
+not image.py, metadata.meta or format.tables). json, re and math are imported where used:
+the human layout needs neither json nor re, and each costs start-up time.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import stat
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UnsupportedFeatureError
 from ..format import constants as C
 from ..format.features import Autoclear, Incompatible
 from ..format.header import Header
-from ..format.snapshot import Snapshot, parse_snapshots
 from ..io.file import FileStorage
 from ..metadata.header_io import read_header
+
+if TYPE_CHECKING:
+    from ..format.snapshot import Snapshot
 
 _BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 _MAX_BACKING_DEPTH = 64  # as image.MAX_BACKING_DEPTH (not imported: this module stays light)
@@ -145,6 +145,8 @@ def image_info(path: str, fmt: str | None = None, *, force_share: bool = False) 
                 )
             nbytes = min(C.MAX_SNAPSHOT_TABLE_BYTES, size - header.snapshots_offset)
             buf = storage.pread(header.snapshots_offset, nbytes)
+            from ..format.snapshot import parse_snapshots  # only images with snapshots need it
+
             snaps = parse_snapshots(buf, header.nb_snapshots, header.cluster_size)
             info["snapshots"] = [_snapshot_json(s) for s in snaps]
         info["virtual-size"] = header.size
@@ -194,6 +196,8 @@ def chain_info(
 # ---- JSON as qemu-img prints it -------------------------------------------------------------
 def qemu_json(value: Any, level: int = 0) -> str:
     """JSON in qemu-img's pretty layout (4-space indent; empty lists as "[" newline "]")."""
+    import json
+
     pad = " " * (4 * (level + 1))
     end = " " * (4 * level)
     if isinstance(value, dict):
@@ -211,19 +215,23 @@ def qemu_json(value: Any, level: int = 0) -> str:
     return _upper_escapes(json.dumps(value))
 
 
-_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9a-f]{4})")
+_ESCAPE = r"(?<!\\)((?:\\\\)*)\\u([0-9a-f]{4})"
 
 
 def _upper_escapes(text: str) -> str:
     """QEMU writes \\uXXXX escapes with capital hex digits."""
     if "\\u" not in text:
         return text
-    return _ESCAPE.sub(lambda m: m.group(1) + "\\u" + m.group(2).upper(), text)
+    import re
+
+    return re.sub(_ESCAPE, lambda m: m.group(1) + "\\u" + m.group(2).upper(), text)
 
 
 # ---- human layout ----------------------------------------------------------------------
 def size_to_str(value: int) -> str:
     """qemu's size_to_str: three significant digits, binary units, switching unit at 1000."""
+    import math
+
     suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
     _, exp = math.frexp(value / (1000.0 / 1024.0))
     i = int((exp - 1) / 10)
