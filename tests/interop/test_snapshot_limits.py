@@ -76,3 +76,28 @@ def test_python_calls(tmp_path: Path) -> None:
     assert data[1 << 20 : (1 << 20) + 4096] == b"\x44" * 4096
     with qcow2kit.open(str(p)) as img, pytest.raises(qcow2kit.ImageStateError):
         create_snapshot(img, "read-only")
+
+
+@pytest.mark.parametrize("old_extra", [b"", struct.pack(">Q", 5), struct.pack(">QQ", 5, 7)])
+def test_short_extra_data_completed_like_qemu(tmp_path: Path, old_extra: bytes) -> None:
+    """An old entry with less than 24 bytes of extra data is rewritten as QEMU does: the
+    current size for a missing disk size, -1 for a missing icount."""
+    p = tmp_path / "v2.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", str(p), "1M")
+    with Image.open_path(str(p), writable=True) as img:
+        meta = img.meta
+        old = Snapshot(0, 0, "1", "old", 7, 0, 0, 0, old_extra)
+        commit(meta, RefChanges(meta), TableReader(meta), size=1 << 20,
+               active_l1=meta.l2.l1.copy(), snapshots=[old], old_l1_kept=False)
+    q = tmp_path / "q.qcow2"
+    q.write_bytes(p.read_bytes())
+    assert ours("snapshot", "-c", "new", str(p)).returncode == 0
+    qemu_img("snapshot", "-c", "new", str(q))
+    tables = []
+    for path in (p, q):
+        with Image.open_path(str(path)) as img:
+            tables.append([(s.extra_data, s.disk_size, s.icount) for s in img.snapshots])
+    assert tables[0] == tables[1]
+    size = 7 if len(old_extra) >= 16 else 1 << 20
+    assert tables[0][0][1:] == (size, (1 << 64) - 1)
+    assert_clean(p)

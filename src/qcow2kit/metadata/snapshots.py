@@ -68,7 +68,7 @@ __all__ = [
     "REFUSALS",
     "SnapshotError", "SnapshotNotFoundError", "TooManySnapshotsError",
     "SnapshotsUnsupportedError", "ActiveBitmapsError", "RefcountOverflowError",
-    "find", "next_id", "truncate_name", "create", "apply", "delete", "load_view",
+    "find", "next_id", "truncate_name", "completed", "create", "apply", "delete", "load_view",
 ]
 
 
@@ -117,6 +117,20 @@ def truncate_name(name: str) -> str:
     return raw[:MAX_NAME_BYTES].decode("utf-8", "surrogateescape")
 
 
+def completed(snap: Snapshot, size: int) -> Snapshot:
+    """The entry as QEMU 7.2 rewrites it: at least 24 bytes of extra data, a missing disk
+    size filled with the current size and a missing icount with -1 (unknown extra data
+    beyond the 24 bytes is kept)."""
+    extra = snap.extra_data
+    if len(extra) >= 24:
+        return snap
+    fields = [snap.vm_state_size_large, snap.disk_size if snap.disk_size is not None else size,
+              (1 << 64) - 1]
+    have = len(extra) // 8
+    fill = b"".join(struct.pack(">Q", v) for v in fields[have:])
+    return replace(snap, extra_data=extra[: have * 8] + fill)
+
+
 def has_persistent_bitmaps(meta: Metadata) -> bool:
     ext = meta.header.bitmaps
     return bool(meta.header.autoclear_features & Autoclear.BITMAPS) and ext is not None and (
@@ -154,8 +168,9 @@ def create(meta: Metadata, name: str, *, now: float | None = None) -> Snapshot:
         meta.l2.l1_offset if meta.l2.l1_size else 0, meta.l2.l1_size, next_id(meta.snapshots),
         truncate_name(name), sec & 0xFFFFFFFF, usec * 1000, 0, 0, extra,
     )
-    commit(meta, net, reader, size=size, active_l1=active,
-           snapshots=[*meta.snapshots, snap], old_l1_kept=True)
+    kept = [completed(sn, size) for sn in meta.snapshots]
+    commit(meta, net, reader, size=size, active_l1=active, snapshots=[*kept, snap],
+           old_l1_kept=True)
     return snap
 
 
@@ -172,7 +187,8 @@ def delete(meta: Metadata, key: str) -> Snapshot:
     net.add(tables, -1)
     net.add(data, -1)
     net.add(span(meta, snap.l1_table_offset, snap.l1_size * 8), -1)
-    rest = meta.snapshots[:index] + meta.snapshots[index + 1 :]
+    rest = [completed(sn, meta.header.size)
+            for sn in meta.snapshots[:index] + meta.snapshots[index + 1 :]]
     commit(meta, net, reader, size=meta.header.size, active_l1=meta.l2.l1.copy(),
            snapshots=rest, old_l1_kept=False)
     return snap
@@ -204,8 +220,8 @@ def apply(meta: Metadata, key: str) -> Snapshot:
     net.add(new_data, 1, referenced="a data cluster")
     net.add(old_tables, -1)
     net.add(old_data, -1)
-    commit(meta, net, reader, size=size, active_l1=l1, snapshots=list(meta.snapshots),
-           old_l1_kept=False)
+    kept = [completed(sn, meta.header.size) for sn in meta.snapshots]
+    commit(meta, net, reader, size=size, active_l1=l1, snapshots=kept, old_l1_kept=False)
     return snap
 
 
