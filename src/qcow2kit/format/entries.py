@@ -9,7 +9,7 @@ Must not import anything outside qcow2kit.format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -24,29 +24,44 @@ Bools = npt.NDArray[np.bool_]
 _DESCRIPTOR_MASK = (1 << 62) - 1
 
 
-@dataclass(frozen=True, slots=True)
 class L2Fields:
-    """The fields of standard L2 entries (or the first word of extended ones).
+    """The fields of standard L2 entries (or the first word of extended ones), each
+    computed on first use (a hot caller that needs two fields pays for two).
 
     `host` is the offset field of non-compressed entries (0 where compressed), `zero` the
     zero flag (bit 0) of non-compressed entries, `descriptor` the compressed-cluster
     descriptor (0 where not compressed)."""
 
-    compressed: Bools
-    copied: Bools
-    host: I64
-    zero: Bools
-    descriptor: U64
+    def __init__(self, entries: U64) -> None:
+        self.entries = np.asarray(entries, dtype=np.uint64)
+
+    @cached_property
+    def compressed(self) -> Bools:
+        out: Bools = (self.entries & np.uint64(C.OFLAG_COMPRESSED)) != 0
+        return out
+
+    @cached_property
+    def copied(self) -> Bools:
+        out: Bools = (self.entries & np.uint64(C.OFLAG_COPIED)) != 0
+        return out
+
+    @cached_property
+    def host(self) -> I64:
+        host = (self.entries & np.uint64(C.OFFSET_MASK)).view(np.int64)
+        return np.where(self.compressed, 0, host) if self.compressed.any() else host
+
+    @cached_property
+    def zero(self) -> Bools:
+        out: Bools = ~self.compressed & ((self.entries & np.uint64(1)) != 0)
+        return out
+
+    @cached_property
+    def descriptor(self) -> U64:
+        return np.where(self.compressed, self.entries & np.uint64(_DESCRIPTOR_MASK), np.uint64(0))
 
 
 def decode_l2(entries: U64) -> L2Fields:
-    ent = np.asarray(entries, dtype=np.uint64)
-    compressed = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
-    copied = ((ent >> np.uint64(63)) & np.uint64(1)).astype(bool)
-    host = np.where(compressed, np.uint64(0), ent & np.uint64(C.OFFSET_MASK)).astype(np.int64)
-    zero = ~compressed & ((ent & np.uint64(1)) != 0)
-    descriptor = np.where(compressed, ent & np.uint64(_DESCRIPTOR_MASK), np.uint64(0))
-    return L2Fields(compressed, copied, host, zero, descriptor)
+    return L2Fields(entries)
 
 
 def compressed_extents(descriptors: U64, geom: Geometry) -> tuple[I64, I64]:

@@ -32,7 +32,7 @@ from ..format import bitmaps as fmt
 from ..format import constants as C
 from ..format.extensions import MAX_BITMAPS, BitmapsExtension, Extension
 from ..format.features import Autoclear
-from . import header_io
+from . import header_io, overlap
 from .meta import Metadata
 
 U8 = npt.NDArray[np.uint8]
@@ -110,6 +110,12 @@ class Bitmaps:
         needed = -(-nbytes // cs)  # a longer table (hostile or stale) is not read past this
         out = np.zeros(needed * cs, dtype=np.uint8)
         table = self._table(e)[:needed]
+        owned = self._clusters_of(e)
+        hit = overlap.first_overlap(self.meta, owned)
+        if hit is not None:
+            raise FormatError(
+                f"bitmap '{e.name}': its table or data at {hit[1] * cs:#x} overlaps {hit[0]}"
+            )
         for i, entry in enumerate(table.tolist()):
             off = entry & fmt.TABLE_OFFSET_MASK
             if off:
