@@ -1,7 +1,7 @@
 """One client connection after the handshake: the transmission phase.
 
 Owns request parsing and validation (qemu-nbd 7.2's checks and error values), the dispatch
-of requests to the worker pool (many in flight, replies in any order), reply framing
+of requests to the connection's workers (many in flight, replies in any order), reply framing
 (simple or structured: data, hole, block status and error chunks) and sending READ data
 straight from the image file with os.sendfile. A malformed request ends this connection
 only; nothing here ever changes an image except through Export.

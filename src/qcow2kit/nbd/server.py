@@ -1,5 +1,5 @@
 """NBDServer: listening sockets, the accept loop, one thread per client (handshake, then
-its request reader), a shared worker pool, and an orderly stop.
+its request reader and its own workers), and an orderly stop.
 
 Owns the lifecycle: qemu-nbd's limits (at most `max_clients` at once; without `persistent`
 the server returns once its last client has gone), a deadline on every handshake, and
@@ -46,7 +46,8 @@ class NBDServer:
         detect_zeroes: str = "off",
         handshake_timeout: float = 10.0,
         send_timeout: float = 60.0,
-        workers: int = 8,
+        stop_grace: float = 10.0,
+        workers: int = 4,
     ) -> None:
         self.export = Export(
             image, name=name, description=description, readonly=readonly,
@@ -59,7 +60,8 @@ class NBDServer:
         self.persistent = persistent
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-worker")
+        self.stop_grace = stop_grace
+        self.workers = workers
         self.listeners: list[socket.socket] = []
         self.unix_paths: list[str] = []
         self._clients: dict[int, tuple[socket.socket, threading.Thread]] = {}  # by id(sock)
@@ -109,7 +111,6 @@ class NBDServer:
             self._accept_loop()
         finally:
             self._stop_clients()
-            self.pool.shutdown(wait=True)
             try:
                 self.export.flush()
             except Exception as exc:  # the image may be broken; the caller's close reports it
@@ -194,7 +195,10 @@ class NBDServer:
                 return
             if state is None or self._stopping:
                 return
-            Connection(sock, self.export, state, self.pool, peer).run()
+            # workers per connection: a client that stops reading its replies ties up
+            # only its own threads, never another client's requests
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="nbd-worker") as pool:
+                Connection(sock, self.export, state, pool, peer).run()
         except Exception:
             log.exception("%s: unexpected error", peer)
         finally:
@@ -231,8 +235,18 @@ class NBDServer:
                 sock.shutdown(socket.SHUT_RD)  # the reader sees EOF; replies still go out
             except OSError:
                 pass
+        deadline = time.monotonic() + self.stop_grace
         for _, t in clients:
-            t.join(self.send_timeout + 5)
+            t.join(max(0.0, deadline - time.monotonic()))
+        for sock, t in clients:
+            if t.is_alive():
+                # a client that does not read its replies: its sends fail now
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for _, t in clients:
+            t.join(self.send_timeout)
 
 
 __all__ = ["NBDServer"]
