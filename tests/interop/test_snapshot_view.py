@@ -91,3 +91,24 @@ def test_view_refused_on_writable_image(image: Path) -> None:
             view_snapshot(img, "first", "first")
     with Image.open_path(str(image)) as img, pytest.raises(SnapshotCommandError):
         view_snapshot(img, "missing", "missing")
+
+
+def test_snapshot_fields_and_map_of_a_view(tmp_path: Path, image: Path) -> None:
+    import json
+    import time
+
+    from qcow2kit.ops.map import map_image
+
+    info = json.loads(qemu_img("info", "--output=json", str(image)).stdout)["snapshots"]
+    with Image.open_path(str(image)) as img:
+        got = [(s.id, s.name, s.date_sec, s.vm_clock, s.vm_state_size, s.disk_size, s.icount)
+               for s in img.snapshots]
+        assert abs(img.snapshots[-1].date - time.time()) < 3600
+    assert got == [(e["id"], e["name"], e["date-sec"], 0.0, 0, 4 * M, 0) for e in info]
+    expect = to_raw(image, tmp_path / "x.raw", snapshot="first")
+    with open_snapshot(str(image), "first") as view:
+        entries = map_image(view)
+    assert sum(e.length for e in entries) == 4 * M
+    for e in entries:
+        if not e.data:
+            assert expect[e.start : e.start + e.length] == bytes(e.length)

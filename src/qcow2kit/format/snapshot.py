@@ -31,6 +31,21 @@ class Snapshot:
 
     FIXED: ClassVar[struct.Struct] = struct.Struct(">QIHHIIQII")
 
+    # ---- the Python API's names (img.snapshots) ----
+    @property
+    def id(self) -> str:  # QEMU's name for the field
+        return self.id_str
+
+    @property
+    def date(self) -> float:
+        """When the snapshot was taken, as a POSIX timestamp."""
+        return self.date_sec + self.date_nsec / 1e9
+
+    @property
+    def vm_clock(self) -> float:
+        """The guest clock at the snapshot, in seconds."""
+        return self.vm_clock_nsec / 1e9
+
     @property
     def disk_size(self) -> int | None:
         if len(self.extra_data) >= 16:
