@@ -212,6 +212,7 @@ def test_messages_and_usage(tmp_path: Path) -> None:
         assert res.returncode == 1 and msg in res.stderr.decode()
     res = ours("snapshot", str(p))
     assert res.returncode == 0 and res.stdout == b""
+    assert ours("snapshot", str(tmp_path / "missing")).returncode == 1  # opened all the same
     assert ours("snapshot", "-l", str(r)).stdout == b""
 
 

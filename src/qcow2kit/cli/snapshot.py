@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"Expecting one image file name\n{_TRY}")
     path = args.files[0]
     if not actions:
+        ops.read_snapshots(path, force_share=args.force_share)  # qemu-img still opens it
         return 0
     action, name = actions[0]
     if action != "l" and args.force_share:
