@@ -107,3 +107,33 @@ def test_crash_create_grows_the_refcount_table(tmp_path: Path) -> None:
     run_crash(tmp_path, img, lambda im: create_snapshot(im, "grow"), max_states=60)
     assert struct.unpack_from(">I", before, 56)[0] < struct.unpack_from(
         ">I", (tmp_path / "final.qcow2").read_bytes(), 56)[0]
+
+
+def test_crash_chain_in_one_session(tmp_path: Path) -> None:
+    """create, create, apply, delete, delete in one open image: every crash state reads as
+    the image between two of the operations (the in-memory state follows each switch)."""
+    img = base_image(tmp_path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    initial = img.read_bytes()
+    storage = RecordingStorage.from_file(img)
+    views = [read_view(img, scratch)]
+    steps: list[Callable[[Image], object]] = [
+        lambda im: create_snapshot(im, "a"), lambda im: create_snapshot(im, "b"),
+        lambda im: apply_snapshot(im, "q1"), lambda im: delete_snapshot(im, "a"),
+        lambda im: delete_snapshot(im, "q1"),
+    ]
+    state = tmp_path / "step.qcow2"
+    with Image(storage, backing=False) as image:
+        for step in steps:
+            step(image)
+            state.write_bytes(storage.contents())
+            views.append(read_view(state, scratch))
+
+    def verify(path: str) -> None:
+        assert read_view(path, scratch) in views, "not the image between two operations"
+
+    (tmp_path / "states").mkdir()
+    n = check_crash_states(initial, storage.log, tmp_path / "states", verify=verify,
+                           reorder_samples=2, max_states=80, allow_leaks=False)
+    assert n > 20
