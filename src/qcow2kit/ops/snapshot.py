@@ -40,7 +40,7 @@ def read_snapshots(path: str, *, force_share: bool = False) -> list[Snapshot]:
         if header.has_data_file or header.nb_snapshots == 0:
             return []
         if header.nb_snapshots > C.MAX_SNAPSHOTS:
-            raise FormatError("Snapshot table too large")
+            raise FormatError(f"Could not open '{path}': Snapshot table too large")
         size = storage.size()
         if header.snapshots_offset == 0 or header.snapshots_offset >= size:
             raise FormatError(f"snapshots_offset {header.snapshots_offset:#x} lies outside the file")
