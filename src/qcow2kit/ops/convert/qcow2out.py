@@ -25,11 +25,14 @@ from ...format.compression import compress
 from ...image import Image
 from ...io.file import FileStorage
 from ..create import create
-from .source import CHUNK_BYTES, Source
+from .source import CHUNK_BYTES, ReadAhead, Source
 from .zeroscan import BoolArray, aligned_data_ranges, differs, nonzero_blocks, runs_of, union
 
 Progress = Callable[[int], None]
 
+# plain output: large pieces keep the per-write metadata work small (storage splits the
+# data into 2 MiB syscalls)
+PLAIN_CHUNK_BYTES = 16 << 20
 # compression threads (zlib and zstd release the GIL while they work)
 COMPRESS_WORKERS = max(4, 2 * (os.cpu_count() or 2))
 
@@ -59,64 +62,125 @@ def convert_qcow2(
     img = Image.open_path(dst, writable=True)
     if isinstance(img.storage, FileStorage):
         img.storage.durable = durable
-    pool: ThreadPoolExecutor | None = None
     try:
         cs = img.cluster_size
-        ctype = img.header.compression_type
-        if compressed:
-            pool = ThreadPoolExecutor(max_workers=COMPRESS_WORKERS)
-        base = Source(img) if img.backing is not None else None
-        chunk = max(CHUNK_BYTES // cs, 1) * cs
-        buf = bytearray(chunk)
-        bbuf = bytearray(chunk) if base is not None else None
         if sparse_bytes:
             ranges = aligned_data_ranges(src.segments(0, src.size), cs, src.size)
         else:
             ranges = [(0, src.size)] if src.size else []
-        if base is not None:
-            ranges = union(ranges, aligned_data_ranges(base.segments(0, src.size), cs, src.size))
-        done = 0
-        pending: CompressJobs = []
-        for a, b in ranges:
-            progress(a - done)
-            pos = a
-            while pos < b:
-                n = min(chunk, b - pos)
-                mv = memoryview(buf)[:n]
-                src.read_into(mv, pos)
-                want = nonzero_blocks(mv, cs)
-                if not sparse_bytes:
-                    want[:] = True
-                zero_clusters: list[tuple[int, int]] = []
-                if base is not None and bbuf is not None:
-                    bmv = memoryview(bbuf)[:n]
-                    base.read_into(bmv, pos)
-                    diff = differs(mv, bmv, cs)
-                    zero_clusters = runs_of(diff & ~want)
-                    want &= diff
+        if img.backing is not None:
+            pool = ThreadPoolExecutor(max_workers=COMPRESS_WORKERS) if compressed else None
+            try:
+                _copy_over_backing(src, img, ranges, progress, sparse_bytes, pool)
+            finally:
                 if pool is not None:
-                    # compress this chunk while the previous one is written
-                    jobs = _submit_compressed(pool, mv, pos, want, cs, ctype)
-                    _finish_compressed(img, pending)
-                    pending = jobs
-                else:
-                    for s, e in runs_of(want):
-                        lo, hi = s * cs, min(n, e * cs)
-                        img.write(pos + lo, mv[lo:hi])
-                for s, e in zero_clusters:
-                    lo, hi = s * cs, min(n, e * cs)
-                    img.write_zeroes(pos + lo, hi - lo)
-                progress(n)
-                pos += n
-            done = b
-        if pool is not None:
-            _finish_compressed(img, pending)
-        progress(src.size - done)
+                    pool.shutdown()
+        elif compressed:
+            _copy_compressed(src, img, ranges, progress, sparse_bytes)
+        else:
+            _copy_plain(src, img, ranges, progress, sparse_bytes)
         img.flush()
     finally:
-        if pool is not None:
-            pool.shutdown()
         img.close()
+
+
+def _scanner(cs: int, sparse_bytes: int) -> Callable[[memoryview], BoolArray]:
+    """Which clusters of a chunk to write: those holding data (all of them with -S 0)."""
+    if sparse_bytes:
+        return lambda mv: nonzero_blocks(mv, cs)
+    return lambda mv: np.ones(-(-len(mv) // cs), dtype=bool)
+
+
+def _copy_plain(
+    src: Source, img: Image, ranges: list[tuple[int, int]], progress: Progress, sparse_bytes: int
+) -> None:
+    """Read and zero-scan on the reader thread while this one plans and writes: each run
+    of data clusters is one Image.write (one allocation, one pwrite per host run)."""
+    cs = img.cluster_size
+    chunk = max(PLAIN_CHUNK_BYTES // cs, 1) * cs
+    done = 0
+    with ReadAhead(src, ranges, chunk, _scanner(cs, sparse_bytes), depth=1) as reader:
+        for pos, mv, want in reader:
+            for s, e in runs_of(want):
+                lo, hi = s * cs, min(len(mv), e * cs)
+                img.write(pos + lo, mv[lo:hi])
+            progress(pos + len(mv) - done)
+            done = pos + len(mv)
+    progress(src.size - done)
+
+
+def _copy_compressed(
+    src: Source, img: Image, ranges: list[tuple[int, int]], progress: Progress, sparse_bytes: int
+) -> None:
+    """Compress each chunk's clusters in a pool while the previous chunk is written."""
+    cs = img.cluster_size
+    ctype = img.header.compression_type
+    chunk = max(CHUNK_BYTES // cs, 1) * cs
+    done = 0
+    pending: CompressJobs = []
+    with (
+        ThreadPoolExecutor(max_workers=COMPRESS_WORKERS) as pool,
+        ReadAhead(src, ranges, chunk, _scanner(cs, sparse_bytes), depth=2) as reader,
+    ):
+        for pos, mv, want in reader:
+            jobs = _submit_compressed(pool, mv, pos, want, cs, ctype)
+            _finish_compressed(img, pending)
+            pending = jobs
+            progress(pos + len(mv) - done)
+            done = pos + len(mv)
+        _finish_compressed(img, pending)
+    progress(src.size - done)
+
+
+def _copy_over_backing(
+    src: Source,
+    img: Image,
+    ranges: list[tuple[int, int]],
+    progress: Progress,
+    sparse_bytes: int,
+    pool: ThreadPoolExecutor | None,
+) -> None:
+    """Write only the clusters that read differently from the backing file (compressed
+    in `pool` if given); a zero cluster over non-zero backing data becomes a zero cluster.
+    Reads on this thread: the backing file is read through the target image, which is
+    being written."""
+    cs = img.cluster_size
+    ctype = img.header.compression_type
+    pending: CompressJobs = []
+    base = Source(img)
+    ranges = union(ranges, aligned_data_ranges(base.segments(0, src.size), cs, src.size))
+    chunk = max(CHUNK_BYTES // cs, 1) * cs
+    buf = bytearray(chunk)
+    bbuf = bytearray(chunk)
+    done = 0
+    for a, b in ranges:
+        progress(a - done)
+        for pos in range(a, b, chunk):
+            n = min(chunk, b - pos)
+            mv = memoryview(buf)[:n]
+            src.read_into(mv, pos)
+            want = nonzero_blocks(mv, cs)
+            if not sparse_bytes:
+                want[:] = True
+            bmv = memoryview(bbuf)[:n]
+            base.read_into(bmv, pos)
+            diff = differs(mv, bmv, cs)
+            if pool is not None:
+                # compress this chunk while the previous one is written
+                jobs = _submit_compressed(pool, mv, pos, want & diff, cs, ctype)
+                _finish_compressed(img, pending)
+                pending = jobs
+            else:
+                for s, e in runs_of(want & diff):
+                    lo, hi = s * cs, min(n, e * cs)
+                    img.write(pos + lo, mv[lo:hi])
+            for s, e in runs_of(diff & ~want):
+                lo, hi = s * cs, min(n, e * cs)
+                img.write_zeroes(pos + lo, hi - lo)
+            progress(n)
+        done = b
+    _finish_compressed(img, pending)
+    progress(src.size - done)
 
 
 def _compress_one(args: tuple[bytes, int, int]) -> bytes | None:

@@ -11,16 +11,23 @@ image's lifetime), and uses only public Image / RawImage attributes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import Any
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 from ...image import Image, RawImage
 from ...metadata.l2map import Kind
 from ..map import disk_size, host_segments
 
 CHUNK_BYTES = 8 << 20
+# one read syscall copies at most this much (large single copies measured slower; see
+# FileStorage.pwrite)
+READ_PIECE = 2 << 20
 
 Segment = tuple[int, int, bool]
+T = TypeVar("T")
 
 
 class Source:
@@ -86,7 +93,7 @@ def preadinto(storage: Any, mv: memoryview, offset: int) -> None:
         return
     done = 0
     while done < len(mv):
-        n = os.preadv(fd, [mv[done:]], offset + done)
+        n = os.preadv(fd, [mv[done : done + READ_PIECE]], offset + done)
         if n <= 0:
             mv[done:] = bytes(len(mv) - done)
             return
@@ -156,4 +163,84 @@ def iter_chunks(src: Source, chunk: int = CHUNK_BYTES) -> Iterator[tuple[int, me
             pos += n
 
 
-__all__ = ["CHUNK_BYTES", "Segment", "Source", "iter_chunks", "pieces", "preadinto"]
+class ReadAhead(Generic[T]):
+    """Read ranges of a Source on a reader thread, `depth` chunks ahead of the consumer.
+
+    Iterating yields (guest offset, view, scan(view)) for every chunk of at most `chunk`
+    bytes of each [a, b) range, in order; `scan` runs on the reader thread too (numpy
+    releases the GIL while it scans). A view is valid until the next item is asked for: its
+    buffer then goes back to the reader. Only the reader thread touches the source image
+    while this is open; an error on it is raised in the consumer. Use as a context manager:
+    leaving stops the thread."""
+
+    def __init__(
+        self,
+        src: Source,
+        ranges: list[tuple[int, int]],
+        chunk: int,
+        scan: Callable[[memoryview], T],
+        depth: int = 4,
+    ) -> None:
+        self._src = src
+        self._ranges = ranges
+        self._chunk = chunk
+        self._scan = scan
+        self._stop = False
+        # a None in `free` tells the reader to stop
+        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        for _ in range(depth + 1):
+            self._free.put(bytearray(chunk))
+        self._ready: queue.SimpleQueue[tuple[int, bytearray, int, T] | BaseException | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._read, name="qcow2kit-convert-reader",
+                                        daemon=True)
+
+    def _read(self) -> None:
+        try:
+            for a, b in self._ranges:
+                for pos in range(a, b, self._chunk):
+                    buf = self._free.get()
+                    if buf is None or self._stop:
+                        return
+                    n = min(self._chunk, b - pos)
+                    mv = memoryview(buf)[:n]
+                    self._src.read_into(mv, pos)
+                    self._ready.put((pos, buf, n, self._scan(mv)))
+            self._ready.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._ready.put(exc)
+
+    def __enter__(self) -> ReadAhead[T]:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop = True
+        self._free.put(None)
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[tuple[int, memoryview, T]]:
+        prev: bytearray | None = None
+        while True:
+            item = self._ready.get()
+            if prev is not None:
+                self._free.put(prev)
+                prev = None
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            pos, buf, n, extra = item
+            prev = buf
+            yield pos, memoryview(buf)[:n], extra
+
+
+__all__ = [
+    "CHUNK_BYTES", "ReadAhead", "Segment", "Source", "iter_chunks", "pieces", "preadinto",
+]

@@ -15,20 +15,28 @@ from .source import Segment
 
 BoolArray = np.ndarray[Any, np.dtype[np.bool_]]
 
+# past this many runs of candidate zero blocks, one pass over the whole buffer is cheaper
+_MAX_RUNS = 64
+
 
 def nonzero_blocks(mv: memoryview, block: int) -> BoolArray:
-    """Per block of `block` bytes (the last may be short): does it hold a non-zero byte?"""
+    """Per block of `block` bytes (the last may be short): does it hold a non-zero byte?
+    `block` is a multiple of 8. Reads the buffer in place: no copy of the data is made."""
     n = len(mv)
     nblocks = -(-n // block)
     out = np.ones(nblocks, dtype=bool)
     full = n // block
     if full:
         words = np.frombuffer(mv[: full * block], dtype=np.uint64).reshape(full, block // 8)
-        # cheap pre-test on a few words, then a full test only where those are zero
+        # cheap pre-test on a few words; only blocks where those are zero are read whole,
+        # one contiguous run of blocks at a time (a view: fancy indexing would copy them)
         cand = (words[:, 0] == 0) & (words[:, -1] == 0) & (words[:, block // 16] == 0)
-        idx = np.flatnonzero(cand)
-        if len(idx):
-            out[idx] = words[idx].any(axis=1)
+        runs = runs_of(cand)
+        if len(runs) > _MAX_RUNS:
+            out[:full] = np.bitwise_or.reduce(words, axis=1) != 0
+        else:
+            for s, e in runs:
+                out[s:e] = np.bitwise_or.reduce(words[s:e], axis=1) != 0
     if nblocks > full:
         out[full] = bool(np.frombuffer(mv[full * block :], dtype=np.uint8).any())
     return out
