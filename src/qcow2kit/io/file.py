@@ -22,6 +22,7 @@ LOCK_PERM_BASE = 100
 LOCK_SHARED_BASE = 200
 _MAX_FILE_OFFSET = (1 << 63) - 1
 _MAX_BYTES_PAST_EOF = 64 << 20  # zeros a read may return past the end of the file
+_WRITE_PIECE = 2 << 20
 
 
 _libc: object | None = None
@@ -58,6 +59,7 @@ class FileStorage:
             flags |= os.O_CREAT  # truncated only once the lock is ours (never under a VM)
         self.fd = os.open(path, flags, 0o644)
         self._punch_ok = True
+        self._extend_ok = True
         self.durable = True
         try:
             if lock:
@@ -143,10 +145,25 @@ class FileStorage:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_write()
         view = memoryview(data)
+        if self._extend_ok and len(view) and offset + len(view) > self.size():
+            self._extend(offset, len(view))
         while len(view):
-            n = os.pwrite(self.fd, view, offset)
+            # pieces of at most 2 MiB: one buffered write of 8 MiB measured about twice
+            # the kernel time of four 2 MiB ones (convert, 1 GiB, ext4)
+            n = os.pwrite(self.fd, view[:_WRITE_PIECE], offset)
             view = view[n:]
             offset += n
+
+    def _extend(self, offset: int, length: int) -> None:
+        """Allocate the blocks of a write that extends the file just before writing it:
+        ext4 then skips its delayed-allocation work page by page (measured: about a third
+        less kernel time per appended byte). Only an optimisation: any failure is left for
+        the write itself to report."""
+        try:
+            _fallocate(self.fd, 0, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+                self._extend_ok = False
 
     def flush(self) -> None:
         # durable=False is qemu-img's cache=unsafe: for a scratch output nobody relies on
