@@ -36,12 +36,12 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ops.map import format_human, format_json, map_path
+    from ..ops.map import format_human, format_json, map_path_extents
 
     start = parse_size(args.start, "start offset")
     length = parse_size(args.length, "max length") if args.length is not None else None
-    entries = map_path(args.filename, args.fmt, force_share=args.force_share, start=start,
-                       length=length, backing=args.backing)
+    entries = map_path_extents(args.filename, args.fmt, force_share=args.force_share, start=start,
+                               length=length, backing=args.backing)
     if args.output == "json":
         sys.stdout.write(format_json(entries))
         return 0

@@ -99,6 +99,31 @@ class L2Map:
     def table(self, offset: int) -> U64:
         return self.cache.get(offset)
 
+    def read_tables(self, l1_indices: list[int]) -> U64:
+        """The L2 tables of these (allocated) L1 entries, concatenated in the order given:
+        for whole-image walks (map), which would only churn the cache. Tables the cache
+        holds (possibly dirty) come from it; the others are read from the storage in
+        ascending offset order, adjacent tables with one pread."""
+        cs = self.geom.cluster_size
+        offsets = [self.l2_offset(i) for i in l1_indices]
+        cached = {off: self.cache.get(off) for off in offsets if off in self.cache}
+        raw: dict[int, bytes] = {}
+        todo = sorted({off for off in offsets if off not in cached})
+        k = 0
+        while k < len(todo):
+            j = k + 1
+            while j < len(todo) and todo[j] == todo[j - 1] + cs:
+                j += 1
+            buf = self.storage.pread(todo[k], (j - k) * cs)
+            for n in range(k, j):
+                raw[todo[n]] = buf[(n - k) * cs : (n - k + 1) * cs]
+            k = j
+        if not cached:
+            return decode_table(b"".join(raw[off] for off in offsets), self.geom.extended_l2)
+        parts = [cached[off] if off in cached else decode_table(raw[off], self.geom.extended_l2)
+                 for off in offsets]
+        return np.concatenate(parts)
+
     def write_l1_dirty(self) -> bool:
         if not self.l1_dirty:
             return False

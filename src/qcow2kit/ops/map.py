@@ -21,12 +21,16 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import InvalidArgumentError
 from ..format import constants as C
 from ..format.entries import decode_l2
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
+
+I64 = npt.NDArray[np.int64]
+B = npt.NDArray[np.bool_]
 
 
 @dataclass(slots=True)
@@ -92,18 +96,115 @@ def host_segments(fd: int, start: int, end: int) -> list[tuple[int, int, bool]]:
     return out
 
 
+# qemu-img's JSON for each combination of (depth, present, zero, data), up to "offset"
+_FLAGS_JSON = ('"depth": %d, "present": %s, "zero": %s, "data": %s')
+# the most consecutive L2 entries (units) classified at once: bounds the temporaries of a
+# walk over a large dense image (2^18 entries: a few MiB) while keeping numpy's per-call
+# overhead per batch, not per table
+_BATCH_UNITS = 1 << 18
+
+
+class Extents:
+    """Merged extents as columns (numpy arrays, one row per extent): what `map` prints.
+    `names[name[i]]` is row i's file name."""
+
+    def __init__(self, start: I64, length: I64, depth: I64, present: B, zero: B, data: B,
+                 offset: I64, name: I64, names: list[str]) -> None:
+        self.start, self.length, self.depth = start, length, depth
+        self.present, self.zero, self.data = present, zero, data
+        self.offset, self.name, self.names = offset, name, names
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def entries(self) -> list[MapEntry]:
+        names = self.names
+        return [MapEntry(s, n, d, p, z, da, o, names[f]) for s, n, d, p, z, da, o, f in zip(
+            self.start.tolist(), self.length.tolist(), self.depth.tolist(),
+            self.present.tolist(), self.zero.tolist(), self.data.tolist(),
+            self.offset.tolist(), self.name.tolist(), strict=True)]
+
+    def json(self) -> str:
+        """Byte-for-byte the layout qemu-img 7.2 prints (one format per extent)."""
+        if not len(self):
+            return "[]\n"
+        flags: dict[tuple[int, bool, bool, bool], str] = {}
+        lines = []
+        for s, n, d, p, z, da, o in zip(
+            self.start.tolist(), self.length.tolist(), self.depth.tolist(),
+            self.present.tolist(), self.zero.tolist(), self.data.tolist(),
+            self.offset.tolist(), strict=True,
+        ):
+            key = (d, p, z, da)
+            mid = flags.get(key)
+            if mid is None:
+                mid = flags[key] = _FLAGS_JSON % (d, _TF[p], _TF[z], _TF[da])
+            if o >= 0:
+                lines.append(f'{{ "start": {s}, "length": {n}, {mid}, "offset": {o}}}')
+            else:
+                lines.append(f'{{ "start": {s}, "length": {n}, {mid}}}')
+        return "[" + ",\n".join(lines) + "]\n"
+
+
+_TF = ("false", "true")
+
+
 class _Mapper:
+    """Collects unmerged extents in guest order, as rows (one at a time) or as blocks of
+    columns (a whole batch of L2 entries at once), and merges them once at the end exactly
+    as qemu-img does entry by entry (same flags, same file, contiguous host offsets)."""
+
     def __init__(self) -> None:
-        self.entries: list[MapEntry] = []
+        self._rows: list[tuple[int, int, int, bool, bool, bool, int, int]] = []
+        self._blocks: list[tuple[I64, ...]] = []
+        self._names: dict[str, int] = {}
         self._prealloc: dict[int, bool] = {}
 
+    def _name(self, name: str) -> int:
+        return self._names.setdefault(name, len(self._names))
+
     def add(self, e: MapEntry) -> None:
-        if self.entries and self.entries[-1].mergeable(e) and (
-            self.entries[-1].start + self.entries[-1].length == e.start
-        ):
-            self.entries[-1].length += e.length
-        else:
-            self.entries.append(e)
+        self._rows.append((e.start, e.length, e.depth, e.present, e.zero, e.data, e.offset,
+                           self._name(e.filename)))
+
+    def _flush_rows(self) -> None:
+        if self._rows:
+            cols = np.array(self._rows, dtype=np.int64).reshape(-1, 8)
+            self._blocks.append(tuple(cols[:, k].copy() for k in range(8)))
+            self._rows = []
+
+    def add_block(self, start: I64, length: I64, depth: int, present: B, zero: B, data: B,
+                  offset: I64, name: str) -> None:
+        self._flush_rows()
+        n = len(start)
+        self._blocks.append((start, length, np.full(n, depth, dtype=np.int64),
+                             present.astype(np.int64), zero.astype(np.int64),
+                             data.astype(np.int64), offset,
+                             np.full(n, self._name(name), dtype=np.int64)))
+
+    def result(self) -> Extents:
+        self._flush_rows()
+        names = list(self._names)
+        if not self._blocks:
+            e = np.zeros(0, dtype=np.int64)
+            return Extents(e, e, e, e.astype(bool), e.astype(bool), e.astype(bool), e, e, names)
+        start, length, depth, present, zero, data, offset, name = (
+            np.concatenate([b[k] for b in self._blocks]) for k in range(8))
+        # extent i joins extent i-1 under the rule of MapEntry.mergeable (pairwise is the
+        # same as entry by entry: a merged extent keeps its first row's file and offset)
+        has = offset >= 0
+        join = np.zeros(len(start), dtype=bool)
+        join[1:] = (
+            (depth[1:] == depth[:-1]) & (present[1:] == present[:-1])
+            & (zero[1:] == zero[:-1]) & (data[1:] == data[:-1])
+            & (has[1:] == has[:-1])
+            & (~has[:-1] | ((offset[:-1] + length[:-1] == offset[1:]) & (name[1:] == name[:-1])))
+            & (start[:-1] + length[:-1] == start[1:])
+        )
+        first = np.flatnonzero(~join)
+        return Extents(start[first], np.add.reduceat(length, first), depth[first],
+                       present[first].astype(bool), zero[first].astype(bool),
+                       data[first].astype(bool), offset[first], name[first], names)
 
     # ---- raw --------------------------------------------------------------------------
     def raw_layer(self, img: RawImage, start: int, end: int, depth: int) -> None:
@@ -128,13 +229,20 @@ class _Mapper:
             self._prealloc[key] = int(np.count_nonzero(counts)) >= threshold
         return self._prealloc[key]
 
+    def _holes_matter(self, img: Image) -> bool:
+        """Whether data clusters must be split by the host file's holes (QEMU does so for
+        images that look metadata-preallocated)."""
+        storage = img.data_storage or img.storage
+        return getattr(storage, "fd", None) is not None and self._metadata_preallocated(img)
+
     def _data(self, img: Image, a: int, b: int, host: int, depth: int) -> None:
         storage = img.data_storage or img.storage
         name = storage.name
-        fd = getattr(storage, "fd", None)
-        if fd is None or not self._metadata_preallocated(img):
+        if not self._holes_matter(img):
             self.add(MapEntry(a, b - a, depth, True, False, True, host, name))
             return
+        fd = getattr(storage, "fd", None)
+        assert fd is not None
         for ha, hb, is_data in host_segments(fd, host, host + (b - a)):
             ga = a + (ha - host)
             self.add(MapEntry(ga, hb - ha, depth, True, not is_data, True, ha, name))
@@ -163,68 +271,95 @@ class _Mapper:
         span = g.l2_span_bytes
         l2_offsets = (l2.l1 & np.uint64(C.OFFSET_MASK)).astype(np.int64)
         first, last = start // span, (end - 1) // span
-        hit = np.flatnonzero(l2_offsets[first : last + 1]) + first
+        hit = (np.flatnonzero(l2_offsets[first : last + 1]) + first).tolist()
+        per_batch = max(1, _BATCH_UNITS // (g.l2_entries * g.subclusters))
         pos = start
-        for l1i in hit.tolist():
-            base = l1i * span
+        k = 0
+        while k < len(hit):
+            # a batch: consecutive allocated L1 entries, so its units are guest-contiguous
+            j = k + 1
+            while j < len(hit) and j - k < per_batch and hit[j] == hit[j - 1] + 1:
+                j += 1
+            base = hit[k] * span
             if pos < base:
                 self._unallocated(img, pos, base, -1, depth)
                 pos = base
-            cend = min(end, base + span)
-            self._table(img, l1i, pos, cend, depth)
-            pos = cend
+            bend = min(end, hit[j - 1] * span + span)
+            self._tables(img, hit[k:j], pos, bend, depth)
+            pos = bend
+            k = j
         if pos < end:
             self._unallocated(img, pos, end, -1, depth)
 
-    def _table(self, img: Image, l1i: int, pos: int, end: int, depth: int) -> None:
+    def _tables(self, img: Image, l1_indices: list[int], pos: int, end: int, depth: int) -> None:
+        """The extents of [pos, end) inside the L2 tables of consecutive L1 entries, every
+        entry of the batch classified at once."""
         g = img.meta.geom
         l2 = img.meta.l2
-        span = g.l2_span_bytes
-        base = l1i * span
+        base = l1_indices[0] * g.l2_span_bytes
         unit = g.subcluster_size
         sub = g.subclusters
-        table = l2.table(l2.l2_offset(l1i))
+        table = l2.read_tables(l1_indices)
         u0 = (pos - base) // unit
         u1 = -(-(end - base) // unit)
-        kind, _host, _desc = l2.classify(table, u0, u1)
-        c0, c1 = u0 // sub, -(-u1 // sub)
-        ent = table[c0:c1, 0] if g.extended_l2 else table[c0:c1]
-        fields = decode_l2(ent)
-        chost = fields.host
-        alloc = ~fields.compressed & ((chost != 0) | (fields.copied & l2.data_file))
-        units = np.arange(u0, u1, dtype=np.int64)
-        cl = units // sub - c0
-        off = np.where(alloc[cl], chost[cl] + (units % sub) * unit, -1)
+        kind, unit_host, _desc = l2.classify(table, u0, u1)
+        if g.extended_l2:
+            # zero subclusters of an allocated cluster keep the cluster's host offset
+            c0, c1 = u0 // sub, -(-u1 // sub)
+            fields = decode_l2(table[c0:c1, 0])
+            chost = fields.host
+            alloc = ~fields.compressed & ((chost != 0) | (fields.copied & l2.data_file))
+            units = np.arange(u0, u1, dtype=np.int64)
+            cl = units // sub - c0
+            off = np.where(alloc[cl], chost[cl] + (units % sub) * unit, -1)
+        else:
+            off = unit_host
         n = len(kind)
+        has = off >= 0
         brk = np.ones(n, dtype=bool)
         if n > 1:
-            both = (off[1:] >= 0) & (off[:-1] >= 0)
             brk[1:] = (
                 (kind[1:] != kind[:-1])
-                | ((off[1:] >= 0) != (off[:-1] >= 0))
-                | (both & (off[1:] != off[:-1] + unit))
+                | (has[1:] != has[:-1])
+                | (has[1:] & has[:-1] & (off[1:] != off[:-1] + unit))
             )
         starts = np.flatnonzero(brk)
-        ends = np.append(starts[1:], n)
+        unit_start = base + (u0 + starts) * unit
+        ga = np.maximum(unit_start, pos)
+        gb = np.minimum(np.append(unit_start[1:], base + (u0 + n) * unit), end)
+        rkind = kind[starts]
+        h = off[starts]
+        h = np.where(h >= 0, h + (ga - unit_start), -1)
         name = (img.data_storage or img.storage).name
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-            ga = max(pos, base + (u0 + s) * unit)
-            gb = min(end, base + (u0 + e) * unit)
-            k = int(kind[s])
-            h = int(off[s])
-            if h >= 0:
-                h += ga - (base + (u0 + s) * unit)
+        unalloc = rkind == Kind.UNALLOCATED
+        is_data = rkind == Kind.DATA
+        if (img.backing is not None and unalloc.any()) or (
+            is_data.any() and self._holes_matter(img)
+        ):
+            self._runs_one_by_one(img, ga, gb, rkind, h, depth, name)
+            return
+        is_zero = rkind == Kind.ZERO
+        is_comp = rkind == Kind.COMPRESSED
+        # data: present, data, host offset; compressed: present, data, no offset; zero:
+        # present, zero, offset if allocated; unallocated without backing: zero, absent
+        self.add_block(ga, gb - ga, depth, ~unalloc, is_zero | unalloc, is_data | is_comp,
+                       np.where(is_comp, -1, h), name)
+
+    def _runs_one_by_one(self, img: Image, ga: I64, gb: I64, rkind: I64, h: I64, depth: int,
+                         name: str) -> None:
+        for a, b, k, off in zip(ga.tolist(), gb.tolist(), rkind.tolist(), h.tolist(),
+                                strict=True):
             if k == Kind.DATA:
-                self._data(img, ga, gb, h, depth)
+                self._data(img, a, b, off, depth)
             elif k == Kind.COMPRESSED:
-                self.add(MapEntry(ga, gb - ga, depth, True, False, True, -1, name))
+                self.add(MapEntry(a, b - a, depth, True, False, True, -1, name))
             elif k == Kind.ZERO:
-                self.add(MapEntry(ga, gb - ga, depth, True, True, False, h, name))
+                self.add(MapEntry(a, b - a, depth, True, True, False, off, name))
             else:
-                self._unallocated(img, ga, gb, h, depth)
+                self._unallocated(img, a, b, off, depth)
 
 
-def map_image(img: Image | RawImage, start: int = 0, length: int | None = None) -> list[MapEntry]:
+def map_extents(img: Image | RawImage, start: int = 0, length: int | None = None) -> Extents:
     """The merged extents of the virtual disk (or of [start, start+length) inside it)."""
     if start < 0 or (length is not None and length < 0):
         raise InvalidArgumentError("start offset and length must not be negative")
@@ -235,8 +370,29 @@ def map_image(img: Image | RawImage, start: int = 0, length: int | None = None) 
         m.layer(img, start, end, 0)
     else:
         # qemu-img prints one empty extent when there is nothing to map
-        m.entries.append(MapEntry(start, 0, 0, False, False, False, -1, img.filename))
-    return m.entries
+        m.add(MapEntry(start, 0, 0, False, False, False, -1, img.filename))
+    return m.result()
+
+
+def map_image(img: Image | RawImage, start: int = 0, length: int | None = None) -> list[MapEntry]:
+    """map_extents as a list of MapEntry."""
+    return map_extents(img, start, length).entries()
+
+
+def map_path_extents(
+    path: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = False,
+    start: int = 0,
+    length: int | None = None,
+    backing: bool = True,
+) -> Extents:
+    img = open_any(path, fmt, force_share=force_share, backing=backing)
+    try:
+        return map_extents(img, start, length)
+    finally:
+        img.close()
 
 
 def map_path(
@@ -248,15 +404,14 @@ def map_path(
     length: int | None = None,
     backing: bool = True,
 ) -> list[MapEntry]:
-    img = open_any(path, fmt, force_share=force_share, backing=backing)
-    try:
-        return map_image(img, start, length)
-    finally:
-        img.close()
+    return map_path_extents(path, fmt, force_share=force_share, start=start, length=length,
+                            backing=backing).entries()
 
 
-def format_json(entries: list[MapEntry]) -> str:
+def format_json(entries: list[MapEntry] | Extents) -> str:
     """Byte-for-byte the layout qemu-img 7.2 prints."""
+    if isinstance(entries, Extents):
+        return entries.json()
     lines = []
     for e in entries:
         d = e.to_json()
@@ -269,8 +424,10 @@ def _hex(v: int) -> str:
     return f"{v:#x}" if v else "0"
 
 
-def format_human(entries: list[MapEntry]) -> tuple[str, str | None]:
+def format_human(entries: list[MapEntry] | Extents) -> tuple[str, str | None]:
     """qemu-img's human table; the error message (if any) stops it like qemu-img does."""
+    if isinstance(entries, Extents):
+        entries = entries.entries()
     out = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
     for e in entries:
         if e.data and e.offset < 0:
@@ -280,5 +437,5 @@ def format_human(entries: list[MapEntry]) -> tuple[str, str | None]:
     return "\n".join(out) + "\n", None
 
 
-__all__ = ["MapEntry", "map_image", "map_path", "format_json", "format_human", "host_segments",
-           "disk_size"]
+__all__ = ["MapEntry", "Extents", "map_image", "map_extents", "map_path", "map_path_extents",
+           "format_json", "format_human", "host_segments", "disk_size"]
