@@ -230,3 +230,27 @@ def test_hostile_requests(served: Path, image: Path, attack: str) -> None:
     c.close()
     _still_serves(served)
     assert qemu_img("compare", "-U", "-f", "raw", uri(served), str(image)).returncode == 0
+
+
+def test_answers_follow_writes(served: Path) -> None:
+    """Reads and block status see every completed write, zero and trim (nothing stale is
+    remembered across a change)."""
+    c = _client(served, contexts=("base:allocation",))
+
+    def status(offset: int) -> tuple[int, int]:
+        c.request(P.CMD_BLOCK_STATUS, offset, 65536, P.CMD_FLAG_REQ_ONE)
+        _, length, flags = struct.unpack(">III", c.chunks()[0][2])
+        return length, flags
+
+    def read(offset: int, n: int) -> bytes:
+        c.request(P.CMD_READ, offset, n, P.CMD_FLAG_DF)
+        return c.chunks()[0][2][8:]
+
+    assert status(3 << 20) == (65536, 3) and read(3 << 20, 4096) == bytes(4096)
+    c.request(P.CMD_WRITE, 3 << 20, 4096, payload=b"\x08" * 4096)
+    assert error_of(c.chunks()) == 0
+    assert status(3 << 20) == (65536, 0) and read(3 << 20, 4096) == b"\x08" * 4096
+    c.request(P.CMD_WRITE_ZEROES, 0, 65536)
+    assert error_of(c.chunks()) == 0
+    assert status(0) == (65536, 3) and read(0, 512) == bytes(512)  # a zero cluster: hole,zero
+    c.close()

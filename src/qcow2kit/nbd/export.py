@@ -11,22 +11,26 @@ image (its opener does).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import InvalidArgumentError
 from ..image import Image, RawImage
-from ..metadata.l2map import Kind
-from ..ops.map import map_image
+from ..metadata.l2map import Kind, Run
+from ..ops.map import MapEntry, map_image
 from . import protocol as P
 
 ZERO, FILE, BYTES = 0, 1, 2
+RUN_CHUNK = 1 << 20
+MAP_WINDOW = 64 << 20
+RUN_CACHE_CHUNKS = 1 << 14  # 16 GiB of guest space
 
 
 class CommandError(Exception):
@@ -124,6 +128,8 @@ class Export:
         self.detect_zeroes = detect_zeroes
         self.size = image.virtual_size
         self.meta = threading.Lock()
+        self._map_cache: tuple[int, int, list[int], list[MapEntry]] | None = None
+        self._run_cache: dict[tuple[int, int], list[Run]] = {}  # (chain depth, chunk)
         self.rw = RWLock()
         flags = P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_DF | P.TF_SEND_CACHE
         if self.readonly:
@@ -148,8 +154,63 @@ class Export:
         pieces are sent, so no FILE piece's clusters are freed and reused meanwhile."""
         with self.meta:
             pieces: list[Piece] = []
-            _plan(self.image, offset, length, pieces)
+            self._plan(self.image, 0, offset, length, pieces)
         return _clip_to_files(pieces)
+
+    def _runs(self, img: Image, depth: int, offset: int, length: int) -> list[Run]:
+        """img.runs, remembered per chunk of RUN_CHUNK bytes: reads then cost no table
+        lookup once their chunk was seen. Any change to the image forgets them (_changed)."""
+        chunk = max(img.cluster_size, RUN_CHUNK)
+        end = offset + length
+        out: list[Run] = []
+        for c in range(offset // chunk, -(-end // chunk)):
+            key = (depth, c)
+            runs = self._run_cache.get(key)
+            if runs is None:
+                if len(self._run_cache) >= RUN_CACHE_CHUNKS:
+                    self._run_cache.clear()
+                start = c * chunk
+                runs = self._run_cache[key] = img.runs(start, min(chunk, img.virtual_size - start))
+            for r in runs:
+                a, b = max(r.guest_offset, offset), min(r.end, end)
+                if a < b:
+                    host = r.host_offset
+                    if host >= 0 and r.kind != Kind.COMPRESSED:
+                        host += a - r.guest_offset
+                    out.append(Run(a, b - a, r.kind, host, r.comp_bytes, r.comp_guest_cluster))
+        return out
+
+    def _changed(self) -> None:
+        self._run_cache.clear()
+        self._map_cache = None
+
+    def _plan(self, img: Image | RawImage, depth: int, offset: int, length: int, out: list[Piece]) -> None:
+        if isinstance(img, RawImage):
+            fd = getattr(img.storage, "fd", None)
+            n = max(0, min(length, img.virtual_size - offset))
+            if n and fd is not None:
+                _add(out, Piece(FILE, n, fd, offset))
+            elif n:
+                _add(out, Piece(BYTES, n, data=img.read(offset, n)))
+            if length > n:
+                _add(out, Piece(ZERO, length - n))
+            return
+        storage = img.data_storage or img.storage
+        dfd = getattr(storage, "fd", None)
+        for run in self._runs(img, depth, offset, length):
+            if run.kind == Kind.DATA and dfd is not None:
+                _add(out, Piece(FILE, run.length, dfd, run.host_offset))
+            elif run.kind == Kind.ZERO or (run.kind == Kind.UNALLOCATED and img.backing is None):
+                _add(out, Piece(ZERO, run.length))
+            elif run.kind == Kind.UNALLOCATED and img.backing is not None:
+                back = img.backing
+                n = max(0, min(run.length, back.virtual_size - run.guest_offset))
+                if n:
+                    self._plan(back, depth + 1, run.guest_offset, n, out)
+                if run.length > n:
+                    _add(out, Piece(ZERO, run.length - n))
+            else:
+                _add(out, Piece(BYTES, run.length, data=img.read(run.guest_offset, run.length)))
 
     # ---- writes -------------------------------------------------------------------------
     def _writable(self) -> None:
@@ -163,6 +224,7 @@ class Export:
                               fast=False, fua=fua)
             return
         with self.rw.exclusive(), self.meta:
+            self._changed()
             self.image.write(offset, data)
             if fua:
                 self.image.flush()
@@ -173,6 +235,7 @@ class Export:
         self._writable()
         img = self.image
         with self.rw.exclusive(), self.meta:
+            self._changed()
             a, b, fallback = self._zero_range(offset, length)
             if fast and fallback:
                 raise CommandError(P.ENOTSUP, "fast zeroing is not possible here")
@@ -227,6 +290,7 @@ class Export:
         if a >= b:
             return
         with self.rw.exclusive(), self.meta:
+            self._changed()
             if img.header.version < 3:
                 img.discard(a, b - a)
             else:
@@ -245,64 +309,65 @@ class Export:
     # ---- block status -------------------------------------------------------------------
     def block_status(self, offset: int, length: int, max_extents: int) -> list[list[tuple[int, int]]]:
         """Extents (length, flags) of the range for every context, in context id order,
-        at most max_extents each, merged like qemu-nbd and never past the range."""
+        at most max_extents each, merged like qemu-nbd and never past the range. For a few
+        extents (REQ_ONE) the range is mapped in growing windows, so asking about the rest
+        of a large disk costs what the answer needs, not a map of the whole range."""
+        entries: list[MapEntry] = []
+        pos, end = offset, offset + length
+        window = end - pos if max_extents > 16 else 4 << 20
         with self.meta:
-            entries = map_image(self.image, offset, length)
-        out: list[list[tuple[int, int]]] = []
-        for ctx in self.contexts:
-            extents: list[tuple[int, int]] = []
-            for e in entries:
-                if e.length == 0:
-                    continue
-                if ctx == P.CTX_BASE_ALLOCATION:
-                    flags = (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0)
-                elif e.present:
-                    flags = e.depth + 1
-                else:
-                    # past the end of a shorter backing file, qemu counts the zeros as
-                    # allocated in that backing layer (bdrv_co_common_block_status_above)
-                    flags = e.depth + 2 if e.depth < len(self._backed) and self._backed[e.depth] else 0
-                if extents and extents[-1][1] == flags:
-                    extents[-1] = (extents[-1][0] + e.length, flags)
-                elif len(extents) < max_extents:
-                    extents.append((e.length, flags))
-                else:
-                    break
-            out.append(extents)
+            while True:
+                n = min(window, end - pos)
+                entries += self._map(pos, n)
+                pos += n
+                # one extent more than wanted proves the wanted ones complete
+                out = [self._extents(ctx, entries, max_extents + 1) for ctx in self.contexts]
+                if pos >= end or all(len(x) > max_extents for x in out):
+                    return [x[:max_extents] for x in out]
+                window *= 4
+
+    def _map(self, pos: int, n: int) -> list[MapEntry]:
+        """map_image of [pos, pos+n), from a remembered map of at least MAP_WINDOW bytes:
+        clients walk the disk with many small BLOCK_STATUS requests."""
+        cache = self._map_cache
+        if cache is None or not cache[0] <= pos <= pos + n <= cache[1]:
+            end = min(self.size, max(pos + n, pos + MAP_WINDOW))
+            found = map_image(self.image, pos, end - pos)
+            cache = self._map_cache = (pos, end, [e.start for e in found], found)
+        _, _, starts, found = cache
+        out = []
+        for e in found[max(0, bisect.bisect_right(starts, pos) - 1) :]:
+            a, b = max(e.start, pos), min(e.start + e.length, pos + n)
+            if e.start >= pos + n:
+                break
+            if a < b:
+                out.append(e if (a, b - a) == (e.start, e.length) else replace(e, start=a, length=b - a))
         return out
+
+    def _extents(self, ctx: str, entries: list[MapEntry], limit: int) -> list[tuple[int, int]]:
+        extents: list[tuple[int, int]] = []
+        for e in entries:
+            if e.length == 0:
+                continue
+            if ctx == P.CTX_BASE_ALLOCATION:
+                flags = (0 if e.data else P.STATE_HOLE) | (P.STATE_ZERO if e.zero else 0)
+            elif e.present:
+                flags = e.depth + 1
+            else:
+                # past the end of a shorter backing file, qemu counts the zeros as
+                # allocated in that backing layer (bdrv_co_common_block_status_above)
+                flags = e.depth + 2 if e.depth < len(self._backed) and self._backed[e.depth] else 0
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + e.length, flags)
+            elif len(extents) < limit:
+                extents.append((e.length, flags))
+            else:
+                break
+        return extents
 
 
 def _is_zero(buf: bytes | memoryview) -> bool:
     return not np.frombuffer(buf, dtype=np.uint8).any()
-
-
-def _plan(img: Image | RawImage, offset: int, length: int, out: list[Piece]) -> None:
-    if isinstance(img, RawImage):
-        fd = getattr(img.storage, "fd", None)
-        n = max(0, min(length, img.virtual_size - offset))
-        if n and fd is not None:
-            _add(out, Piece(FILE, n, fd, offset))
-        elif n:
-            _add(out, Piece(BYTES, n, data=img.read(offset, n)))
-        if length > n:
-            _add(out, Piece(ZERO, length - n))
-        return
-    storage = img.data_storage or img.storage
-    dfd = getattr(storage, "fd", None)
-    for run in img.runs(offset, length):
-        if run.kind == Kind.DATA and dfd is not None:
-            _add(out, Piece(FILE, run.length, dfd, run.host_offset))
-        elif run.kind == Kind.ZERO or (run.kind == Kind.UNALLOCATED and img.backing is None):
-            _add(out, Piece(ZERO, run.length))
-        elif run.kind == Kind.UNALLOCATED and img.backing is not None:
-            back = img.backing
-            n = max(0, min(run.length, back.virtual_size - run.guest_offset))
-            if n:
-                _plan(back, run.guest_offset, n, out)
-            if run.length > n:
-                _add(out, Piece(ZERO, run.length - n))
-        else:
-            _add(out, Piece(BYTES, run.length, data=img.read(run.guest_offset, run.length)))
 
 
 def _add(out: list[Piece], p: Piece) -> None:
