@@ -120,7 +120,9 @@ class Allocator:
         """First cluster of `count` contiguous free ones (0 when count is 0); counted +1."""
         if count == 0:
             return 0
-        used = self.refs.before[self.cursor :] != 0
+        # a cluster whose count this operation changes is in use even when its refcount
+        # reads 0 (a corrupt count): handing it out would hide the underflow
+        used = (self.refs.before[self.cursor :] != 0) | (self.refs.delta[self.cursor :] != 0)
         start = self.cursor + _first_gap(used, count)
         if (start + count) >> (56 - self.meta.geom.cluster_bits):
             raise CorruptionError("allocation beyond the 2^56 byte host offset limit")
