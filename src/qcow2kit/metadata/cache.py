@@ -29,6 +29,10 @@ class TableCache(Generic[T]):
     def __contains__(self, key: int) -> bool:
         return key in self._tables
 
+    def keys(self) -> list[int]:
+        """The keys held, least recently used first."""
+        return list(self._tables)
+
     def get(self, key: int) -> T:
         table = self._tables.get(key)
         if table is not None:

@@ -229,8 +229,16 @@ class Metadata:
 
     def forget_freed(self, freed: I64, punch: bool = True) -> None:
         cs = self.geom.cluster_size
-        for c in freed.tolist():
-            self.l2.cache.discard(c * cs)
+        # the cache holds a few tables and `freed` may hold millions of clusters: look the
+        # cached ones up among the freed, not the other way round
+        keys = self.l2.cache.keys()
+        if keys and len(freed):
+            ordered = np.sort(freed)
+            clusters = np.array(keys, dtype=np.int64) // cs
+            at = np.minimum(np.searchsorted(ordered, clusters), len(ordered) - 1)
+            for key, gone in zip(keys, (ordered[at] == clusters).tolist(), strict=True):
+                if gone:
+                    self.l2.cache.discard(key)
         if punch and len(freed):
             bounds = np.flatnonzero(np.diff(freed) != 1) + 1
             for part in np.split(freed, bounds):

@@ -398,7 +398,9 @@ class Refcounts:
     def last_used_cluster(self) -> int:
         """Index of the highest cluster with a non-zero refcount (-1 if none)."""
         e = self.entries_per_block
-        for index in range(len(self.reftable) - 1, -1, -1):
+        # only non-zero reftable entries can hold a block (has_block still checks each one)
+        index: int
+        for index in np.flatnonzero(self.reftable)[::-1].tolist():
             if not self.has_block(index):
                 continue
             nz = np.flatnonzero(self.cache.get(index))

@@ -30,24 +30,34 @@ from .meta import Metadata
 
 I64 = npt.NDArray[np.int64]
 
+# L2 entries read and decoded at once when dropping the L1 tail: bounds the temporaries
+# of shrinking a large, fully allocated image (2^20 entries: 8 MiB per array)
+_BATCH_ENTRIES = 1 << 20
+
 
 def drop_l1_tail(meta: Metadata, first_index: int) -> int:
     """Unhook every L2 table at L1 index >= first_index; returns how many were dropped.
-    Unallocated entries need no work at all (nothing is allocated to discard them)."""
+    Unallocated entries need no work at all (nothing is allocated to discard them).
+
+    Only memory changes here (the L1 entries, and refcount drops queued with defer_free):
+    the tables are read in batches (offset order, one pread per adjacent run) and what
+    they reference is found with one vectorised pass per batch."""
     l2 = meta.l2
-    cs_bits = meta.geom.cluster_bits
+    geom = meta.geom
     tail = l2.l1[first_index:]
-    live = np.flatnonzero(tail & np.uint64(C.OFFSET_MASK))
-    for rel in live.tolist():
-        index = first_index + rel
-        l2_off = l2.l2_offset(index)
-        table = l2.table(l2_off)
-        entries = table[:, 0] if meta.geom.extended_l2 else table
-        refs = referenced_clusters(entries, meta.geom, meta.header.has_data_file)
+    live = (np.flatnonzero(tail & np.uint64(C.OFFSET_MASK)) + first_index).tolist()
+    per_batch = max(1, _BATCH_ENTRIES // geom.l2_entries)
+    for k in range(0, len(live), per_batch):
+        batch = live[k : k + per_batch]
+        tables = l2.read_tables(batch)
+        entries = tables[:, 0] if geom.extended_l2 else tables
+        refs = referenced_clusters(entries, geom, meta.header.has_data_file)
+        own = np.array([l2.l2_offset(i) >> geom.cluster_bits for i in batch], dtype=np.int64)
         # dropping one path to a (possibly shared) L2 drops one count on it and on
         # everything reached through it
-        meta.defer_free(np.concatenate(([l2_off >> cs_bits], refs)).astype(np.int64))
-        l2.set_l1(index, 0)
+        meta.defer_free(np.concatenate((own, refs)).astype(np.int64))
+        l2.l1[batch] = 0
+        l2.l1_dirty.update(batch)
     return len(live)
 
 
