@@ -41,16 +41,15 @@ rng = random.Random(1)
 bufs = [nbd.Buffer(4096) for _ in range(depth)]
 offs = [2 * MIB * rng.randrange(512) + 4096 * rng.randrange(256) for _ in range(n)]
 t0 = time.perf_counter()
-inflight, done, nxt = {}, 0, 0
+inflight, free, done, nxt = {}, list(range(depth)), 0, 0
 while done < n:
-    while len(inflight) < depth and nxt < n:
-        slot = nxt % depth if len(inflight) < depth else None
-        free = [i for i in range(depth) if i not in inflight.values()][0]
-        inflight[h.aio_pread(bufs[free], offs[nxt])] = free
+    while free and nxt < n:
+        slot = free.pop()
+        inflight[h.aio_pread(bufs[slot], offs[nxt])] = slot
         nxt += 1
     h.poll(-1)
     for c in [c for c in inflight if h.aio_command_completed(c)]:
-        del inflight[c]
+        free.append(inflight.pop(c))
         done += 1
 print(n / (time.perf_counter() - t0))
 h.shutdown()

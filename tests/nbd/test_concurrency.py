@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -167,3 +168,31 @@ def test_signal_stops_cleanly_with_writes_in_flight(image: Path, tmp_path: Path,
     assert_clean(image)
     out = qemu_io(image, "read -P 5 0 64k")
     assert "read 65536/65536" in out
+
+
+def test_tcp_on_loopback(image: Path, tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = subprocess.Popen([*QCOW2KIT, "serve", "-r", "-p", str(port), str(image)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out = ""
+        for _ in range(200):  # until it listens (bounded: 200 tries of at most 0.05 s)
+            res = subprocess.run([str(NBDINFO), "--size", f"nbd://127.0.0.1:{port}"],
+                                 capture_output=True, text=True, timeout=30)
+            if res.returncode == 0:
+                out = res.stdout
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert int(out) == SIZE
+        assert proc.wait(60) == 0  # it served its one client, then left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
