@@ -146,6 +146,9 @@ def test_command_errors(served: Path) -> None:
         (P.CMD_BLOCK_STATUS, 0, 512, 0, P.EINVAL),  # no context negotiated
         (42, 0, 0, 0, P.EINVAL),
         (P.CMD_WRITE_ZEROES, 0, 512, P.CMD_FLAG_DF, P.EINVAL),
+        (P.CMD_WRITE_ZEROES, 100, 0, 0, 0),
+        (P.CMD_TRIM, 100, 0, 0, 0),
+        (P.CMD_READ, 100, 0, 0, 0),
     ]
     for i, (kind, offset, length, flags, err) in enumerate(cases):
         c.request(kind, offset, length, flags, cookie=i)
@@ -201,6 +204,8 @@ def test_block_status(served: Path) -> None:
     c.request(P.CMD_BLOCK_STATUS, 100, 1000, P.CMD_FLAG_REQ_ONE)
     chunks = c.chunks()
     assert chunks[0][2] == struct.pack(">III", 0, 1000, 0)
+    c.request(P.CMD_BLOCK_STATUS, 0, 0)
+    assert error_of(c.chunks()) == P.EINVAL
     c.close()
 
 

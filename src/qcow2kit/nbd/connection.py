@@ -214,12 +214,16 @@ class Connection:
                                          f"(got {req.flags:#x})")
         if t == P.CMD_BLOCK_STATUS and not self.contexts:
             raise CommandError(P.EINVAL, "CMD_BLOCK_STATUS not negotiated")
+        if t == P.CMD_BLOCK_STATUS and not req.length:
+            raise CommandError(P.EINVAL, "need non-zero length")
 
     def _dispatch(self, req: P.Request, payload: bytes | bytearray) -> None:
         self._validate(req)
         ex = self.export
         t = req.type
         fua = bool(req.flags & P.CMD_FLAG_FUA)
+        if not req.length and t in (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM):
+            t = P.CMD_CACHE  # nothing to change: succeed without touching the image
         if t == P.CMD_READ:
             self._read(req)
             return
@@ -254,11 +258,10 @@ class Connection:
 
     def _block_status(self, req: P.Request) -> None:
         limit = 1 if req.flags & P.CMD_FLAG_REQ_ONE else P.MAX_EXTENTS
-        length = req.length
-        per_context = self.export.block_status(req.offset, length, limit) if length else []
+        per_context = self.export.block_status(req.offset, req.length, limit)
         chunks = []
         for i, cid in enumerate(self.contexts):
-            extents = per_context[cid] if per_context else []
+            extents = per_context[cid]
             done = i == len(self.contexts) - 1
             chunks.append(P.block_status_chunk(req.cookie, cid, extents, done=done))
         self._send(b"".join(chunks))
