@@ -101,3 +101,26 @@ def test_short_extra_data_completed_like_qemu(tmp_path: Path, old_extra: bytes) 
     size = 7 if len(old_extra) >= 16 else 1 << 20
     assert tables[0][0][1:] == (size, (1 << 64) - 1)
     assert_clean(p)
+
+
+def test_list_fields_qemu_img_cannot_make(tmp_path: Path) -> None:
+    """VM state sizes, clocks past 100 hours, a missing or negative icount, old dates:
+    `snapshot -l`, `info` and `info --output=json` as qemu-img prints them."""
+    p = tmp_path / "f.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "1M")
+    rows = [
+        (0, 0, 0, b""),
+        (1536 * 1024, 3_723_004_000_000, 4_000_000_000, struct.pack(">QQQ", 1536 * 1024, 1 << 20, 7)),
+        (999, 360_000_999_000_000, 0, struct.pack(">QQQ", 5 << 30, 1 << 20, (1 << 64) - 1)),
+        (1, 10**9, 86400, struct.pack(">QQQ", 1, 1 << 20, (1 << 64) - 5)),
+    ]
+    with Image.open_path(str(p), writable=True) as img:
+        meta = img.meta
+        fake = [Snapshot(0, 0, str(i + 1), f"n{i}", date, 123, clock, vm, extra)
+                for i, (vm, clock, date, extra) in enumerate(rows)]
+        commit(meta, RefChanges(meta), TableReader(meta), size=1 << 20,
+               active_l1=meta.l2.l1.copy(), snapshots=fake, old_l1_kept=False)
+    for args in (["snapshot", "-l"], ["info"], ["info", "--output=json"]):
+        a = ours(*args, str(p))
+        b = subprocess.run(["qemu-img", *args, str(p)], capture_output=True)
+        assert a.stdout == b.stdout, args

@@ -55,7 +55,7 @@ def _snapshot_json(sn: Snapshot) -> dict[str, Any]:
     out: dict[str, Any] = {}
     icount = sn.icount
     if icount is not None and icount != (1 << 64) - 1:
-        out["icount"] = icount
+        out["icount"] = icount - (1 << 64) if icount >> 63 else icount  # QEMU's int64
     out["vm-clock-nsec"] = sn.vm_clock_nsec % 1_000_000_000
     out["name"] = sn.name
     out["date-sec"] = sn.date_sec
