@@ -195,10 +195,12 @@ class Connection:
         if t not in _KNOWN:
             raise CommandError(P.EINVAL, f"invalid request type ({t}) received")
         if t in (P.CMD_READ, P.CMD_CACHE) and req.length > P.MAX_BUFFER:
-            raise CommandError(P.EINVAL, f"len ({req.length}) is larger than max len ({P.MAX_BUFFER})")
+            # qemu-nbd's words, its stray space included
+            raise CommandError(P.EINVAL, f"len ({req.length} ) is larger than max len ({P.MAX_BUFFER})")
         if ex.readonly and t in (P.CMD_WRITE, P.CMD_WRITE_ZEROES, P.CMD_TRIM):
             raise CommandError(P.EPERM, "Export is read-only")
         if req.offset > ex.size or req.length > ex.size - req.offset:
+            # the spec asks for ENOSPC on writes past the end (qemu-nbd 7.2 says EINVAL)
             err = P.ENOSPC if t in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
             raise CommandError(err, f"operation past EOF; From: {req.offset}, Len: {req.length}, "
                                     f"Size: {ex.size}")
@@ -210,8 +212,8 @@ class Connection:
         elif t == P.CMD_BLOCK_STATUS:
             valid |= P.CMD_FLAG_REQ_ONE
         if req.flags & ~valid:
-            raise CommandError(P.EINVAL, f"unsupported flags for command {P.COMMAND_NAMES[t]} "
-                                         f"(got {req.flags:#x})")
+            name = P.COMMAND_NAMES[t].lower().replace("_", " ")
+            raise CommandError(P.EINVAL, f"unsupported flags for command {name} (got {req.flags:#x})")
         if t == P.CMD_BLOCK_STATUS and not self.contexts:
             raise CommandError(P.EINVAL, "CMD_BLOCK_STATUS not negotiated")
         if t == P.CMD_BLOCK_STATUS and not req.length:
