@@ -178,7 +178,7 @@ def delete(meta: Metadata, key: str) -> Snapshot:
     """Delete the first snapshot named key, else the first with ID key."""
     index = find(meta.snapshots, key, id_first=False)
     if index is None:
-        raise SnapshotNotFoundError("snapshot not found")
+        raise SnapshotNotFoundError(f"no snapshot named (or with ID) {key!r}")
     _prepare(meta)
     snap = meta.snapshots[index]
     net, reader = RefChanges(meta), TableReader(meta)
@@ -201,7 +201,7 @@ def apply(meta: Metadata, key: str) -> Snapshot:
     if meta.header.has_data_file:
         raise SnapshotsUnsupportedError("Operation not supported")
     if index is None:
-        raise SnapshotNotFoundError("No such file or directory")
+        raise SnapshotNotFoundError(f"no snapshot with ID (or named) {key!r}")
     if has_persistent_bitmaps(meta):
         raise ActiveBitmapsError("Device has active dirty bitmaps")
     _prepare(meta)
