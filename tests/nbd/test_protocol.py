@@ -15,7 +15,7 @@ import pytest
 
 from qcow2kit.nbd import protocol as P
 from tests.helpers import assert_clean, qemu_img, qemu_io
-from tests.nbd.nbdtools import NBDINFO, RawClient, error_of, our_server, run, uri
+from tests.nbd.nbdtools import NBDINFO, RawClient, error_of, our_server, qemu_nbd, run, uri
 
 SIZE = 4 << 20
 
@@ -63,15 +63,17 @@ def test_list_info_and_errors(served: Path) -> None:
     infos = c.replies()
     assert [k for k, _ in infos] == [P.REP_INFO] * 3 + [P.REP_ACK]
     assert infos[1][1] == struct.pack(">HIII", P.INFO_BLOCK_SIZE, 1, 4096, 32 << 20)
-    assert infos[2][1] == struct.pack(">HQH", P.INFO_EXPORT, SIZE, 0xDED)
+    assert infos[2][1] == struct.pack(">HQH", P.INFO_EXPORT, SIZE, 0xD6D)  # no DF: not structured
     c.option(P.OPT_INFO, struct.pack(">I", 0) + struct.pack(">H", 5))  # count says 5, none follow
     assert c.replies()[-1][0] == P.REP_ERR_INVALID
+    c.option(P.OPT_LIST_META_CONTEXT, struct.pack(">II", 0, 0))  # allowed before STRUCTURED_REPLY
+    assert c.replies()[-1][0] == P.REP_ACK
     c.option(P.OPT_STARTTLS)
     assert c.replies()[-1][0] == P.REP_ERR_POLICY
     c.option(99)
     assert c.replies()[-1][0] == P.REP_ERR_UNSUP
     meta = struct.pack(">II", 0, 0)
-    c.option(P.OPT_SET_META_CONTEXT, meta)  # before STRUCTURED_REPLY
+    c.option(P.OPT_SET_META_CONTEXT, meta)  # not before STRUCTURED_REPLY
     assert c.replies()[-1][0] == P.REP_ERR_INVALID
     c.option(P.OPT_STRUCTURED_REPLY)
     assert c.replies()[-1][0] == P.REP_ACK
@@ -97,7 +99,7 @@ def test_export_name_without_zeroes(served: Path) -> None:
         c.greet(flags)
         c.option(P.OPT_EXPORT_NAME)
         size, eflags = struct.unpack(">QH", c.recv(10))
-        assert (size, eflags) == (SIZE, 0xDED)
+        assert (size, eflags) == (SIZE, 0xD6D)  # no DF without structured replies
         assert c.recv(tail) == bytes(tail)
         c.request(P.CMD_READ, 0, 512)
         assert c.simple_reply() == (0, 1)
@@ -292,8 +294,6 @@ def test_replies_match_qemu_nbd(image: Path, tmp_path: Path) -> None:
         c.close()
         return out
 
-    from tests.nbd.nbdtools import qemu_nbd
-
     with qemu_nbd(image, tmp_path / "q.sock"):
         theirs = replies(tmp_path / "q.sock")
     with our_server(image, tmp_path / "o.sock"):
@@ -304,3 +304,56 @@ def test_replies_match_qemu_nbd(image: Path, tmp_path: Path) -> None:
             continue
         assert a == b, case
     assert_clean(image)
+
+
+def _s(text: bytes) -> bytes:
+    return struct.pack(">I", len(text)) + text
+
+
+def _meta(name: bytes, queries: list[bytes], count: int | None = None) -> bytes:
+    n = len(queries) if count is None else count
+    return _s(name) + struct.pack(">I", n) + b"".join(_s(q) for q in queries)
+
+
+ORACLE_OPTIONS = [
+    (P.OPT_LIST, b""), (P.OPT_LIST, b"x"), (P.OPT_INFO, _s(b"nah") + struct.pack(">H", 0)),
+    (P.OPT_INFO, _s(b"") + struct.pack(">HHH", 2, P.INFO_NAME, P.INFO_DESCRIPTION)),
+    (P.OPT_INFO, _s(b"") + struct.pack(">H", 5)), (P.OPT_INFO, _s(b"") + struct.pack(">HH", 0, 7)),
+    (P.OPT_STARTTLS, b""), (99, b"abc"), (P.OPT_PEEK_EXPORT, b""), (11, b""),
+    (P.OPT_SET_META_CONTEXT, _meta(b"", [b"base:allocation"])), (P.OPT_LIST_META_CONTEXT, _meta(b"", [])),
+    (P.OPT_STRUCTURED_REPLY, b"x"), (P.OPT_STRUCTURED_REPLY, b""), (P.OPT_STRUCTURED_REPLY, b""),
+    (P.OPT_LIST_META_CONTEXT, _meta(b"", [])), (P.OPT_LIST_META_CONTEXT, _meta(b"", [b"base:"])),
+    (P.OPT_LIST_META_CONTEXT, _meta(b"", [b"qemu:"])),
+    (P.OPT_LIST_META_CONTEXT, _meta(b"", [b"qemu:dirty-bitmap:"])),
+    (P.OPT_LIST_META_CONTEXT, _meta(b"", [b"base:allocation", b"nosuch:", b"qemu:allocation-depth",
+                                          b"base:allocation"])),
+    (P.OPT_LIST_META_CONTEXT, _meta(b"nah", [])), (P.OPT_LIST_META_CONTEXT, _meta(b"", [], 3)),
+    (P.OPT_LIST_META_CONTEXT, _meta(b"", [b""])), (P.OPT_LIST_META_CONTEXT, _meta(b"", [b"base"])),
+    (P.OPT_SET_META_CONTEXT, _meta(b"", [b"base:"])),
+    (P.OPT_SET_META_CONTEXT, _meta(b"", [b"qemu:allocation-depth", b"base:allocation"])),
+    (P.OPT_SET_META_CONTEXT, _meta(b"", [])),
+    (P.OPT_INFO, _s(b"") + struct.pack(">HHHH", 3, P.INFO_BLOCK_SIZE, P.INFO_NAME, 9)),
+    (P.OPT_ABORT, b""),
+]
+
+
+def test_option_replies_match_qemu_nbd(image: Path, tmp_path: Path) -> None:
+    """The same options to qemu-nbd and to us: the same replies, byte for byte (error
+    messages aside)."""
+
+    def replies(sock: Path) -> list[list[tuple[int, object]]]:
+        c = RawClient(sock)
+        c.greet()
+        out = []
+        for opt, data in ORACLE_OPTIONS:
+            c.option(opt, data)
+            out.append([(k, None if k & P.REP_FLAG_ERROR else d) for k, d in c.replies()])
+        c.close()
+        return out
+
+    with qemu_nbd(image, tmp_path / "q.sock", "-A", "-D", "dd"):
+        theirs = replies(tmp_path / "q.sock")
+    with our_server(image, tmp_path / "o.sock", allocation_depth=True, description="dd"):
+        ours = replies(tmp_path / "o.sock")
+    for opt, a, b in zip(ORACLE_OPTIONS, theirs, ours, strict=True):
+        assert a == b, opt

@@ -142,6 +142,12 @@ class Handshake:
     def _reply(self, option: int, reply: int, payload: bytes = b"") -> None:
         self.ch.send(P.option_reply(option, reply, payload))
 
+    def _eflags(self) -> int:
+        """DF (don't fragment) means something only with structured replies: qemu-nbd
+        advertises it only once they are negotiated."""
+        flags = self.export.eflags
+        return flags if self.state.structured else flags & ~P.TF_SEND_DF
+
     def _check_name(self, name: str) -> None:
         if name != self.export.name:
             raise _RejectError(P.REP_ERR_UNKNOWN, f"export '{name}' not present")
@@ -182,11 +188,11 @@ class Handshake:
         ex = self.export
         if P.INFO_NAME in wanted:
             self._reply(option, P.REP_INFO, P.info_string(P.INFO_NAME, ex.name.encode()))
-        if P.INFO_DESCRIPTION in wanted and ex.description:
+        if ex.description:  # qemu-nbd sends it whether asked or not
             self._reply(option, P.REP_INFO,
                         P.info_string(P.INFO_DESCRIPTION, ex.description.encode()))
         self._reply(option, P.REP_INFO, P.info_block_size(*ex.block_sizes))
-        self._reply(option, P.REP_INFO, P.info_export(ex.size, ex.eflags))
+        self._reply(option, P.REP_INFO, P.info_export(ex.size, self._eflags()))
         self._reply(option, P.REP_ACK)
         return option == P.OPT_GO
 
@@ -197,14 +203,14 @@ class Handshake:
             raise P.ProtocolError("export name is not UTF-8") from None
         if name != self.export.name:
             raise P.ProtocolError(f"export '{name}' not present")
-        reply = P.EXPORT_NAME_REPLY.pack(self.export.size, self.export.eflags)
+        reply = P.EXPORT_NAME_REPLY.pack(self.export.size, self._eflags())
         self.ch.send(reply if self.no_zeroes else reply + bytes(124))
 
     def _meta_context(self, option: int, r: _Reader) -> None:
         setting = option == P.OPT_SET_META_CONTEXT
         if setting:
             self.state.contexts = []  # a failed SET leaves nothing selected
-        if not self.state.structured:
+        if setting and not self.state.structured:
             raise _RejectError(P.REP_ERR_INVALID, "request structured replies first")
         name = r.string("export name")
         count = r.u32()
