@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import assert_clean, qemu_compare, qemu_img, qemu_io
-from tests.nbd.nbdtools import NBDCOPY, NBDINFO, cli_serve, our_server, qemu_nbd, run, uri
+from tests.nbd.nbdtools import NBDCOPY, NBDINFO, QCOW2KIT, cli_serve, our_server, qemu_nbd, run, uri
 
 
 def _chain(tmp_path: Path) -> Path:
@@ -114,7 +114,10 @@ def test_nbdcopy_and_convert_give_the_same_raw(tmp_path: Path) -> None:
         direct = json.loads(qemu_img("info", "--output=json", str(image)).stdout)
         assert info["virtual-size"] == direct["virtual-size"]
         nbd_map = json.loads(qemu_img("map", "--output=json", "-f", "raw", uri(sock)).stdout)
-    for out in (copy, conv, tmp_path / "probed.raw"):
+    # systemd-style socket activation, as nbdcopy starts a server itself
+    activated = tmp_path / "activated.raw"
+    run(str(NBDCOPY), "--", "[", *QCOW2KIT, "serve", "-r", "-f", "qcow2", str(image), "]", str(activated))
+    for out in (copy, conv, tmp_path / "probed.raw", activated):
         assert out.read_bytes() == want.read_bytes()
     direct_map = json.loads(qemu_img("map", "--output=json", str(image)).stdout)
     assert _zero_data(nbd_map) == _zero_data(direct_map)

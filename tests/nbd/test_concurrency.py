@@ -129,6 +129,17 @@ def test_cli_errors(image: Path, args: list[str], message: str) -> None:
     assert res.stderr.strip() == f"qcow2kit: {message}"
 
 
+def test_cli_bitmap_context_not_served_yet(image: Path) -> None:
+    qemu_img("bitmap", "--add", str(image), "bm0")
+    res = _serve("-r", "-B", "bm0", str(image))
+    assert res.returncode == 1
+    assert res.stderr.strip() == ("qcow2kit: Bitmap 'bm0': the qemu:dirty-bitmap meta context is "
+                                  "not supported yet")
+    res = _serve("-r", "-B", "bm1", str(image))
+    assert res.stderr.strip() == "qcow2kit: Bitmap 'bm1' is not found"
+    assert_clean(image)
+
+
 def test_cli_exits_after_last_client_and_writes_pid(image: Path, tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     pid = tmp_path / "pid"

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 from types import FrameType
@@ -107,6 +108,19 @@ def _check_bitmap(path: str, name: str) -> None:
     raise UsageError(f"Bitmap '{name}': the qemu:dirty-bitmap meta context is not supported yet")
 
 
+def _activation_socket(args: argparse.Namespace) -> socket.socket | None:
+    """The listening socket systemd-style socket activation hands over (LISTEN_PID is us,
+    LISTEN_FDS=1: fd 3), as qemu-nbd accepts it, e.g. from `nbdcopy -- [ qcow2kit serve
+    ... ] null:`. Only without -k / -p."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    if args.socket is not None or args.port is not None:
+        raise UsageError("-k or -p cannot be used with socket activation")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return socket.socket(fileno=3)
+
+
 def _remove_stale_socket(path: str) -> None:
     """Like qemu-nbd, a socket file left behind is replaced; any other file is not."""
     try:
@@ -145,8 +159,11 @@ def run(args: argparse.Namespace) -> int:
             discard=args.discard, detect_zeroes=args.detect_zeroes,
         )
         where = args.socket if args.socket is not None else f"{args.bind}:{args.port or 10809}"
+        activated = _activation_socket(args)
         try:
-            if args.socket is not None:
+            if activated is not None:
+                server.listen_socket(activated)
+            elif args.socket is not None:
                 _remove_stale_socket(args.socket)
                 server.listen_unix(args.socket)
             else:

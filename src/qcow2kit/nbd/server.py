@@ -85,6 +85,10 @@ class NBDServer:
         self.unix_paths.append(path)
         return path
 
+    def listen_socket(self, sock: socket.socket) -> None:
+        """Serve on a socket that already listens (systemd socket activation)."""
+        self.listeners.append(sock)
+
     def listen_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> tuple[str, int]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, addr = infos[0]
