@@ -158,7 +158,6 @@ class L2Map:
         fields = decode_l2(ent)
         is_comp = fields.compressed
         host = fields.host
-        copied = fields.copied
         plain = ~is_comp
         if not g.extended_l2:
             if (ent[plain] & np.uint64(C.L2E_STD_RESERVED_MASK)).any():
@@ -167,7 +166,9 @@ class L2Map:
         if (host[plain] & (g.cluster_size - 1)).any():
             bad_host = int(host[plain][(host[plain] & (g.cluster_size - 1)) != 0][0])
             raise CorruptionError(f"data cluster offset {bad_host:#x} is not cluster-aligned")
-        allocated = plain & ((host != 0) | (copied & self.data_file))
+        # (the COPIED bits only matter with an external data file: skip decoding them)
+        allocated = plain & ((host != 0) | (fields.copied & self.data_file)) if self.data_file \
+            else plain & (host != 0)
         if bitmap is None:
             zero = fields.zero
             kind = np.where(
@@ -175,7 +176,8 @@ class L2Map:
                 np.where(zero, Kind.ZERO, np.where(allocated, Kind.DATA, Kind.UNALLOCATED)),
             ).astype(np.int64)
             unit_host = np.where(allocated, host, -1)
-            return kind, unit_host, fields.descriptor.astype(np.int64)
+            desc = fields.descriptor.astype(np.int64) if is_comp.any() else np.zeros(len(ent), np.int64)
+            return kind, unit_host, desc
         shifts = np.arange(sub, dtype=np.uint64)
         alloc_bits = ((bitmap[:, None] >> shifts) & np.uint64(1)).astype(bool)
         zero_bits = ((bitmap[:, None] >> (shifts + np.uint64(32))) & np.uint64(1)).astype(bool)

@@ -128,21 +128,17 @@ class Extents:
         """Byte-for-byte the layout qemu-img 7.2 prints (one format per extent)."""
         if not len(self):
             return "[]\n"
-        flags: dict[tuple[int, bool, bool, bool], str] = {}
-        lines = []
-        for s, n, d, p, z, da, o in zip(
-            self.start.tolist(), self.length.tolist(), self.depth.tolist(),
-            self.present.tolist(), self.zero.tolist(), self.data.tolist(),
-            self.offset.tolist(), strict=True,
-        ):
-            key = (d, p, z, da)
-            mid = flags.get(key)
-            if mid is None:
-                mid = flags[key] = _FLAGS_JSON % (d, _TF[p], _TF[z], _TF[da])
-            if o >= 0:
-                lines.append(f'{{ "start": {s}, "length": {n}, {mid}, "offset": {o}}}')
-            else:
-                lines.append(f'{{ "start": {s}, "length": {n}, {mid}}}')
+        # the flags of a row as one small integer, their JSON text made once per value
+        # (np.unique would import numpy.ma, which costs more than this whole function)
+        codes = (((self.depth * 2 + self.present) * 2 + self.zero) * 2 + self.data).tolist()
+        mid = {c: _FLAGS_JSON % (c >> 3, _TF[(c >> 2) & 1], _TF[(c >> 1) & 1], _TF[c & 1])
+               for c in set(codes)}
+        lines = [
+            f'{{ "start": {s}, "length": {n}, {mid[c]}, "offset": {o}}}' if o >= 0
+            else f'{{ "start": {s}, "length": {n}, {mid[c]}}}'
+            for s, n, c, o in zip(self.start.tolist(), self.length.tolist(), codes,
+                                  self.offset.tolist(), strict=True)
+        ]
         return "[" + ",\n".join(lines) + "]\n"
 
 
