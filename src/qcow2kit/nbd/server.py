@@ -69,6 +69,7 @@ class NBDServer:
         self._served = 0
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)  # a wake-up never blocks (signal handlers write)
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
 
@@ -126,8 +127,11 @@ class NBDServer:
                     os.unlink(path)
                 except OSError:
                     pass
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            # a late shutdown() (a second signal) must never write to a reused fd number
+            r, w = self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = -1
+            os.close(r)
+            os.close(w)
             self._done.set()
 
     def _accept_loop(self) -> None:
@@ -215,7 +219,8 @@ class NBDServer:
 
     def _wake(self) -> None:
         try:
-            os.write(self._wake_w, b"x")
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"x")
         except OSError:
             pass  # closed at the very end, or the pipe is full (a wake-up is pending anyway)
 
