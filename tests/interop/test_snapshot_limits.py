@@ -124,3 +124,22 @@ def test_list_fields_qemu_img_cannot_make(tmp_path: Path) -> None:
         a = ours(*args, str(p))
         b = subprocess.run(["qemu-img", *args, str(p)], capture_output=True)
         assert a.stdout == b.stdout, args
+
+
+def test_compressed_writes_around_snapshot_calls(tmp_path: Path) -> None:
+    """The compressed-cluster packer's partly filled cluster may be shared by a new snapshot
+    or freed by apply/delete: the next compressed write must start a new cluster."""
+    p = tmp_path / "wc.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096,refcount_bits=2", str(p), "1M")
+    with qcow2kit.open(str(p), "r+") as img:
+        img.write_compressed(0, b"a" * 4096)
+        create_snapshot(img, "s")
+        img.write_compressed(4096, b"b" * 4096)
+        img.write_compressed(8192, b"c" * 4096)
+        apply_snapshot(img, "s")
+        img.write_compressed(12288, b"d" * 4096)
+        delete_snapshot(img, "s")
+        img.write_compressed(16384, b"e" * 4096)
+    assert_clean(p)
+    data = to_raw(p, tmp_path / "x.raw")
+    assert data[:20480] == b"a" * 4096 + bytes(8192) + b"d" * 4096 + b"e" * 4096

@@ -78,7 +78,10 @@ class CompressedPacker:
         )
         meta.defer_free(referenced_clusters(old, meta.geom, meta.header.has_data_file))
         placed = None
-        if 0 <= self.tail_cluster and self.tail_used < cs and self.tail_refs < self.max_refs:
+        # the tail is reused only while its refcount is still the packer's own count (a
+        # snapshot may have shared it since, or a snapshot switch freed it)
+        if (0 <= self.tail_cluster and self.tail_used < cs and self.tail_refs < self.max_refs
+                and refs.get(self.tail_cluster) == self.tail_refs):
             base = self.tail_cluster * cs + self.tail_used
             offsets, end, touches = self._layout(base, sizes, self.tail_refs)
             extra = (end - 1) // cs - self.tail_cluster
