@@ -57,6 +57,7 @@ def compare(st: CheckState, fix: int) -> int:
     fixing = leak_fix | err_fix
     if fixing.any():
         clusters = mism[fixing].astype(np.int64)
+        st.forget_disk_refcounts()
         freed = st.meta.refcounts.set_values(clusters, r2[fixing])
         st.meta.refcounts.sync()
         st.meta.forget_freed(freed, punch=True)

@@ -3,7 +3,8 @@ COPIED flag exactly when its cluster's refcount is 1; with `-r all` (or `-r leak
 otherwise clean image) wrong flags are rewritten.
 
 The L1 entries and L2 tables that may hold a wrong flag are found with whole-table numpy
-operations (reusing the tables read by the refcount pass when none was rewritten since);
+operations (over the normal entries the refcount pass kept, when no table was rewritten
+since; otherwise the tables are read again in batches);
 only those are then examined entry by entry, in qemu-img's message order. An L2 table is
 never rewritten over other metadata. Must not import qcow2kit.image.
 """
@@ -132,38 +133,36 @@ def _copied_suspects(
     l2c_in = np.where(inside, l2c, 0)
     rc = disk[l2c_in].astype(np.int64)
     suspect |= inside & ~unreadable[l2c_in] & ((rc == 1) != ((entries >> np.uint64(63)) != 0))
-    batch = max(1, (32 << 20) // st.cs)
     offsets = (entries & np.uint64(C.OFFSET_MASK)).astype(np.int64).tolist()
-    reuse = [o for rows in st.active_rows for o in rows[0]] == offsets
-    chunks: list[tuple[int, U64, npt.NDArray[np.bool_], I64]] = []
-    if reuse:
+    if st.active_dropped or st.active_offsets != offsets:
+        parts = _copied_chunks(st, offsets, max(1, (32 << 20) // st.cs))
+    else:
+        # the normal entries the refcount pass kept: no second read or decode
+        parts = []
         lo = 0
-        for offs, ent, m in st.active_rows:
-            chunks.append((lo, ent, m.normal, m.off))
-            lo += len(offs)
-    for lo, ent, normal, off in chunks or _copied_chunks(st, offsets, batch):
-        copied = (ent >> np.uint64(63)).astype(bool)
+        for ntables, rows, host, copied in st.active_parts:
+            parts.append((lo, rows, host, copied))
+            lo += ntables
+    for lo, rows, host, copied in parts:
         if st.data_file:
-            wrong = normal & ~copied
+            wrong = ~copied
         else:
-            clusters = off >> cb
-            far = normal & (clusters >= n_disk)
-            safe = np.where(normal & ~far, clusters, 0)
-            refc = disk[safe].astype(np.int64)
-            wrong = normal & ~far & ~unreadable[safe] & ((refc == 1) != copied)
-            wrong |= far
-        suspect[lo : lo + len(ent)] |= wrong.any(axis=1)
+            clusters = host >> cb
+            far = clusters >= n_disk
+            safe = np.where(far, 0, clusters)
+            wrong = far | (~unreadable[safe] & ((disk[safe] == 1) != copied))
+        suspect[lo + rows[wrong]] = True
     return idx[suspect]
 
 
-def _copied_chunks(
-    st: CheckState, offsets: list[int], batch: int
-) -> list[tuple[int, U64, npt.NDArray[np.bool_], I64]]:
+def _copied_chunks(st: CheckState, offsets: list[int], batch: int) -> list[tuple[int, I64, I64, Mask]]:
+    """(first table, row, host offset, COPIED flag) of the normal entries of the tables at
+    offsets, read again in batches."""
     out = []
     for lo in range(0, len(offsets), batch):
-        ent, _bmp = st.read_l2_tables(offsets[lo : lo + batch])
-        _copied, normal, off = _normal_entries(st, ent)
-        out.append((lo, ent, normal, off))
+        flat, ent, _bmp = st.l2_nonzero(st.read_clusters(np.asarray(offsets[lo : lo + batch], dtype=np.int64)))
+        copied, normal, host = _normal_entries(st, ent)
+        out.append((lo, flat[normal] // st.geom.l2_entries, host[normal], copied[normal]))
     return out
 
 

@@ -72,6 +72,7 @@ def rebuild_structure(st: CheckState) -> None:
     meta = st.meta
     cs, cb = st.cs, st.cb
     e = st.geom.refblock_entries
+    st.forget_disk_refcounts()
     meta.refcounts.sync()
     meta.refcounts.cache.clear()
     reftable: list[int] = []

@@ -2,6 +2,11 @@
 added to it, the L2 tables read (and rewritten) during the pass, and the on-disk refcounts
 the IMRT is compared with.
 
+Clusters (L2 tables, refcount blocks) are read in ascending order, adjacent ones with one
+preadv straight into a numpy buffer; the on-disk refcounts are read once per pass (until
+something writes refcounts) and the active tables' normal entries are kept for the COPIED
+check, so that a clean image's metadata is read and decoded exactly once.
+
 Every other check module works on a `CheckState`. The IMRT is one numpy int64 array
 indexed by host cluster; references are queued as arrays of cluster indices and added
 with one `bincount` per batch, never one cluster at a time.
@@ -11,6 +16,7 @@ Must not import qcow2kit.image (layering) nor the other check modules except `re
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +24,7 @@ import numpy.typing as npt
 
 from ...format.snapshot import RawSnapshotEntry
 from ...format.tables import decode_refblock, encode_table
+from ...io.file import FileStorage
 from ..meta import Metadata
 from .result import Counts
 
@@ -29,7 +36,10 @@ REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 INT64_MAX = (1 << 63) - 1  # QEMU's file offsets are signed 64-bit
 # QEMU's block layer fails any request reaching past INT64_MAX rounded down to 1 GiB (EIO)
 BDRV_MAX_LENGTH = INT64_MAX & ~((1 << 30) - 1)
-L2_KEEP_BYTES = 64 << 20  # L2 tables kept between the refcount pass and the COPIED pass
+# normal entries of active L2 tables kept between the refcount pass and the COPIED pass
+# (17 bytes each); beyond that the COPIED pass reads the tables again
+ACTIVE_KEEP_ENTRIES = 8 << 20
+_IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
 _REF_FLUSH_ELEMENTS = 1 << 22
 
 
@@ -72,12 +82,14 @@ class CheckState:
         self.snapshots: list[RawSnapshotEntry] = []
         self.snapshots_offset = 0
         self.snapshots_size = 0
-        self.l2_bytes: dict[int, bytes] = {}
-        # (offsets, entries, masks) of the active L2 tables from the refcount pass, reused
-        # by the COPIED pass as long as no L2 table was rewritten in between
-        self.active_rows: list[tuple[list[int], U64, L2Masks]] = []
-        self.active_rows_bytes = 0
-        self.l2_bytes_total = 0
+        # the normal entries of the active L2 tables, from the refcount pass: per batch of
+        # tables (table count, row in the batch, host offset, COPIED flag), reused by the
+        # COPIED pass as long as no L2 table was rewritten in between
+        self.active_parts: list[tuple[int, I64, I64, Mask]] = []
+        self.active_offsets: list[int] = []
+        self.active_kept = 0
+        self.active_dropped = False
+        self.disk_cache: tuple[int, npt.NDArray[np.uint64], list[tuple[int, int, int]]] | None = None
         self.free_list: I64 | None = None  # clusters free in the IMRT when a rebuild starts
         self.free_list_end = 0
 
@@ -136,28 +148,102 @@ class CheckState:
                 self.res.corruptions += 1
             self.imrt[k] = self.rmax
 
-    # ---- L2 tables ----------------------------------------------------------------------------
-    def read_l2_tables(self, offsets: list[int]) -> tuple[U64, U64 | None]:
-        """Entries (and extended-L2 bitmaps) of the tables at offsets, one row per table."""
+    # ---- reading clusters and L2 tables --------------------------------------------------------
+    def read_clusters(self, offsets: I64) -> npt.NDArray[np.uint8]:
+        """The cs bytes at each offset, one row each (past the end of the file: zeros).
+
+        Offsets are read in ascending order, each run of adjacent clusters with one preadv
+        straight into the rows (a dense image's L2 tables and refcount blocks are scattered:
+        one syscall each; tables allocated together: one for the run); no bytes object per
+        cluster, no join. Storage other than a plain file is read cluster by cluster, in
+        the given order."""
         cs = self.cs
-        raws = []
-        for o in offsets:
-            raw = self.l2_bytes.get(o)
-            if raw is None:
-                raw = self.storage.pread(o, cs)
-                if self.l2_bytes_total + cs <= L2_KEEP_BYTES:
-                    self.l2_bytes[o] = raw
-                    self.l2_bytes_total += cs
-            raws.append(raw)
-        tab = np.frombuffer(b"".join(raws), dtype=">u8").astype(np.uint64)
-        tab = tab.reshape(len(offsets), -1)
+        n = len(offsets)
+        buf = np.empty((n, cs), dtype=np.uint8)
+        if n == 0:
+            return buf
+        fd = self.storage.fd if isinstance(self.storage, FileStorage) else None
+        if fd is None:
+            for r, o in enumerate(offsets.tolist()):
+                data = self.storage.pread(o, cs)
+                buf[r, : len(data)] = np.frombuffer(data, dtype=np.uint8)
+                buf[r, len(data) :] = 0
+            return buf
+        flat = buf.reshape(-1).data
+        order = np.argsort(offsets, kind="stable")
+        so = offsets[order]
+        cut = np.flatnonzero(so[1:] != so[:-1] + cs) + 1
+        starts = [0, *cut.tolist()]
+        ends = [*cut.tolist(), n]
+        rows = order.tolist()
+        size = self.storage.size()
+        for a, b in zip(starts, ends, strict=True):
+            pos = int(so[a])
+            while a < b:
+                k = min(b - a, _IOV_MAX)
+                views = [flat[r * cs : (r + 1) * cs] for r in rows[a : a + k]]
+                if pos + k * cs > size or os.preadv(fd, views, pos) != k * cs:
+                    # the end of the file (zeros past it): the storage's own read
+                    for r, v in zip(rows[a : a + k], views, strict=True):
+                        v[:] = self.storage.pread(int(offsets[r]), cs)
+                a += k
+                pos += k * cs
+        return buf
+
+    def l2_words(self, raw: npt.NDArray[np.uint8]) -> tuple[U64, U64 | None]:
+        """All entries (and extended-L2 bitmaps) of raw tables, one row per table."""
+        tab = raw.view(">u8").astype(np.uint64)
         if self.ext:
             return tab[:, 0::2].copy(), tab[:, 1::2].copy()
         return tab, None
 
+    def l2_nonzero(self, raw: npt.NDArray[np.uint8]) -> tuple[I64, U64, U64 | None]:
+        """(flat index, entry, bitmap) of the entries of raw tables that are not all zero,
+        in table order. An all-zero entry (and bitmap) is an unallocated cluster with
+        nothing to count or report, so a sparse image's tables cost one scan for zeros and
+        only their few live entries are byte-swapped and classified."""
+        words = raw.view(np.uint64)  # byte order does not matter to a test for zero
+        if self.ext:
+            live = (words[:, 0::2] | words[:, 1::2]) != 0
+            idx = np.flatnonzero(live)
+            be = raw.view(">u8")
+            return idx, be[:, 0::2].reshape(-1)[idx].astype(np.uint64), be[:, 1::2].reshape(-1)[idx].astype(
+                np.uint64
+            )
+        # a boolean mask first: numpy's nonzero over the words themselves is about 3x slower
+        idx = np.flatnonzero(words != 0)
+        return idx, raw.view(">u8").reshape(-1)[idx].astype(np.uint64), None
+
+    def read_l2_tables(self, offsets: list[int]) -> tuple[U64, U64 | None]:
+        """Entries (and extended-L2 bitmaps) of the tables at offsets, one row per table."""
+        return self.l2_words(self.read_clusters(np.asarray(offsets, dtype=np.int64)))
+
     def read_l2(self, l2_offset: int) -> tuple[U64, U64 | None]:
         ent, bmp = self.read_l2_tables([l2_offset])
         return ent[0], (bmp[0] if bmp is not None else None)
+
+    def keep_active(self, offsets: list[int], rows: I64, host: I64, copied: Mask) -> None:
+        """Remember the normal entries of active L2 tables for the COPIED pass (rows
+        within this batch), while they fit in ACTIVE_KEEP_ENTRIES."""
+        if self.active_dropped:
+            return
+        self.active_kept += len(rows)
+        if self.active_kept > ACTIVE_KEEP_ENTRIES:
+            self.drop_active()
+            return
+        self.active_parts.append((len(offsets), rows, host, copied))
+        self.active_offsets.extend(offsets)
+
+    def reset_active(self) -> None:
+        """A new refcount pass: keep the active tables' entries again."""
+        self.drop_active()
+        self.active_dropped = False
+        self.active_kept = 0
+
+    def drop_active(self) -> None:
+        self.active_parts.clear()
+        self.active_offsets.clear()
+        self.active_dropped = True  # the COPIED pass reads the tables again
 
     def write_l2(self, l2_offset: int, ent: U64, bmp: U64 | None) -> None:
         if bmp is not None:
@@ -168,30 +254,38 @@ class CheckState:
         self.storage.pwrite(l2_offset, encode_table(table))
         self.storage.flush()
         self.meta.l2.cache.discard(l2_offset)
-        self.l2_bytes.pop(l2_offset, None)
-        self.active_rows.clear()
-        self.active_rows_bytes = L2_KEEP_BYTES + 1  # stale from here on: re-read
+        self.drop_active()
 
     # ---- on-disk refcounts ----------------------------------------------------------------------
     def disk_refcounts(self, n: int) -> tuple[npt.NDArray[np.uint64], list[tuple[int, int, int]]]:
         """On-disk refcounts of clusters [0, n), and the (start, end, reftable index) ranges
-        whose refcount block cannot be read (unaligned, or beyond any file offset)."""
-        out = np.zeros(n, dtype=np.uint64)
-        bad: list[tuple[int, int, int]] = []
-        reftable = self.meta.refcounts.reftable
+        whose refcount block cannot be read (unaligned, or beyond any file offset).
+
+        Kept until `forget_disk_refcounts` (called by whatever writes refcounts), so that
+        the comparison and the COPIED check share one read of the refcount blocks."""
+        if self.disk_cache is not None and self.disk_cache[0] == n:
+            return self.disk_cache[1], self.disk_cache[2]
         e = self.geom.refblock_entries
-        order = self.geom.refcount_order
-        for b in range(min(len(reftable), -(-n // e))):
-            off = int(reftable[b]) & REFT_OFFSET_MASK
-            if off == 0:
-                continue
-            lo, hi = b * e, min(n, (b + 1) * e)
-            if off & (self.cs - 1) or off + self.cs > BDRV_MAX_LENGTH:
-                bad.append((lo, hi, b))
-                continue
-            block = decode_refblock(self.storage.pread(off, self.cs), order)
-            out[lo:hi] = block[: hi - lo]
+        reftable = self.meta.refcounts.reftable
+        nb = min(len(reftable), -(-n // e))
+        # unsigned: an offset with the top bit set is beyond any file offset, not negative
+        offs = np.asarray(reftable[:nb], dtype=np.uint64) & np.uint64(REFT_OFFSET_MASK)
+        unreadable = (offs != 0) & (
+            ((offs & np.uint64(self.cs - 1)) != 0) | (offs > np.uint64(BDRV_MAX_LENGTH - self.cs))
+        )
+        bad = [(b * e, min(n, (b + 1) * e), b) for b in np.flatnonzero(unreadable).tolist()]
+        blocks = np.flatnonzero((offs != 0) & ~unreadable)
+        out = np.zeros(max(nb * e, n), dtype=np.uint64)
+        if len(blocks):
+            raw = self.read_clusters(offs[blocks].astype(np.int64))
+            values = decode_refblock(raw.reshape(-1).data, self.geom.refcount_order)
+            out[: nb * e].reshape(nb, e)[blocks] = values.reshape(len(blocks), e)
+        out = out[:n]
+        self.disk_cache = (n, out, bad)
         return out, bad
+
+    def forget_disk_refcounts(self) -> None:
+        self.disk_cache = None
 
     def disk_refcount_one(self, cluster: int) -> int | None:
         e = self.geom.refblock_entries

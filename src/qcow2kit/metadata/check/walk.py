@@ -2,9 +2,10 @@
 references is added to the in-memory refcount table, with qemu-img check's diagnostics for
 the L1 and L2 entries, refcount table entries and refcount blocks that are broken.
 
-L2 tables are read and classified in batches of whole tables with numpy; only the entries
-that need a diagnostic go through the per-entry path, in table order, so that messages
-come out in qemu-img's order. Repairs made here (a misaligned preallocated cluster turned
+L2 tables are read in batches of whole tables; only their entries that are not all zero
+are byte-swapped and classified, with numpy over the whole batch; only the entries that
+need a diagnostic go through the per-entry path, in table order, so that messages come
+out in qemu-img's order. Repairs made here (a misaligned preallocated cluster turned
 into a zero cluster, a refcount block outside the file brought back inside) go straight
 to storage. Must not import qcow2kit.image.
 """
@@ -14,19 +15,20 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import numpy.typing as npt
 
 from ...format import constants as C
 from ...format.entries import compressed_extent, compressed_extents, decode_l2
 from .bitmaps import check_bitmaps
 from .result import FIX_ERRORS, hx
-from .state import BDRV_MAX_LENGTH, INT64_MAX, L2_KEEP_BYTES, REFT_OFFSET_MASK, U64, CheckState, L2Masks, Mask
+from .state import BDRV_MAX_LENGTH, I64, INT64_MAX, REFT_OFFSET_MASK, U64, CheckState, L2Masks, Mask
 
 
 def calculate(st: CheckState, fix: int) -> None:
     header = st.meta.header
     st.allocated = st.fragmented = st.compressed = 0
-    st.active_rows.clear()
-    st.active_rows_bytes = 0
+    st.reset_active()
+    st.forget_disk_refcounts()
     st.inc_region(0, st.cs)
     _check_l1(st, header.l1_table_offset, header.l1_size, fix, active=True)
     if st.data_file and st.snapshots:
@@ -69,23 +71,20 @@ def _check_l1(st: CheckState, l1_offset: int, l1_size: int, fix: int, *, active:
     idx = np.flatnonzero(l1)
     entries = l1[idx]
     l2offs = (entries & np.uint64(C.OFFSET_MASK)).astype(np.int64)
-    plain = (
-        ((entries & np.uint64(C.L1E_RESERVED_MASK)) == 0) & ((l2offs & (cs - 1)) == 0) & (l2offs < st.file_len)
-    ).tolist()
+    plain = (entries & np.uint64(C.L1E_RESERVED_MASK)) == 0
+    plain &= ((l2offs & (cs - 1)) == 0) & (l2offs < st.file_len)
     batch = max(1, (32 << 20) // cs)
-    pos, n = 0, len(idx)
-    while pos < n:
-        if not plain[pos]:
-            _check_l1_entry(st, int(entries[pos]), fix, active)
-            pos += 1
-            continue
-        end = pos
-        while end < n and plain[end] and end - pos < batch:
-            end += 1
-        offs = l2offs[pos:end]
-        st.inc_clusters(offs >> st.cb)
-        _check_l2_tables(st, offs.tolist(), fix, active)
-        pos = end
+    # runs of plain entries between the ones that need diagnostics, in L1 order: each run
+    # in batches of whole tables, each other entry on its own
+    pos = 0
+    for odd in [*np.flatnonzero(~plain).tolist(), len(idx)]:
+        for lo in range(pos, odd, batch):
+            offs = l2offs[lo : min(odd, lo + batch)]
+            st.inc_clusters(offs >> st.cb)
+            _check_l2_tables(st, offs.tolist(), fix, active)
+        if odd < len(idx):
+            _check_l1_entry(st, int(entries[odd]), fix, active)
+        pos = odd + 1
 
 
 def _check_l1_entry(st: CheckState, entry: int, fix: int, active: bool) -> None:
@@ -140,27 +139,30 @@ def _classify(st: CheckState, ent: U64, bmp: U64 | None) -> L2Masks:
 
 
 def _check_l2_tables(st: CheckState, offsets: list[int], fix: int, active: bool) -> None:
-    ent, bmp = st.read_l2_tables(offsets)
+    raw = st.read_clusters(np.asarray(offsets, dtype=np.int64))
+    # only the entries that are not all zero: the others have nothing to count or report
+    idx, ent, bmp = st.l2_nonzero(raw)
     m = _classify(st, ent, bmp)
-    if active and st.active_rows_bytes + ent.nbytes <= L2_KEEP_BYTES:
-        st.active_rows.append((offsets, ent, m))
-        st.active_rows_bytes += ent.nbytes
-    elif active:
-        st.active_rows_bytes = L2_KEEP_BYTES + 1  # too big to keep: re-read later
-        st.active_rows.clear()
-    any_bad = bool(m.bad.any())
+    rows = idx // st.geom.l2_entries
+    if active:
+        normal_rows = rows[m.normal]
+        st.keep_active(offsets, normal_rows, m.off[m.normal], (ent[m.normal] & np.uint64(C.OFLAG_COPIED)) != 0)
+    bad = np.flatnonzero(m.bad)
     counted = m.normal  # normal / allocated-zero clusters that reach the frag count
     comp_counted = None
     if m.comp is not None:
         comp_counted = m.comp & ~m.bad
-    if any_bad:
+    if len(bad):
         counted = counted.copy()
         if comp_counted is None:
             comp_counted = np.zeros(ent.shape, dtype=bool)
-        for r in np.flatnonzero(m.bad.any(axis=1)).tolist():
-            _l2_row_slow(st, offsets[r], ent, bmp, r, m, counted, comp_counted, fix)
+        bad_rows = rows[bad]
+        cut = [0, *(np.flatnonzero(bad_rows[1:] != bad_rows[:-1]) + 1).tolist(), len(bad)]
+        for a, b in zip(cut[:-1], cut[1:], strict=True):
+            r = int(bad_rows[a])
+            _l2_row_slow(st, offsets[r], raw[r], bad[a:b], idx, ent, bmp, counted, comp_counted, fix)
     cb = st.cb
-    plain_ok = (m.normal & ~m.bad) if any_bad else m.normal
+    plain_ok = (m.normal & ~m.bad) if len(bad) else m.normal
     if not st.data_file:
         st.inc_clusters(m.off[plain_ok] >> cb)
     if m.comp is not None and m.coff is not None and m.csize is not None:
@@ -173,16 +175,10 @@ def _check_l2_tables(st: CheckState, offsets: list[int], fix: int, active: bool)
             st.inc_clusters((first + extra)[last - first >= extra])
     if active:
         seq = m.off[counted]
-        frag = 0
-        if len(seq) > 1:
-            step = seq[1:] != seq[:-1] + st.cs
-            frag = int(np.count_nonzero(step))
-            # pairs that straddle two tables do not count (QEMU restarts per table)
-            per_row = np.count_nonzero(counted, axis=-1) if counted.ndim > 1 else None
-            if per_row is not None and len(per_row) > 1:
-                starts = np.cumsum(per_row)[:-1]
-                starts = np.unique(starts[(starts > 0) & (starts < len(seq))])
-                frag -= int(np.count_nonzero(step[starts - 1]))
+        seq_rows = rows[counted]
+        # QEMU counts a fragment where a cluster does not follow the previous one of the
+        # same L2 table (it restarts with every table)
+        frag = int(np.count_nonzero((seq[1:] != seq[:-1] + st.cs) & (seq_rows[1:] == seq_rows[:-1])))
         ncomp = int(np.count_nonzero(comp_counted)) if comp_counted is not None else 0
         st.allocated += len(seq) + ncomp
         st.compressed += ncomp
@@ -192,29 +188,36 @@ def _check_l2_tables(st: CheckState, offsets: list[int], fix: int, active: bool)
 def _l2_row_slow(
     st: CheckState,
     l2_offset: int,
+    raw_row: npt.NDArray[np.uint8],
+    bad: I64,
+    idx: I64,
     ent: U64,
     bmp: U64 | None,
-    r: int,
-    m: L2Masks,
     counted: Mask,
     comp_counted: Mask,
     fix: int,
 ) -> None:
-    """The entries of one L2 table that need diagnostics, in table order."""
-    table_dirty = False
-    row_bmp = bmp[r] if bmp is not None else None
-    for i in np.flatnonzero(m.bad[r]).tolist():
-        state = _l2_entry_slow(st, i, int(ent[r, i]), int(row_bmp[i]) if row_bmp is not None else 0, fix)
+    """The entries of one L2 table that need diagnostics (positions `bad` in the batch's
+    non-zero entries), in table order; a repaired table is written back whole."""
+    table_ent: U64 | None = None
+    table_bmp: U64 | None = None
+    epr = st.geom.l2_entries
+    for p in bad.tolist():
+        i = int(idx[p]) % epr
+        state = _l2_entry_slow(st, i, int(ent[p]), int(bmp[p]) if bmp is not None else 0, fix)
         if state == "skip":
-            counted[r, i] = False
-            ent[r, i] = np.uint64(C.OFLAG_ZERO if not st.ext else 0)
-            if row_bmp is not None:
-                row_bmp[i] = row_bmp[i] & np.uint64(C.BITMAP_ALL_ZERO)
-            table_dirty = True
+            counted[p] = False
+            if table_ent is None:
+                full_ent, full_bmp = st.l2_words(raw_row[None, :])
+                table_ent = full_ent[0]
+                table_bmp = full_bmp[0] if full_bmp is not None else None
+            table_ent[i] = np.uint64(C.OFLAG_ZERO if not st.ext else 0)
+            if table_bmp is not None:
+                table_bmp[i] = table_bmp[i] & np.uint64(C.BITMAP_ALL_ZERO)
         elif state == "comp":
-            comp_counted[r, i] = True
-    if table_dirty:
-        st.write_l2(l2_offset, ent[r], row_bmp)
+            comp_counted[p] = True
+    if table_ent is not None:
+        st.write_l2(l2_offset, table_ent, table_bmp)
 
 
 def _l2_entry_slow(st: CheckState, i: int, entry: int, bitmap: int, fix: int) -> str:
@@ -284,6 +287,8 @@ def _check_refblocks(st: CheckState, fix: int) -> None:
     reftable = st.meta.refcounts.reftable
     cs = st.cs
     st.flush_refs()
+    if _refblocks_clean(st, reftable):
+        return
     for i in np.flatnonzero(reftable).tolist():
         entry = int(reftable[i])
         offset = entry & REFT_OFFSET_MASK
@@ -341,3 +346,26 @@ def _check_refblocks(st: CheckState, fix: int) -> None:
                 st.msgs.append(f"ERROR refcount block {i} refcount={int(st.imrt[cluster])}")
                 st.res.corruptions += 1
                 st.rebuild = True
+
+
+def _refblocks_clean(st: CheckState, reftable: U64) -> bool:
+    """The common case in one step: every refcount table entry is a valid block inside the
+    image, no two share a cluster and nothing else references one. Counts them and
+    returns True; otherwise changes nothing and returns False (the entry-by-entry path
+    then gives qemu-img's diagnostics in order)."""
+    entries = np.asarray(reftable, dtype=np.uint64)
+    entries = entries[entries != 0]
+    offs = entries & np.uint64(REFT_OFFSET_MASK)
+    clusters = (offs >> np.uint64(st.cb)).astype(np.int64)
+    if (
+        (entries & np.uint64(C.REFT_RESERVED_MASK)).any()
+        or (offs & np.uint64(st.cs - 1)).any()
+        or not (offs != 0).all()
+        or (offs >> np.uint64(st.cb) >= np.uint64(st.nb_clusters)).any()
+    ):
+        return False
+    ordered = np.sort(clusters)
+    if (ordered[1:] == ordered[:-1]).any() or st.imrt[clusters].any():
+        return False
+    st.imrt[clusters] += 1
+    return True
