@@ -137,3 +137,34 @@ def test_crash_chain_in_one_session(tmp_path: Path) -> None:
     n = check_crash_states(initial, storage.log, tmp_path / "states", verify=verify,
                            reorder_samples=2, max_states=80, allow_leaks=False)
     assert n > 20
+
+
+def test_crash_create_after_lazy_writes(tmp_path: Path) -> None:
+    """Lazy refcounts: guest writes in the same session set the dirty bit, then a create;
+    every crash state of the create (repaired as QEMU does on open) reads before or after."""
+    img = base_image(tmp_path, "cluster_size=4096,lazy_refcounts=on")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    storage = RecordingStorage.from_file(img)
+    with Image(storage, backing=False) as image:
+        image.write(64 * 1024, b"\x5a" * 300_000)
+        image.flush()
+        storage.restart()
+        mid = tmp_path / "mid.qcow2"
+        mid.write_bytes(storage.contents())
+        create_snapshot(image, "lazy")
+        final = tmp_path / "final.qcow2"
+        final.write_bytes(storage.contents())
+        log = list(storage.log)
+        initial = storage.initial
+    for path in (mid, final):  # QEMU repairs the dirty image when it opens it
+        qemu_img("check", "-r", "all", str(path))
+    views = [read_view(mid, scratch), read_view(final, scratch)]
+
+    def verify(path: str) -> None:
+        assert read_view(path, scratch) in views
+
+    (tmp_path / "states").mkdir()
+    n = check_crash_states(initial, log, tmp_path / "states", verify=verify,
+                           reorder_samples=3, max_states=60)
+    assert n >= 6
