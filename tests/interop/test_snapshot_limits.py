@@ -143,3 +143,20 @@ def test_compressed_writes_around_snapshot_calls(tmp_path: Path) -> None:
     assert_clean(p)
     data = to_raw(p, tmp_path / "x.raw")
     assert data[:20480] == b"a" * 4096 + bytes(8192) + b"d" * 4096 + b"e" * 4096
+
+
+def test_table_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table that would pass QEMU's 64 MiB limit is refused with -27 before any write
+    (the limit lowered here so that the test stays small)."""
+    from qcow2kit.format import constants
+    from qcow2kit.ops.snapshot import SnapshotCommandError, create_command
+
+    p = tmp_path / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "1M")
+    qemu_img("snapshot", "-c", "a" * 200, str(p))
+    before = p.read_bytes()
+    monkeypatch.setattr(constants, "MAX_SNAPSHOT_TABLE_BYTES", 400)
+    with pytest.raises(SnapshotCommandError, match=r"^Could not create snapshot 'b+': -27 "
+                       r"\(File too large\)$"):
+        create_command(str(p), "b" * 200)
+    assert p.read_bytes() == before

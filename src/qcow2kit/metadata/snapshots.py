@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import ImageStateError, InvalidArgumentError, UnsupportedFeatureError
 from ..format import constants as C
 from ..format.features import Autoclear
-from ..format.snapshot import Snapshot
+from ..format.snapshot import Snapshot, snapshot_table_bytes
 from .l2map import L2Map
 from .meta import Metadata
 from .refchanges import RefChanges
@@ -157,11 +157,6 @@ def create(meta: Metadata, name: str, *, now: float | None = None) -> Snapshot:
     stamp = time.time() if now is None else now
     sec = int(stamp)
     usec = int(round((stamp - sec) * 1_000_000)) % 1_000_000
-    net, reader = RefChanges(meta), TableReader(meta)
-    active = meta.l2.l1.copy()
-    tables, data = tree_refs(meta, reader, active)
-    net.add(tables, 1, referenced="an L2 table")
-    net.add(data, 1, referenced="a data cluster")
     size = meta.header.size
     extra = struct.pack(">QQQ", 0, size, 0)  # vm_state_size_large, disk_size, icount
     snap = Snapshot(
@@ -169,6 +164,13 @@ def create(meta: Metadata, name: str, *, now: float | None = None) -> Snapshot:
         truncate_name(name), sec & 0xFFFFFFFF, usec * 1000, 0, 0, extra,
     )
     kept = [completed(sn, size) for sn in meta.snapshots]
+    if len(snapshot_table_bytes([*kept, snap])) > C.MAX_SNAPSHOT_TABLE_BYTES:
+        raise TooManySnapshotsError("Snapshot table is too big")
+    net, reader = RefChanges(meta), TableReader(meta)
+    active = meta.l2.l1.copy()
+    tables, data = tree_refs(meta, reader, active)
+    net.add(tables, 1, referenced="an L2 table")
+    net.add(data, 1, referenced="a data cluster")
     commit(meta, net, reader, size=size, active_l1=active, snapshots=[*kept, snap],
            old_l1_kept=True)
     return snap
