@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +26,11 @@ from ...io.file import FileStorage
 from ..create import create
 from .source import CHUNK_BYTES, ReadAhead, Source
 from .zeroscan import BoolArray, aligned_data_ranges, differs, nonzero_blocks, runs_of, union
+
+if TYPE_CHECKING:
+    # imported where a pool is made: concurrent.futures pulls in logging (plain output,
+    # the common case, needs neither)
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 Progress = Callable[[int], None]
 
@@ -69,6 +73,8 @@ def convert_qcow2(
         else:
             ranges = [(0, src.size)] if src.size else []
         if img.backing is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
             pool = ThreadPoolExecutor(max_workers=COMPRESS_WORKERS) if compressed else None
             try:
                 _copy_over_backing(src, img, ranges, progress, sparse_bytes, pool)
@@ -113,6 +119,8 @@ def _copy_compressed(
     src: Source, img: Image, ranges: list[tuple[int, int]], progress: Progress, sparse_bytes: int
 ) -> None:
     """Compress each chunk's clusters in a pool while the previous chunk is written."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cs = img.cluster_size
     ctype = img.header.compression_type
     chunk = max(CHUNK_BYTES // cs, 1) * cs

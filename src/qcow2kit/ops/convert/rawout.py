@@ -11,88 +11,76 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
-from .source import Source, pieces, preadinto
+from ...io.file import FileStorage
+from .source import ReadAhead, Source
 from .zeroscan import nonzero_blocks, runs_of
 
 Progress = Callable[[int], None]
 
-# raw output goes through a small buffer that stays in the CPU cache between the read and
-# the write (measured: 1-2 MiB pieces copy about twice as fast as 8 MiB ones)
-RAW_CHUNK_BYTES = 2 << 20
-RAW_WORKERS = 4
+# reads and writes are split into 2 MiB syscalls anyway (see source.READ_PIECE)
+RAW_CHUNK_BYTES = 8 << 20
 
 
 def convert_raw(src: Source, dst: str, progress: Progress, sparse_bytes: int) -> None:
     """Write the guest bytes of src into the file dst (created or truncated)."""
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-    local = threading.local()
-
-    def copy(mv: memoryview, pos: int) -> None:
-        if not sparse_bytes:
-            pwrite_all(fd, mv, pos)
-            return
-        for s, e in runs_of(nonzero_blocks(mv, sparse_bytes)):
-            lo, hi = s * sparse_bytes, min(len(mv), e * sparse_bytes)
-            pwrite_all(fd, mv[lo:hi], pos + lo)
-
-    def direct(pos: int, n: int, host: int, storage: Any) -> int:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(RAW_CHUNK_BYTES)
-        mv = memoryview(buf)[:n]
-        preadinto(storage, mv, host)
-        copy(mv, pos)
-        return n
-
+    os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                     0o644))
+    out = FileStorage(dst, True, lock=False)
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISREG(mode):
-            os.ftruncate(fd, src.size)  # every byte not written below stays a hole
+        mode = os.fstat(out.fd).st_mode
+        regular = stat.S_ISREG(mode)
+        if regular:
+            out.truncate(src.size)  # every byte not written below stays a hole
         elif stat.S_ISBLK(mode):
             sparse_bytes = 0  # a device keeps its old bytes: write the zeros too
-        own = bytearray(RAW_CHUNK_BYTES)
-        # host reads and output writes of plain data run in a small pool (the image object
-        # itself is only touched by this thread)
-        with ThreadPoolExecutor(max_workers=RAW_WORKERS) as pool:
-            inflight: deque[Future[int]] = deque()
-            for a, b, zero in src.segments(0, src.size):
-                if zero and sparse_bytes:
-                    progress(b - a)
-                    continue
-                if zero:  # -S 0: every byte is written, holes included
-                    zeros = memoryview(bytes(RAW_CHUNK_BYTES))
-                    for pos in range(a, b, RAW_CHUNK_BYTES):
-                        n = min(RAW_CHUNK_BYTES, b - pos)
-                        pwrite_all(fd, zeros[:n], pos)
-                        progress(n)
-                    continue
-                for pos, n, host, storage in pieces(src, a, b, RAW_CHUNK_BYTES):
-                    if host >= 0:
-                        inflight.append(pool.submit(direct, pos, n, host, storage))
-                        while len(inflight) > 4 * RAW_WORKERS:
-                            progress(inflight.popleft().result())
-                    else:
-                        mv = memoryview(own)[:n]
-                        src.read_into(mv, pos)
-                        copy(mv, pos)
-                        progress(n)
-            while inflight:
-                progress(inflight.popleft().result())
+        done = 0
+        data: list[tuple[int, int]] = []
+        for a, b, zero in src.segments(0, src.size):
+            if not zero:
+                data.append((a, b))
+            elif not sparse_bytes:  # -S 0: every byte is written, holes included
+                _write_zeros(out, a, b, regular)
+        scan = _scanner(sparse_bytes)
+        with ReadAhead(src, data, RAW_CHUNK_BYTES, scan, depth=2) as reader:
+            for pos, mv, runs in reader:
+                for lo, hi in runs:
+                    _put(out, mv[lo:hi], pos + lo, regular)
+                progress(pos + len(mv) - done)
+                done = pos + len(mv)
+        progress(src.size - done)
     finally:
-        os.close(fd)
+        out.close()
 
 
-def pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
-    """pwrite until every byte of mv is written."""
-    done = 0
-    while done < len(mv):
-        done += os.pwrite(fd, mv[done:], offset + done)
+def _scanner(sparse_bytes: int) -> Callable[[memoryview], list[tuple[int, int]]]:
+    """The byte ranges of a chunk to write: those holding data (all of it with -S 0)."""
+    if not sparse_bytes:
+        return lambda mv: [(0, len(mv))]
+
+    def scan(mv: memoryview) -> list[tuple[int, int]]:
+        return [
+            (s * sparse_bytes, min(len(mv), e * sparse_bytes))
+            for s, e in runs_of(nonzero_blocks(mv, sparse_bytes))
+        ]
+
+    return scan
 
 
-__all__ = ["RAW_CHUNK_BYTES", "convert_raw", "pwrite_all"]
+def _put(out: FileStorage, mv: memoryview, pos: int, regular: bool) -> None:
+    if regular:
+        # blocks allocated (in order, so they stay contiguous) just before they are
+        # written: ext4 then skips its per-page delayed allocation (measured: about a
+        # quarter less kernel time)
+        out.allocate(pos, len(mv))
+    out.pwrite(pos, mv)
+
+
+def _write_zeros(out: FileStorage, a: int, b: int, regular: bool) -> None:
+    zeros = memoryview(bytes(min(RAW_CHUNK_BYTES, b - a)))
+    for pos in range(a, b, RAW_CHUNK_BYTES):
+        _put(out, zeros[: min(RAW_CHUNK_BYTES, b - pos)], pos, regular)
+
+
+__all__ = ["RAW_CHUNK_BYTES", "convert_raw"]
