@@ -89,7 +89,13 @@ def data_file(p: Path) -> None:
     qemu_img("create", "-f", "qcow2", "-o", f"data_file={p.with_suffix('.data')}", str(p), "4M")
 
 
-BUILDS: dict[str, Build] = {"plain": plain, "v2": v2, "snaps": snaps, "lazy": lazy,
+def v2snap(p: Path) -> None:
+    v2(p)
+    qemu_img("snapshot", "-c", "old", str(p))
+    qemu_io(p, "write -P 4 0 64k")
+
+
+BUILDS: dict[str, Build] = {"v2snap": v2snap, "plain": plain, "v2": v2, "snaps": snaps, "lazy": lazy,
                             "backed": backed, "ext_l2": ext_l2, "zstd": zstd,
                             "zstd_plain": zstd_plain, "data_file": data_file}
 
@@ -101,7 +107,8 @@ CASES = [
     ("plain", "data_file_raw=off"), ("plain", "compat=1.1"),
     ("v2", "compat=1.1"), ("v2", "compat=v3,refcount_bits=2"),
     ("v2", "compat=1.1,lazy_refcounts=on"), ("v2", "refcount_bits=8"),
-    ("v2", "lazy_refcounts=on"), ("v2", "size=12M"),
+    ("v2", "lazy_refcounts=on"), ("v2", "size=12M"), ("v2snap", "compat=1.1"),
+    ("v2snap", "compat=1.1,refcount_bits=64"),
     ("snaps", "refcount_bits=1"), ("snaps", "refcount_bits=2"), ("snaps", "refcount_bits=64"),
     ("snaps", "compat=0.10"),
     ("lazy", "lazy_refcounts=off"), ("lazy", "compat=0.10"), ("lazy", "refcount_bits=4"),
@@ -161,3 +168,18 @@ def test_progress_help_and_usage(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert ours(capsys, "-o", "size=8k", str(raw))[0] == want[0] == 1
     assert ours(capsys, "-f", "raw", "-o", "size=8k", str(raw)) == theirs(
         "-f", "raw", "-o", "size=8k", str(raw))
+
+
+def test_data_file_renamed_like_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """data_file=NEW only rewrites the extension (the file is not checked): QEMU's bytes."""
+    a_dir, b_dir = tmp_path / "qemu", tmp_path / "ours"
+    for d in (a_dir, b_dir):
+        d.mkdir()
+        qemu_img("create", "-f", "qcow2", "-o", f"data_file={d / 'd.raw'}", str(d / "img.qcow2"),
+                 "1M")
+    want = theirs("-o", "data_file=elsewhere.raw", str(a_dir / "img.qcow2"))
+    got = ours(capsys, "-o", "data_file=elsewhere.raw", str(b_dir / "img.qcow2"))
+    assert got == want == (0, "", "")
+    a, b = (a_dir / "img.qcow2").read_bytes(), (b_dir / "img.qcow2").read_bytes()
+    assert a == b.replace(str(b_dir).encode(), str(a_dir).encode())
+    assert b"elsewhere.raw" in b

@@ -125,6 +125,27 @@ CASES: dict[str, tuple[Build, list[str]]] = {
 }
 
 
+def with_unknown_extension(d: Path) -> None:
+    """An overlay whose header carries an extension neither tool knows."""
+    from dataclasses import replace
+
+    from qcow2kit.format.extensions import Extension
+    from qcow2kit.format.header import Header
+
+    old_new(d, "cluster_size=64k")
+    path = d / "top.qcow2"
+    data = bytearray(path.read_bytes())
+    h = Header.from_bytes(bytes(data[:65536]))
+    h = replace(h, extensions=(*h.extensions, Extension(0x12345678, b"kept verbatim!"))).relayout()
+    raw = h.to_bytes()
+    data[: len(raw)] = raw
+    path.write_bytes(bytes(data))
+
+
+CASES["unknown_extension"] = (with_unknown_extension, ["-b", "new.qcow2", "-F", "qcow2"])
+CASES["unknown_extension_flatten"] = (with_unknown_extension, ["-u", "-b", ""])
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rebase_like_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                           capsys: pytest.CaptureFixture[str], case: str) -> None:
@@ -181,3 +202,4 @@ def test_relative_names_from_elsewhere(tmp_path: Path, monkeypatch: pytest.Monke
                    "ours/top.qcow2")
     got = (got[0], got[1], got[2].replace("'ours/", "'qemu/"))
     assert got == want and got[0] == 1
+
