@@ -279,11 +279,11 @@ class Export:
     def trim(self, offset: int, length: int, fua: bool) -> None:
         """qemu's qcow2 discard: nothing unless --discard=unmap; then whole clusters only,
         which read as zeros afterwards on v3 images (zero clusters, host space freed) and
-        drop to the backing file on v2 ones."""
+        become unallocated on v2 ones without a backing file (nothing on v2 with one)."""
         self._writable()
-        if not self.discard_unmap:
-            return
         img = self.image
+        if not self.discard_unmap or (img.header.version < 3 and img.backing is not None):
+            return  # v2 has no zero clusters: dropping to the backing file would expose it
         cs = img.cluster_size
         end = offset + length
         a = -(-offset // cs) * cs
