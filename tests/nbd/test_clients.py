@@ -165,6 +165,7 @@ WORKLOAD = (
     ("1.1", ("--discard=unmap",), "overlay"),
     ("0.10", ("--discard=unmap",), "overlay"),
     ("1.1", (), "compressed"),
+    ("1.1", ("--discard=unmap",), "xl2"),
 ])
 def test_qemu_io_writes_match_qemu_nbd(
     tmp_path: Path, compat: str, options: tuple[str, ...], layout: str
@@ -181,7 +182,8 @@ def test_qemu_io_writes_match_qemu_nbd(
                  str(base))
         qemu_io(base, "write -P 4 512k 1M")
     else:
-        qemu_img("create", "-f", "qcow2", "-o", f"compat={compat}", str(base), "8M")
+        xl2 = ",extended_l2=on" if layout == "xl2" else ""
+        qemu_img("create", "-f", "qcow2", "-o", f"compat={compat}{xl2}", str(base), "8M")
         if layout == "compressed":
             qemu_io(base, "write -c -P 6 0 1M", "write -c -P 7 5M 128k", "write -P 1 1M 2M")
         else:
@@ -201,8 +203,11 @@ def test_qemu_io_writes_match_qemu_nbd(
     # with discards ignored (or a no-op: v2 over a backing file) the mirror differs
     if "--discard=unmap" in options and not (compat == "0.10" and layout == "overlay"):
         qemu_compare(ours, mirror)
-    # the same mapping; where freed clusters are reused is the allocator's business
-    assert _without_offsets(ours) == _without_offsets(theirs)
+    # the same mapping; where freed clusters are reused is the allocator's business. With
+    # extended L2 qemu zeroes single subclusters, Image.write_zeroes whole clusters only
+    # (partial ones get zero bytes): same content, different mapping
+    if layout != "xl2":
+        assert _without_offsets(ours) == _without_offsets(theirs)
 
 
 def _without_offsets(image: Path) -> list[tuple[object, ...]]:
