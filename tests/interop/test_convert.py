@@ -4,6 +4,7 @@ pass qemu-img check with no leaks, raw outputs are sparse, compare agrees with q
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -326,3 +327,115 @@ def test_raw_source_of_odd_size(tmp_path: Path) -> None:
     convert(str(src), str(q), out_fmt="qcow2")
     _check(q)
     qemu_compare(q, ref)
+
+
+# ---- the pipeline's own parts: hole skipping, the zero scan, the reader thread ---------
+def _sparse_raw(path: Path) -> dict[int, bytes]:
+    """A 64 MiB raw file that is mostly a hole: data (some of it all-zero bytes) at a few
+    places, among them a piece that is not cluster-aligned."""
+    rng = random.Random(11)
+    pieces = {0: rng.randbytes(70_000), 20 << 20: bytes(1 << 20),
+              (33 << 20) + 4096: rng.randbytes(200_000), (64 << 20) - 512: rng.randbytes(512)}
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+        for off, data in pieces.items():
+            f.seek(off)
+            f.write(data)
+    return pieces
+
+
+@pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
+def test_holes_of_a_raw_source_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out_fmt: str
+) -> None:
+    src = tmp_path / "holey.img"
+    pieces = _sparse_raw(src)
+    allocated = src.stat().st_blocks * 512
+    assert allocated < 8 << 20  # the filesystem keeps holes (else the test proves nothing)
+    read = 0
+    real_preadv = os.preadv
+
+    def counting_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        nonlocal read
+        n = real_preadv(fd, buffers, offset)
+        read += n
+        return n
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    out = tmp_path / f"holey.{out_fmt}"
+    convert(str(src), str(out), src_fmt="raw", out_fmt=out_fmt)
+    monkeypatch.undo()
+    # holes are skipped by SEEK_DATA/SEEK_HOLE; only the data extents (whole clusters
+    # around them for qcow2 output) are read
+    assert 0 < read <= allocated + len(pieces) * (128 << 10)
+    qemu_compare(out, src, out_fmt, "raw")
+    if out_fmt == "qcow2":
+        _check(out)
+        extents = json.loads(qemu_img("map", "--output=json", str(out)).stdout)
+        data = sum(e["length"] for e in extents if e["data"])
+        assert data <= 1 << 20  # the holes and the all-zero megabyte stay unallocated
+    else:
+        assert out.stat().st_blocks * 512 <= allocated
+
+
+def _nonzero_reference(buf: bytes, block: int) -> list[bool]:
+    return [any(buf[i : i + block]) for i in range(0, len(buf), block)]
+
+
+@pytest.mark.parametrize("block", [512, 4096, 65536])
+def test_nonzero_blocks_matches_a_byte_scan(block: int) -> None:
+    from qcow2kit.ops.convert import nonzero_blocks
+
+    rng = random.Random(block)
+    cases: list[bytes] = [b"", bytes(block), bytes(3 * block + 8)]
+    for _ in range(40):
+        n = rng.randrange(0, 24) * block + rng.choice([0, 8, 100, block - 8])
+        buf = bytearray(n)
+        for _ in range(rng.randrange(0, 12)):
+            if n:
+                buf[rng.randrange(n)] = rng.randrange(1, 256)
+        cases.append(bytes(buf))
+    # more runs of zero blocks than the scan reads run by run: one pass over everything
+    many = bytearray(300 * block)
+    for i in range(0, 300, 2):
+        many[i * block + block // 3] = 7  # the pre-test's sample words stay zero
+    cases.append(bytes(many))
+    for case in cases:
+        got = nonzero_blocks(memoryview(case), block).tolist()
+        assert got == _nonzero_reference(case, block)
+
+
+class _FailingSource:
+    """A Source whose reads fail from the given offset on."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at = fail_at
+        self.size = 64 << 20
+
+    def read_into(self, mv: memoryview, pos: int) -> None:
+        if pos >= self.fail_at:
+            raise OSError(5, "Input/output error")
+        mv[:] = bytes(len(mv))
+
+
+def test_read_ahead_raises_reader_errors_and_stops() -> None:
+    import threading
+
+    from qcow2kit.ops.convert.source import ReadAhead
+
+    before = threading.active_count()
+    src: Any = _FailingSource(3 << 20)
+    seen = []
+    with pytest.raises(OSError, match="Input/output"), ReadAhead(
+        src, [(0, 8 << 20)], 1 << 20, len
+    ) as reader:
+        for pos, mv, n in reader:
+            assert n == len(mv) == 1 << 20
+            seen.append(pos)
+    assert seen == [0, 1 << 20, 2 << 20]
+    # leaving early (a consumer error) stops the reader too
+    endless: Any = _FailingSource(1 << 40)
+    with pytest.raises(KeyError), ReadAhead(endless, [(0, 64 << 20)], 1 << 20, len) as again:
+        for _ in again:
+            raise KeyError("consumer")
+    assert threading.active_count() == before
