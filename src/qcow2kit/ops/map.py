@@ -16,7 +16,6 @@ ranges fall through to the backing file (depth + 1). Like QEMU 7.2:
 from __future__ import annotations
 
 import errno
-import json
 import os
 from dataclasses import dataclass
 
@@ -411,7 +410,8 @@ def format_json(entries: list[MapEntry] | Extents) -> str:
     lines = []
     for e in entries:
         d = e.to_json()
-        body = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in d.items())
+        # (json.dumps of these ints and bools, without importing json at start-up)
+        body = ", ".join(f'"{k}": {_TF[v] if isinstance(v, bool) else v}' for k, v in d.items())
         lines.append("{ " + body + "}")
     return "[" + ",\n".join(lines) + "]\n"
 
