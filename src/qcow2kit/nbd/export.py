@@ -129,6 +129,7 @@ class Export:
         self.size = image.virtual_size
         self.meta = threading.Lock()
         self._map_cache: tuple[int, int, list[int], list[MapEntry]] | None = None
+        self._file_sizes: dict[int, int] = {}  # fd -> size, for _clip_to_files
         self._run_cache: dict[tuple[int, int], list[Run]] = {}  # (chain depth, chunk)
         self.rw = RWLock()
         flags = P.TF_HAS_FLAGS | P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_DF | P.TF_SEND_CACHE
@@ -155,7 +156,7 @@ class Export:
         with self.meta:
             pieces: list[Piece] = []
             self._plan(self.image, 0, offset, length, pieces)
-        return _clip_to_files(pieces)
+            return _clip_to_files(pieces, self._file_sizes)
 
     def _runs(self, img: Image, depth: int, offset: int, length: int) -> list[Run]:
         """img.runs, remembered per chunk of RUN_CHUNK bytes: reads then cost no table
@@ -182,6 +183,7 @@ class Export:
 
     def _changed(self) -> None:
         self._run_cache.clear()
+        self._file_sizes.clear()
         self._map_cache = None
 
     def _plan(self, img: Image | RawImage, depth: int, offset: int, length: int, out: list[Piece]) -> None:
@@ -383,10 +385,10 @@ def _add(out: list[Piece], p: Piece) -> None:
         out.append(p)
 
 
-def _clip_to_files(pieces: list[Piece]) -> list[Piece]:
+def _clip_to_files(pieces: list[Piece], sizes: dict[int, int]) -> list[Piece]:
     """FILE pieces past the end of their file read as zeros (as Storage.pread does);
-    sendfile would send short, so those bytes become ZERO pieces."""
-    sizes: dict[int, int] = {}
+    sendfile would send short, so those bytes become ZERO pieces. `sizes` remembers file
+    sizes by fd until the image changes."""
     out: list[Piece] = []
     for p in pieces:
         if p.kind != FILE:
