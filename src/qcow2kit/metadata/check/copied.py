@@ -20,7 +20,7 @@ from ...format import constants as C
 from ...format.entries import decode_l2
 from .. import overlap
 from .result import FIX_ERRORS, FIX_LEAKS, CheckFailedError
-from .state import I64, U64, CheckState, Mask
+from .state import I64, L2_BATCH_BYTES, U64, CheckState, Mask
 
 
 def check_oflag_copied(st: CheckState, fix: int) -> None:
@@ -135,7 +135,7 @@ def _copied_suspects(
     suspect |= inside & ~unreadable[l2c_in] & ((rc == 1) != ((entries >> np.uint64(63)) != 0))
     offsets = (entries & np.uint64(C.OFFSET_MASK)).astype(np.int64).tolist()
     if st.active_dropped or st.active_offsets != offsets:
-        parts = _copied_chunks(st, offsets, max(1, (32 << 20) // st.cs))
+        parts = _copied_chunks(st, offsets, max(1, L2_BATCH_BYTES // st.cs))
     else:
         # the normal entries the refcount pass kept: no second read or decode
         parts = []
@@ -160,7 +160,8 @@ def _copied_chunks(st: CheckState, offsets: list[int], batch: int) -> list[tuple
     offsets, read again in batches."""
     out = []
     for lo in range(0, len(offsets), batch):
-        flat, ent, _bmp = st.l2_nonzero(st.read_clusters(np.asarray(offsets[lo : lo + batch], dtype=np.int64)))
+        raw = st.read_clusters(np.asarray(offsets[lo : lo + batch], dtype=np.int64), scratch=True)
+        flat, ent, _bmp = st.l2_nonzero(raw)
         copied, normal, host = _normal_entries(st, ent)
         out.append((lo, flat[normal] // st.geom.l2_entries, host[normal], copied[normal]))
     return out

@@ -40,6 +40,7 @@ BDRV_MAX_LENGTH = INT64_MAX & ~((1 << 30) - 1)
 # (17 bytes each); beyond that the COPIED pass reads the tables again
 ACTIVE_KEEP_ENTRIES = 8 << 20
 _IOV_MAX = 1024  # buffers per preadv (Linux's UIO_MAXIOV)
+L2_BATCH_BYTES = 8 << 20  # L2 tables read and classified together
 _REF_FLUSH_ELEMENTS = 1 << 22
 
 
@@ -89,6 +90,7 @@ class CheckState:
         self.active_offsets: list[int] = []
         self.active_kept = 0
         self.active_dropped = False
+        self._scratch: npt.NDArray[np.uint8] | None = None
         self.disk_cache: tuple[int, npt.NDArray[np.uint64], list[tuple[int, int, int]]] | None = None
         self.free_list: I64 | None = None  # clusters free in the IMRT when a rebuild starts
         self.free_list_end = 0
@@ -149,8 +151,13 @@ class CheckState:
             self.imrt[k] = self.rmax
 
     # ---- reading clusters and L2 tables --------------------------------------------------------
-    def read_clusters(self, offsets: I64) -> npt.NDArray[np.uint8]:
+    def read_clusters(self, offsets: I64, *, scratch: bool = False) -> npt.NDArray[np.uint8]:
         """The cs bytes at each offset, one row each (past the end of the file: zeros).
+
+        scratch=True reads into a buffer reused by the next such call (the caller copies
+        what it keeps): batch after batch of tables then lands in memory already mapped,
+        instead of new pages the kernel must fault in and zero (measured: about a third of
+        the time of reading 1,024 tables of 64 KiB).
 
         Offsets are read in ascending order, each run of adjacent clusters with one preadv
         straight into the rows (a dense image's L2 tables and refcount blocks are scattered:
@@ -159,7 +166,12 @@ class CheckState:
         the given order."""
         cs = self.cs
         n = len(offsets)
-        buf = np.empty((n, cs), dtype=np.uint8)
+        if scratch:
+            if self._scratch is None or len(self._scratch) < n * cs:
+                self._scratch = np.empty(n * cs, dtype=np.uint8)
+            buf = self._scratch[: n * cs].reshape(n, cs)
+        else:
+            buf = np.empty((n, cs), dtype=np.uint8)
         if n == 0:
             return buf
         fd = self.storage.fd if isinstance(self.storage, FileStorage) else None

@@ -21,7 +21,17 @@ from ...format import constants as C
 from ...format.entries import compressed_extent, compressed_extents, decode_l2
 from .bitmaps import check_bitmaps
 from .result import FIX_ERRORS, hx
-from .state import BDRV_MAX_LENGTH, I64, INT64_MAX, REFT_OFFSET_MASK, U64, CheckState, L2Masks, Mask
+from .state import (
+    BDRV_MAX_LENGTH,
+    I64,
+    INT64_MAX,
+    L2_BATCH_BYTES,
+    REFT_OFFSET_MASK,
+    U64,
+    CheckState,
+    L2Masks,
+    Mask,
+)
 
 
 def calculate(st: CheckState, fix: int) -> None:
@@ -73,7 +83,7 @@ def _check_l1(st: CheckState, l1_offset: int, l1_size: int, fix: int, *, active:
     l2offs = (entries & np.uint64(C.OFFSET_MASK)).astype(np.int64)
     plain = (entries & np.uint64(C.L1E_RESERVED_MASK)) == 0
     plain &= ((l2offs & (cs - 1)) == 0) & (l2offs < st.file_len)
-    batch = max(1, (32 << 20) // cs)
+    batch = max(1, L2_BATCH_BYTES // cs)
     # runs of plain entries between the ones that need diagnostics, in L1 order: each run
     # in batches of whole tables, each other entry on its own
     pos = 0
@@ -139,7 +149,7 @@ def _classify(st: CheckState, ent: U64, bmp: U64 | None) -> L2Masks:
 
 
 def _check_l2_tables(st: CheckState, offsets: list[int], fix: int, active: bool) -> None:
-    raw = st.read_clusters(np.asarray(offsets, dtype=np.int64))
+    raw = st.read_clusters(np.asarray(offsets, dtype=np.int64), scratch=True)
     # only the entries that are not all zero: the others have nothing to count or report
     idx, ent, bmp = st.l2_nonzero(raw)
     m = _classify(st, ent, bmp)
