@@ -227,6 +227,17 @@ def _zero_clusters(img: Image, offset: int, length: int) -> None:
         raise img.meta.mark_corrupt(str(exc)) from None
 
 
+def read_fast(img: Image | RawImage, pos: int, length: int) -> bytes:
+    """Guest bytes, straight from the file when the range is one run of data clusters
+    (one copy instead of the general read's three); any other range through img.read."""
+    if isinstance(img, RawImage):
+        return img.read(pos, length)
+    runs = img.runs(pos, length)
+    if len(runs) == 1 and runs[0].kind == Kind.DATA:
+        return (img.data_storage or img.storage).pread(runs[0].host_offset, length)
+    return img.read(pos, length)
+
+
 def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]], size: int,
           progress: Progress | None) -> tuple[int, int]:
     from .map import map_image
@@ -244,9 +255,9 @@ def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]]
     chunks = _chunks(allocated, granularity, size)
     total = sum(b - a for a, b in chunks) or 1
     done = copied = zeroed = 0
+    entries = map_image(top) if chunks else []  # the whole disk at once: chunks are sorted
+    k = 0
     for a, b in chunks:
-        entries = map_image(top, a, b - a)
-        k = 0
         pos = a
         while pos < b:
             while entries[k].start + entries[k].length <= pos:
@@ -270,10 +281,10 @@ def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]]
                     target.storage.pwrite(pos, bytes(io))
                 zeroed += io
             elif isinstance(target, Image):
-                target.write(pos, top.read(pos, io))
+                target.write(pos, read_fast(top, pos, io))
                 copied += io
             else:
-                target.storage.pwrite(pos, top.read(pos, io))
+                target.storage.pwrite(pos, read_fast(top, pos, io))
                 copied += io
             pos += io
             done += io
@@ -286,4 +297,4 @@ def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]]
     return copied, zeroed
 
 
-__all__ = ["CommitError", "CommitResult", "commit", "find_base"]
+__all__ = ["CommitError", "CommitResult", "commit", "find_base", "read_fast"]

@@ -31,6 +31,7 @@ from ..format.extensions import Extension, feature_table_bytes
 from ..format.header import Header
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
+from .commit import read_fast
 
 SECTOR = 512
 IO_BUF_BYTES = 2 << 20
@@ -228,8 +229,8 @@ def _copy(top: Image, new: Image | RawImage | None, progress: Progress | None) -
             if new is not None and pos < new_size:
                 n = min(n, new_size - pos)
             assert old is not None or old_zero
-            buf_old = bytes(n) if old_zero or old is None else old.read(pos, n)
-            buf_new = new.read(pos, n) if new is not None and pos < new_size else bytes(n)
+            buf_old = bytes(n) if old_zero or old is None else read_fast(old, pos, n)
+            buf_new = read_fast(new, pos, n) if new is not None and pos < new_size else bytes(n)
             if buf_old != buf_new:
                 _write_differences(top, pos, buf_old, buf_new, old_zero, old_size)
             pos += n
