@@ -125,7 +125,7 @@ class Connection:
         for the requests still in flight."""
         try:
             self._loop()
-        except (EOFError, OSError) as exc:
+        except (EOFError, OSError, _SendFailedError) as exc:
             if not self.broken:
                 log.debug("%s: connection ended: %s", self.peer, exc)
         except P.ProtocolError as exc:
@@ -145,7 +145,8 @@ class Connection:
             if req.type == P.CMD_WRITE:
                 if req.length > P.MAX_BUFFER:
                     # the payload cannot be skipped safely: answer, then drop the client
-                    self._send_error(req, P.EINVAL, f"len ({req.length}) is larger than max len")
+                    self._send_error(req, P.EINVAL,
+                                     f"len ({req.length} ) is larger than max len ({P.MAX_BUFFER})")
                     raise P.ProtocolError(f"WRITE of {req.length} bytes is too large")
                 n = req.length
             self.budget.acquire(n)
