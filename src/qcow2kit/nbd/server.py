@@ -195,7 +195,7 @@ class NBDServer:
             deadline = time.monotonic() + self.handshake_timeout
             try:
                 state = Handshake(SocketChannel(sock, deadline), self.spec).run()
-            except EOFError as exc:
+            except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
                 log.debug("%s: left during the handshake: %s", peer, exc)
                 return
             except (OSError, P.ProtocolError) as exc:
