@@ -1,7 +1,8 @@
 """Unit tests of the pieces the checker is built from: snapshot entries decoded one at a
 time (format.snapshot.iter_snapshot_entries), the header read for a check only
-(metadata.check.opening) and Refcounts.set_values, which the check's repair uses for
-refcounts too large for signed arithmetic."""
+(metadata.check.opening), Refcounts.set_values, which the check's repair uses for
+refcounts too large for signed arithmetic, the check's batched cluster reads and its JSON
+summary (written without the json module in the usual case)."""
 
 from __future__ import annotations
 
@@ -174,3 +175,54 @@ def test_set_values_refuses_more_than_the_width(tmp_path: Path) -> None:
                 np.array([1], dtype=np.int64), np.array([1 << 16], dtype=np.uint64))
     finally:
         img.close()
+
+
+# ---- cluster reads and the JSON summary ------------------------------------------------------
+
+
+def test_cluster_reads_match_one_pread_per_cluster(tmp_path: Path) -> None:
+    """Sorted runs read with preadv (file) and cluster by cluster (other storage) give the
+    same rows as one pread each: unsorted offsets, adjacent runs longer than one preadv
+    takes, duplicates, unaligned offsets and clusters past the end of the file."""
+    from qcow2kit.io.file import FileStorage
+    from qcow2kit.metadata.check.state import CheckState
+
+    path = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", str(path), "2M")
+    qemu_io(path, "write -P 7 0 1M")
+    size = path.stat().st_size
+    cs = 512
+    rng = np.random.default_rng(16)
+    offsets = np.concatenate(
+        [
+            np.arange(0, 1100 * cs, cs),  # one run longer than 1,024 buffers
+            rng.integers(0, size // cs + 4, 300) * cs,  # scattered, some past the end
+            [777, 777, size - 100, size + 3 * cs],
+        ]
+    ).astype(np.int64)
+    rng.shuffle(offsets)
+    file_storage = FileStorage(str(path), False)
+    memory = MemoryStorage(path.read_bytes(), name="mem", writable=False)
+    try:
+        for storage in (file_storage, memory):
+            st = CheckState(open_for_check(storage), 0)
+            expect = [storage.pread(int(o), cs) for o in offsets]
+            for scratch in (False, True, True):
+                rows = st.read_clusters(offsets, scratch=scratch)
+                assert [bytes(r) for r in rows] == expect
+    finally:
+        file_storage.close()
+
+
+@pytest.mark.parametrize(
+    "name", ["a.qcow2", "/tmp/x y/z.qcow2", 'quo"te\\back', "tab\tnew\nline", "\u00e9\U0001f600", "\udcff", ""]
+)
+def test_json_summary_is_what_json_dumps_writes(name: str) -> None:
+    import json
+
+    from qcow2kit.metadata.check import CheckResult
+    from qcow2kit.ops.check import to_json, to_json_dict
+
+    result = CheckResult(corruptions=2, image_end_offset=1 << 40, total_clusters=9, allocated_clusters=4)
+    for fmt in ("qcow2", "raw"):
+        assert to_json(result, name, fmt) == json.dumps(to_json_dict(result, name, fmt), indent=4) + "\n"

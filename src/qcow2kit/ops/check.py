@@ -9,8 +9,6 @@ repair. Imports metadata, format and io only.
 
 from __future__ import annotations
 
-import json
-
 from ..errors import UnsupportedFeatureError
 from ..io.file import FileStorage
 from ..metadata.check import CheckResult, check_image
@@ -65,7 +63,20 @@ def to_json_dict(result: CheckResult, filename: str, fmt: str = "qcow2") -> dict
 
 
 def to_json(result: CheckResult, filename: str, fmt: str = "qcow2") -> str:
-    return json.dumps(to_json_dict(result, filename, fmt), indent=4) + "\n"
+    """json.dumps(..., indent=4) of to_json_dict, plus a newline."""
+    d = to_json_dict(result, filename, fmt)
+    if all(type(v) is int or (type(v) is str and _PLAIN.issuperset(v)) for v in d.values()):
+        # the usual case, written directly: importing json (and compiling its regular
+        # expressions) is a measurable part of a small check's start-up
+        body = ",\n".join(f'    "{k}": "{v}"' if type(v) is str else f'    "{k}": {v}' for k, v in d.items())
+        return "{\n" + body + "\n}\n"
+    import json  # names with characters JSON escapes
+
+    return json.dumps(d, indent=4) + "\n"
+
+
+# characters json.dumps (ensure_ascii) writes unchanged inside a string
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"}
 
 
 def repair_banner(result: CheckResult) -> str:

@@ -20,7 +20,6 @@ from .. import header_io
 from ..meta import Metadata
 from .compare import compare
 from .copied import check_oflag_copied
-from .rebuild import rebuild_structure
 from .result import FIX_ERRORS, FIX_LEAKS, CheckFailedError, CheckResult, Counts, add_counts
 from .snapshots import read_snapshot_table, rewrite_snapshot_table
 from .state import CheckState
@@ -128,6 +127,8 @@ def _check_refcounts(st: CheckState) -> int:
     pre = replace(st.res)
     highest = compare(st, 0)
     if st.rebuild and fix & FIX_ERRORS:
+        from .rebuild import rebuild_structure  # rare: not imported by every check
+
         old = replace(st.res)
         st.msgs.append("Rebuilding refcount structure")
         rebuild_structure(st)
