@@ -242,3 +242,22 @@ def test_served_image_is_locked(tmp_path: Path) -> None:
         assert res.returncode != 0 and "lock" in res.stderr
         assert qemu_img("info", "-U", str(image)).returncode == 0
     assert not os.path.exists(sock)
+
+
+def test_clients_write_into_the_server(tmp_path: Path) -> None:
+    """qemu-img convert -n (which first zeroes the target with FAST_ZERO) and nbdcopy write
+    an image into a served one: same content, clean image."""
+    source = _chain(tmp_path)
+    target = tmp_path / "target.qcow2"
+    qemu_img("create", "-f", "qcow2", str(target), "8M")
+    qemu_io(target, "write -P 9 0 8M")
+    sock = tmp_path / "t.sock"
+    with our_server(target, sock, max_clients=4):
+        qemu_img("convert", "-n", "-f", "qcow2", "-O", "raw", str(source), uri(sock))
+        assert qemu_img("compare", str(source), str(target), "-U").returncode == 0
+        qemu_io(uri(sock), "write -P 3 0 8M", fmt="raw")
+        flat = tmp_path / "flat.raw"  # nbdcopy reads local files as raw
+        qemu_img("convert", "-O", "raw", str(source), str(flat))
+        run(str(NBDCOPY), str(flat), uri(sock))
+    assert_clean(target)
+    qemu_compare(target, source, "qcow2", "qcow2")
