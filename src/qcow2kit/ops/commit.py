@@ -25,10 +25,10 @@ from ..errors import CorruptionError, InvalidArgumentError, Qcow2Error
 from ..format import constants as C
 from ..format.features import Incompatible
 from ..format.geometry import Geometry
-from ..format.header import Header
 from ..format.tables import encode_refblock, refcount_dtype
 from ..image import Image, RawImage, open_any
 from ..io.file import FileStorage
+from ..io.storage import Storage
 from ..metadata import header_io, mapping
 from ..metadata.l2map import Kind
 
@@ -165,7 +165,7 @@ def empty_image(path: str) -> None:
         if (header.version >= 3 and header.nb_snapshots == 0
                 and header.extension(C.EXT_BITMAPS) is None and not header.has_data_file
                 and 3 + l1_clusters <= geom.refblock_entries):
-            _make_completely_empty(storage, header, geom, l1_clusters)
+            make_completely_empty(storage)
             return
     finally:
         storage.close()
@@ -175,8 +175,16 @@ def empty_image(path: str) -> None:
         img.discard(0, img.virtual_size)
 
 
-def _make_completely_empty(storage: FileStorage, header: Header, geom: Geometry,
-                           l1_clusters: int) -> None:
+def make_completely_empty(storage: Storage) -> None:
+    """QEMU's make_completely_empty on a v3 image without snapshots, bitmaps or data file
+    (callers check): under the dirty bit, the L1 table and clusters 1.. are zeroed, the header
+    names a one-cluster reftable at cluster 1, a refblock at 2 and the L1 at 3, the counts are
+    written, the dirty bit cleared and the file cut. A crash in between leaves a dirty image
+    that `check -r all` (QEMU's and ours, on opening) repairs; every state reads as the
+    image before or as an empty one."""
+    header = header_io.read_header(storage)
+    geom = Geometry(header.cluster_bits, header.refcount_order, header.extended_l2)
+    l1_clusters = -(-header.l1_size * 8 // geom.cluster_size)
     cs = geom.cluster_size
     dirty = header.incompatible_features | Incompatible.DIRTY
     # refcounts are about to be wrong on purpose: the dirty bit is durable first
@@ -297,4 +305,5 @@ def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]]
     return copied, zeroed
 
 
-__all__ = ["CommitError", "CommitResult", "commit", "find_base", "read_fast"]
+__all__ = ["CommitError", "CommitResult", "commit", "find_base", "read_fast",
+           "make_completely_empty", "empty_image"]
