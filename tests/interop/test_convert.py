@@ -439,3 +439,23 @@ def test_read_ahead_raises_reader_errors_and_stops() -> None:
         for _ in again:
             raise KeyError("consumer")
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_read_ahead_yields_every_chunk_in_order(tmp_path: Path, depth: int) -> None:
+    from qcow2kit.image import open_any
+    from qcow2kit.ops.convert.source import ReadAhead, Source
+
+    raw = tmp_path / "ra.img"
+    data = _source_raw(raw, 5 << 20, seed=depth)
+    img = open_any(str(raw), "raw")
+    try:
+        ranges = [(0, 1 << 20), (3 << 20, (5 << 20) - 100)]
+        got = bytearray()
+        with ReadAhead(Source(img), ranges, 768 << 10, bytes, depth) as reader:
+            for pos, mv, copy in reader:
+                assert bytes(mv) == copy == data[pos : pos + len(mv)]
+                got += copy
+        assert bytes(got) == data[: 1 << 20] + data[3 << 20 : (5 << 20) - 100]
+    finally:
+        img.close()

@@ -37,6 +37,7 @@ Progress = Callable[[int], None]
 # plain output: large pieces keep the per-write metadata work small (storage splits the
 # data into 2 MiB syscalls)
 PLAIN_CHUNK_BYTES = 16 << 20
+PLAIN_READ_AHEAD = 1
 # compression threads (zlib and zstd release the GIL while they work)
 COMPRESS_WORKERS = max(4, 2 * (os.cpu_count() or 2))
 
@@ -105,7 +106,7 @@ def _copy_plain(
     cs = img.cluster_size
     chunk = max(PLAIN_CHUNK_BYTES // cs, 1) * cs
     done = 0
-    with ReadAhead(src, ranges, chunk, _scanner(cs, sparse_bytes), depth=1) as reader:
+    with ReadAhead(src, ranges, chunk, _scanner(cs, sparse_bytes), PLAIN_READ_AHEAD) as reader:
         for pos, mv, want in reader:
             for s, e in runs_of(want):
                 lo, hi = s * cs, min(len(mv), e * cs)

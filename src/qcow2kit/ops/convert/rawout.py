@@ -21,6 +21,7 @@ Progress = Callable[[int], None]
 
 # reads and writes are split into 2 MiB syscalls anyway (see source.READ_PIECE)
 RAW_CHUNK_BYTES = 8 << 20
+RAW_READ_AHEAD = 2
 
 
 def convert_raw(src: Source, dst: str, progress: Progress, sparse_bytes: int) -> None:
@@ -43,7 +44,7 @@ def convert_raw(src: Source, dst: str, progress: Progress, sparse_bytes: int) ->
             elif not sparse_bytes:  # -S 0: every byte is written, holes included
                 _write_zeros(out, a, b, regular)
         scan = _scanner(sparse_bytes)
-        with ReadAhead(src, data, RAW_CHUNK_BYTES, scan, depth=2) as reader:
+        with ReadAhead(src, data, RAW_CHUNK_BYTES, scan, RAW_READ_AHEAD) as reader:
             for pos, mv, runs in reader:
                 for lo, hi in runs:
                     _put(out, mv[lo:hi], pos + lo, regular)
