@@ -120,7 +120,9 @@ CASES = [
     ("plain", "compat=2.0"), ("plain", "refcount_bits=3"), ("plain", "refcount_bits=128"),
     ("plain", "compat=v2,refcount_bits=8"), ("plain", "compat=0.10,lazy_refcounts=on"),
     ("plain", "lazy_refcounts=maybe"), ("plain", "size=abc"), ("plain", "encrypt.keyslot=1"),
-    ("plain", "compat=0.10,backing_file=x"), ("plain", "refcount_bits=64,compat=0.10"),
+    ("plain", "compat=0.10,backing_file=x"), ("plain", "size=9223372036854775807"),
+    ("snaps", "size=16M"), ("snaps", "size=4M"), ("plain", "size=1000"),
+    ("plain", "refcount_bits=64,compat=0.10"),
 ]
 
 

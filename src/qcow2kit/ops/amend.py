@@ -36,6 +36,8 @@ from .rebase import rebased_header, write_header
 Progress = Callable[[float], None]
 ZERO_CHUNK = 4 << 20
 UINT32_MAX = (1 << 32) - 1
+# QEMU's largest block device: INT64_MAX aligned down to its largest request alignment
+BDRV_MAX_LENGTH = 9223372035781033984
 
 
 class AmendError(Qcow2Error):
@@ -116,6 +118,8 @@ def _plan(img: Image, o: AmendOptions) -> _Plan:
         raise UnsupportedFeatureError(
             "upgrading an image whose snapshot table lacks the v3 extra data is not supported")
     size = o.size if o.size else None
+    if size is not None and size > BDRV_MAX_LENGTH:
+        raise AmendError(f"offset({size}) exceeds maximum({BDRV_MAX_LENGTH})")
     return _Plan(h.version, new_version, order, lazy, size)
 
 
