@@ -215,16 +215,19 @@ class CheckState:
         nothing to count or report, so a sparse image's tables cost one scan for zeros and
         only their few live entries are byte-swapped and classified."""
         words = raw.view(np.uint64)  # byte order does not matter to a test for zero
+        be = raw.view(">u8")
         if self.ext:
-            live = (words[:, 0::2] | words[:, 1::2]) != 0
-            idx = np.flatnonzero(live)
-            be = raw.view(">u8")
-            return idx, be[:, 0::2].reshape(-1)[idx].astype(np.uint64), be[:, 1::2].reshape(-1)[idx].astype(
-                np.uint64
-            )
-        # a boolean mask first: numpy's nonzero over the words themselves is about 3x slower
-        idx = np.flatnonzero(words != 0)
-        return idx, raw.view(">u8").reshape(-1)[idx].astype(np.uint64), None
+            ent_be, bmp_be = be[:, 0::2].reshape(-1), be[:, 1::2].reshape(-1)
+            live = (words[:, 0::2] | words[:, 1::2]).reshape(-1) != 0
+        else:
+            ent_be, bmp_be = be.reshape(-1), None
+            # a boolean mask first: numpy's nonzero over the words themselves is about 3x slower
+            live = words.reshape(-1) != 0
+        if live.all():  # a dense batch: no gather
+            idx = np.arange(len(live), dtype=np.int64)
+            return idx, ent_be.astype(np.uint64), bmp_be.astype(np.uint64) if bmp_be is not None else None
+        idx = np.flatnonzero(live)
+        return idx, ent_be[idx].astype(np.uint64), bmp_be[idx].astype(np.uint64) if bmp_be is not None else None
 
     def read_l2_tables(self, offsets: list[int]) -> tuple[U64, U64 | None]:
         """Entries (and extended-L2 bitmaps) of the tables at offsets, one row per table."""

@@ -153,17 +153,18 @@ def _check_l2_tables(st: CheckState, offsets: list[int], fix: int, active: bool)
     # only the entries that are not all zero: the others have nothing to count or report
     idx, ent, bmp = st.l2_nonzero(raw)
     m = _classify(st, ent, bmp)
-    rows = idx // st.geom.l2_entries
+    rows = idx >> (st.geom.l2_entries.bit_length() - 1)
+    # a dense batch is all normal: whole arrays (views) instead of masked copies
+    normal: Mask | slice = slice(None) if m.normal.all() else m.normal
     if active:
-        normal_rows = rows[m.normal]
-        st.keep_active(offsets, normal_rows, m.off[m.normal], (ent[m.normal] & np.uint64(C.OFLAG_COPIED)) != 0)
+        st.keep_active(offsets, rows[normal], m.off[normal], (ent[normal] & np.uint64(C.OFLAG_COPIED)) != 0)
     bad = np.flatnonzero(m.bad)
-    counted = m.normal  # normal / allocated-zero clusters that reach the frag count
+    counted = normal  # normal / allocated-zero clusters that reach the frag count
     comp_counted = None
     if m.comp is not None:
         comp_counted = m.comp & ~m.bad
     if len(bad):
-        counted = counted.copy()
+        counted = m.normal.copy()
         if comp_counted is None:
             comp_counted = np.zeros(ent.shape, dtype=bool)
         bad_rows = rows[bad]
@@ -172,7 +173,7 @@ def _check_l2_tables(st: CheckState, offsets: list[int], fix: int, active: bool)
             r = int(bad_rows[a])
             _l2_row_slow(st, offsets[r], raw[r], bad[a:b], idx, ent, bmp, counted, comp_counted, fix)
     cb = st.cb
-    plain_ok = (m.normal & ~m.bad) if len(bad) else m.normal
+    plain_ok = (m.normal & ~m.bad) if len(bad) else normal
     if not st.data_file:
         st.inc_clusters(m.off[plain_ok] >> cb)
     if m.comp is not None and m.coff is not None and m.csize is not None:
