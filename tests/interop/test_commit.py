@@ -148,6 +148,7 @@ def test_progress_and_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.parametrize("args", [["base.qcow2"], ["-b", "nope", "top.qcow2"],
+                                  ["-f", "raw", "top.qcow2"],
                                   ["missing.qcow2"], ["-b", "top.qcow2", "top.qcow2"]])
 def test_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                   capsys: pytest.CaptureFixture[str], args: list[str]) -> None:

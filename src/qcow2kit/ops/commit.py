@@ -124,7 +124,12 @@ def commit(
     """Commit the image at path into its backing file, or into `base` somewhere down its
     chain (which implies drop). Without drop the overlay is emptied afterwards (it then reads
     through to the base)."""
-    if fmt not in (None, "qcow2"):
+    from ..chain import probe_format
+
+    fmt = fmt or probe_format(path)
+    if fmt == "raw":
+        raise CommitError("Image does not have a backing file")  # raw has none, as in QEMU
+    if fmt != "qcow2":
         raise InvalidArgumentError(f"committing '{fmt}' images is not supported (only qcow2)")
     drop = drop or base is not None
     top = Image.open_path(path, writable=False)
