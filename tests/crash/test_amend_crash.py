@@ -36,7 +36,7 @@ def run_crash(tmp_path: Path, img: Path, options: AmendOptions, *, max_states: i
     shapes = {width_and_version(img), *between}
     initial = img.read_bytes()
     rec = RecordingStorage.from_file(img)
-    amend_storage(lambda: rec, options, backing=False)
+    amend_storage(lambda writable: rec, options, backing=False)
     final = tmp_path / "final.qcow2"
     final.write_bytes(rec.contents())
     shapes.add(width_and_version(final))

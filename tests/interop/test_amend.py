@@ -95,7 +95,15 @@ def v2snap(p: Path) -> None:
     qemu_io(p, "write -P 4 0 64k")
 
 
-BUILDS: dict[str, Build] = {"v2snap": v2snap, "plain": plain, "v2": v2, "snaps": snaps, "lazy": lazy,
+def bitmaps(p: Path) -> None:
+    plain(p)
+    qemu_img("bitmap", "--add", str(p), "b1")
+    qemu_img("bitmap", "--add", "-g", "512", str(p), "b2")
+    qemu_io(p, "write -P 2 2M 1M")
+
+
+BUILDS: dict[str, Build] = {"v2snap": v2snap, "bitmaps": bitmaps, "plain": plain, "v2": v2,
+                            "snaps": snaps, "lazy": lazy,
                             "backed": backed, "ext_l2": ext_l2, "zstd": zstd,
                             "zstd_plain": zstd_plain, "data_file": data_file}
 
@@ -123,6 +131,8 @@ CASES = [
     ("plain", "compat=0.10,backing_file=x"), ("plain", "size=9223372036854775807"),
     ("snaps", "size=16M"), ("snaps", "size=4M"), ("plain", "size=1000"),
     ("plain", "refcount_bits=64,compat=0.10"),
+    ("bitmaps", "lazy_refcounts=on"), ("bitmaps", "refcount_bits=64"), ("bitmaps", "size=16M"),
+    ("bitmaps", "refcount_bits=2,lazy_refcounts=on"),
 ]
 
 

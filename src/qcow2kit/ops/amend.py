@@ -178,20 +178,23 @@ def amend(
         probed = probe_format(path)
         if probed != "qcow2":
             raise AmendError(f"Format driver '{probed}' does not support option amendment")
-    amend_storage(lambda: FileStorage(os.fspath(path), True), options, progress=progress)
+    amend_storage(lambda writable: FileStorage(os.fspath(path), writable), options,
+                  progress=progress)
 
 
 def amend_storage(
-    open_storage: Callable[[], Storage],
+    open_storage: Callable[[bool], Storage],
     options: AmendOptions,
     *,
     backing: bool = True,
     progress: Progress | None = None,
 ) -> None:
-    """amend over storages that open_storage hands out, one per step (each is closed)."""
+    """amend over storages that open_storage(writable) hands out, one per step (each is
+    closed). The checks run on a read-only open, so a refusal writes nothing (a dirty image
+    is repaired first, as opening it for writing does)."""
 
-    def opened() -> Image:
-        storage = open_storage()
+    def opened(writable: bool = True) -> Image:
+        storage = open_storage(writable)
         try:
             return Image(storage, backing=backing)
         except BaseException:
@@ -200,14 +203,20 @@ def amend_storage(
 
     if progress is not None:
         progress(0.0)
-    with opened() as img:
+    with opened(False) as img:
+        dirty = bool(img.header.incompatible_features & Incompatible.DIRTY)
+    if dirty:
+        with opened():
+            pass  # a read-write open repairs the refcounts lazy refcounts left behind
+    with opened(False) as img:
         plan = _plan(img, options)
-        if plan.new_version > plan.old_version:
+    if plan.new_version > plan.old_version:
+        with opened() as img:
             _upgrade(img)
     if plan.refcount_order is not None:
         from ..metadata.reftable_rewrite import change_refcount_order
 
-        storage = open_storage()
+        storage = open_storage(True)
         try:
             change_refcount_order(storage, plan.refcount_order)
         finally:
