@@ -142,6 +142,8 @@ def with_unknown_extension(d: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+CASES["bitmap_missing_new"] = (with_bitmap, ["-b", "nope.qcow2", "-F", "qcow2"])
+CASES["bitmap_no_F"] = (with_bitmap, ["-b", "new.qcow2"])
 CASES["unknown_extension"] = (with_unknown_extension, ["-b", "new.qcow2", "-F", "qcow2"])
 CASES["unknown_extension_flatten"] = (with_unknown_extension, ["-u", "-b", ""])
 

@@ -121,7 +121,31 @@ def rebase(
             raise RebaseError(f"Could not change the backing file to '{name}': "
                               "Operation not supported")
         raise RebaseError(f"rebasing '{fmt}' images is not supported (only qcow2)")
-    top = Image.open_path(path, writable=True, backing=False)
+    # every refusal on a read-only open first: opening for writing writes (bitmaps in use)
+    _close(*_prepare(Image.open_path(path, writable=False, backing=False), path, name,
+                     backing_fmt, unsafe))
+    top, new = _prepare(Image.open_path(path, writable=True, backing=False), path, name,
+                        backing_fmt, unsafe)
+    try:
+        if not unsafe:
+            _copy(top, new, progress)
+        write_header(top, rebased_header(top.header, name or None, backing_fmt if name else None))
+    finally:
+        _close(top, new)
+    if progress is not None:
+        progress(100.0)
+
+
+def _close(top: Image, new: Image | RawImage | None) -> None:
+    if new is not None:
+        new.close()
+    top.close()
+
+
+def _prepare(top: Image, path: str, name: str, backing_fmt: str | None,
+             unsafe: bool) -> tuple[Image, Image | RawImage | None]:
+    """Open what safe mode reads (old chain, new backing) and refuse, in QEMU's order,
+    what qemu-img refuses; the images are closed on a refusal."""
     new: Image | RawImage | None = None
     try:
         if not unsafe and top.header.backing_file:
@@ -132,15 +156,10 @@ def rebase(
             # QEMU copies first and only then refuses; nothing is written here
             raise RebaseError(f"Could not change the backing file to '{name}': backing "
                               "format must be specified")
-        if not unsafe:
-            _copy(top, new, progress)
-        write_header(top, rebased_header(top.header, name or None, backing_fmt if name else None))
-    finally:
-        if new is not None:
-            new.close()
-        top.close()
-    if progress is not None:
-        progress(100.0)
+    except BaseException:
+        _close(top, new)
+        raise
+    return top, new
 
 
 def _open_old_backing(path: str, top: Image) -> Image | RawImage:
