@@ -12,9 +12,12 @@ Sizes follow what qemu-img 7.2 accepts (measured, see tests/cli/test_sizes.py):
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only the verbs' register() functions use it, after importing argparse
+    import argparse
 
 PROG = "qcow2kit"
 INT64_MAX = (1 << 63) - 1

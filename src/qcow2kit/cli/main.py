@@ -3,17 +3,20 @@
 Only the errors a user can cause become `qcow2kit: <message>` and a qemu-img exit code: bad
 arguments (UsageError, argparse errors: exit 1), Qcow2Error and OSError. Any other exception is
 a bug in qcow2kit and is reported as one (exit 70, EX_SOFTWARE), with a traceback only when
-QCOW2KIT_DEBUG=1. Never interprets sizes or options itself (cli/common.py does).
+QCOW2KIT_DEBUG=1. Never interprets sizes or options itself (cli/common.py does). argparse is
+only imported when a command needs it (cli/parser.py): start-up time.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
 
 from ..errors import Qcow2Error
 from .common import PROG, UsageError
@@ -30,82 +33,39 @@ EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: distinct from every exit code qemu
 DEBUG_ENV = "QCOW2KIT_DEBUG"
 
 
-def _terminal_columns() -> int:
-    """shutil.get_terminal_size().columns, without importing shutil (and through it bz2, lzma,
-    fnmatch): argparse builds a formatter for every add_argument, so every command paid for
-    that import at start-up. Same sources in the same order: $COLUMNS, the terminal of
-    stdout, 80."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns > 0:
-        return columns
-    try:
-        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-    except (AttributeError, ValueError, OSError):
-        columns = 80
-    return columns or 80
-
-
-class _Formatter(argparse.HelpFormatter):
-    """argparse's default layout; only the width is found without importing shutil."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        super().__init__(prog, indent_increment, max_help_position,
-                         _terminal_columns() - 2 if width is None else width)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with qemu-img's reaction to bad arguments: a one-line message and exit 1
-    (argparse's own default is exit 2, which qemu-img uses for 'check found corruption').
-    Every subcommand's parser is one too (add_subparsers makes them of the parent's class)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{PROG}: {message}\n{_TRY}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
-_TRY = f"Try '{PROG} --help' for more information"
+TRY_HELP = f"Try '{PROG} --help' for more information"
 
 
 def _unexpected(verb: str, extra: list[str]) -> UsageError:
     """qemu-img's words for arguments left over after parsing."""
     first = extra[0]
     if first.startswith("-") and first != "-":
-        return UsageError(f"unrecognized option '{first}'\n{_TRY}")
+        return UsageError(f"unrecognized option '{first}'\n{TRY_HELP}")
     if verb == "resize":
-        return UsageError(f"Expecting image file name and size\n{_TRY}")
-    return UsageError(f"Unexpected argument: {first}\n{_TRY}")
+        return UsageError(f"Expecting image file name and size\n{TRY_HELP}")
+    return UsageError(f"Unexpected argument: {first}\n{TRY_HELP}")
 
 
 def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
-    """The parser; with `verbs`, only those subcommands' modules are imported and registered
-    (start-up: `qcow2kit info` should not pay for importing every other verb)."""
-    parser = _Parser(
-        prog=PROG,
-        description="Create, inspect, convert, resize (and shrink), check and compact qcow2 "
-        "disk images, compatible with QEMU's qemu-img.",
-        epilog=f"Exit codes follow qemu-img; {EXIT_INTERNAL} means an internal error (a bug: "
-        f"please report it; {DEBUG_ENV}=1 shows the traceback).",
-    )
-    # prog given: argparse would otherwise build a help formatter to derive the same
-    # "qcow2kit" from the usage line, importing shutil for the terminal width
-    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", prog=PROG)
-    for verb in verbs:
-        try:
-            module = importlib.import_module(f"qcow2kit.cli.{verb}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"qcow2kit.cli.{verb}":
-                continue
-            raise
-        module.register(sub)
-    return parser
+    """The argparse parser (cli/parser.py), with only these verbs' modules imported."""
+    from .parser import build_parser as build
+
+    return build(verbs)
+
+
+def _fast_args(argv: list[str]) -> Any:
+    """The parsed arguments without argparse, when the verb's module offers `fast_args` and
+    the command line is one it recognises (plain, well-formed: exactly what argparse would
+    return for it); None otherwise. Importing and running argparse is a good part of the
+    start-up of a command as small as `info`."""
+    try:
+        module = importlib.import_module(f"qcow2kit.cli.{argv[0]}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"qcow2kit.cli.{argv[0]}":
+            return None
+        raise
+    fast = getattr(module, "fast_args", None)
+    return fast(argv[1:]) if fast is not None else None
 
 
 def _resize_argv(argv: list[str]) -> list[str]:
@@ -115,7 +75,7 @@ def _resize_argv(argv: list[str]) -> list[str]:
     if any(a in ("-h", "--help") for a in rest[:-1]) or rest[-1:] in (["-h"], ["--help"]):
         return argv
     if len(rest) < 2:
-        raise UsageError(f"Not enough arguments\n{_TRY}")
+        raise UsageError(f"Not enough arguments\n{TRY_HELP}")
     size = rest.pop()
     return [argv[0], *rest, size] if "--" in rest else [argv[0], *rest, "--", size]
 
@@ -132,10 +92,14 @@ def _report_bug(exc: BaseException) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        known = bool(argv[:1]) and argv[0] in VERBS
+        fast = _fast_args(argv) if known else None
+        if fast is not None:
+            return int(fast.run(fast))
         # a known verb first: only its module is needed (the others are never reached, since
         # argparse dispatches on the first positional); anything else needs the full table
         # (help, or an invalid choice listing every verb)
-        parser = build_parser(argv[:1] if argv[:1] and argv[0] in VERBS else VERBS)
+        parser = build_parser(argv[:1] if known else VERBS)
         if argv[:1] == ["resize"]:
             argv = _resize_argv(argv)
         args, extra = parser.parse_known_args(argv)

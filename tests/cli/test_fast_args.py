@@ -1,0 +1,67 @@
+"""`info`'s argparse-free fast path (start-up, issue 16) gives exactly argparse's result for the
+command lines it accepts, and declines everything else (argparse then handles it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qcow2kit.cli import info as cli_info
+from qcow2kit.cli.main import build_parser
+
+ACCEPTED = [
+    ["x.qcow2"],
+    ["--output=json", "x.qcow2"],
+    ["--output", "human", "x.qcow2"],
+    ["x.qcow2", "--output=json"],
+    ["-f", "raw", "x.qcow2"],
+    ["-f", "qcow2", "--backing-chain", "-U", "x.qcow2"],
+    ["--force-share", "--output=human", "x.qcow2"],
+    ["-U", "-U", "x.qcow2", "-f", "qcow2", "-f", "raw", "--output", "json", "--output=human"],
+    ["qcow2"],
+]
+DECLINED = [
+    [],
+    ["-h"],
+    ["--help", "x"],
+    ["--out=json", "x"],
+    ["--output=JSON", "x"],
+    ["-fqcow2", "x"],
+    ["-f", "vmdk", "x"],
+    ["-f"],
+    ["--output"],
+    ["a", "b"],
+    ["--", "x"],
+    ["-"],
+    ["--backing-chain"],
+]
+
+
+@pytest.mark.parametrize("rest", ACCEPTED, ids=" ".join)
+def test_same_as_argparse(rest: list[str]) -> None:
+    fast = cli_info.fast_args(rest)
+    assert fast is not None
+    parsed = build_parser(["info"]).parse_args(["info", *rest])
+    assert vars(fast) == vars(parsed)
+
+
+@pytest.mark.parametrize("rest", DECLINED, ids=" ".join)
+def test_declined(rest: list[str]) -> None:
+    assert cli_info.fast_args(rest) is None
+
+
+def test_info_does_not_import_argparse(tmp_path: Path) -> None:
+    img = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    code = (
+        "import sys\n"
+        "from qcow2kit.cli.main import main\n"
+        "assert main(['info', sys.argv[1]]) == 0\n"
+        "assert 'argparse' not in sys.modules, 'argparse imported'\n"
+        "assert 'numpy' not in sys.modules, 'numpy imported'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(img)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
