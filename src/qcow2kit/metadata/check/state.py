@@ -184,23 +184,29 @@ class CheckState:
         flat = buf.reshape(-1).data
         order = np.argsort(offsets, kind="stable")
         so = offsets[order]
-        cut = np.flatnonzero(so[1:] != so[:-1] + cs) + 1
-        starts = [0, *cut.tolist()]
-        ends = [*cut.tolist(), n]
+        cut = (np.flatnonzero(so[1:] != so[:-1] + cs) + 1).tolist()
         rows = order.tolist()
-        size = self.storage.size()
-        for a, b in zip(starts, ends, strict=True):
-            pos = int(so[a])
+        pos_l = so.tolist()
+        views = [flat[r * cs : (r + 1) * cs] for r in range(n)]
+        # sorted: the clusters before `inside` lie wholly inside the file
+        inside = int(np.searchsorted(so, self.storage.size() - cs, side="right"))
+        preadv = os.preadv
+        for a, b in zip([0, *cut], [*cut, n], strict=True):
+            if b - a == 1 and a < inside:  # the usual case: a lone cluster
+                if preadv(fd, [views[rows[a]]], pos_l[a]) != cs:
+                    self._pread_rows(views, rows[a:b], pos_l[a:b])
+                continue
             while a < b:
                 k = min(b - a, _IOV_MAX)
-                views = [flat[r * cs : (r + 1) * cs] for r in rows[a : a + k]]
-                if pos + k * cs > size or os.preadv(fd, views, pos) != k * cs:
+                if a + k > inside or preadv(fd, [views[r] for r in rows[a : a + k]], pos_l[a]) != k * cs:
                     # the end of the file (zeros past it): the storage's own read
-                    for r, v in zip(rows[a : a + k], views, strict=True):
-                        v[:] = self.storage.pread(int(offsets[r]), cs)
+                    self._pread_rows(views, rows[a : a + k], pos_l[a : a + k])
                 a += k
-                pos += k * cs
         return buf
+
+    def _pread_rows(self, views: list[memoryview], rows: list[int], positions: list[int]) -> None:
+        for r, pos in zip(rows, positions, strict=True):
+            views[r][:] = self.storage.pread(pos, self.cs)
 
     def l2_words(self, raw: npt.NDArray[np.uint8]) -> tuple[U64, U64 | None]:
         """All entries (and extended-L2 bitmaps) of raw tables, one row per table."""
