@@ -100,12 +100,16 @@ class L2Map:
         return self.cache.get(offset)
 
     def read_tables(self, l1_indices: list[int]) -> U64:
-        """The L2 tables of these (allocated) L1 entries, concatenated in the order given:
-        for whole-image walks (map), which would only churn the cache. Tables the cache
-        holds (possibly dirty) come from it; the others are read from the storage in
-        ascending offset order, adjacent tables with one pread."""
+        """The L2 tables of these (allocated) L1 entries, concatenated in the order given.
+        A few go through the cache; a whole-image walk (map, shrink) would only churn it:
+        tables the cache holds (possibly dirty) come from it, the others are read from the
+        storage in ascending offset order, adjacent tables with one pread."""
         cs = self.geom.cluster_size
         offsets = [self.l2_offset(i) for i in l1_indices]
+        if len(offsets) <= self.cache.capacity // 4:
+            # a few tables (block status of a small range, asked again and again): through
+            # the cache, as lookup() does
+            return np.concatenate([self.table(off) for off in offsets])
         cached = {off: self.cache.get(off) for off in offsets if off in self.cache}
         raw: dict[int, bytes] = {}
         todo = sorted({off for off in offsets if off not in cached})
