@@ -118,7 +118,7 @@ CASES = [
     ("v2", "lazy_refcounts=on"), ("v2", "size=12M"), ("v2snap", "compat=1.1"),
     ("v2snap", "compat=1.1,refcount_bits=64"),
     ("snaps", "refcount_bits=1"), ("snaps", "refcount_bits=2"), ("snaps", "refcount_bits=64"),
-    ("snaps", "compat=0.10"),
+    ("snaps", "compat=0.10"), ("snaps", "compat=0.10,size=16M"),
     ("lazy", "lazy_refcounts=off"), ("lazy", "compat=0.10"), ("lazy", "refcount_bits=4"),
     ("backed", "compat=0.10"), ("backed", "backing_file=base.qcow2,backing_fmt=qcow2"),
     ("backed", "backing_fmt=raw"), ("backed", "backing_file=other"),

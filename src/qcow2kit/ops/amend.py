@@ -113,7 +113,9 @@ def _plan(img: Image, o: AmendOptions) -> _Plan:
         raise AmendError("Lazy refcounts only supported with compatibility level 1.1 and above "
                          "(use compat=1.1 or greater)")
     if new_version < h.version:
-        _check_downgrade(img, order if order is not None else h.refcount_order)
+        # QEMU resizes before it downgrades: snapshots are compared with the new size
+        _check_downgrade(img, order if order is not None else h.refcount_order,
+                         o.size or img.virtual_size)
     if new_version > h.version and any(len(sn.extra_data) < 16 for sn in img.snapshots):
         raise UnsupportedFeatureError(
             "upgrading an image whose snapshot table lacks the v3 extra data is not supported")
@@ -123,14 +125,14 @@ def _plan(img: Image, o: AmendOptions) -> _Plan:
     return _Plan(h.version, new_version, order, lazy, size)
 
 
-def _check_downgrade(img: Image, refcount_order: int) -> None:
+def _check_downgrade(img: Image, refcount_order: int, size: int) -> None:
     h = img.header
     if refcount_order != 4:
         raise AmendError("compat=0.10 requires refcount_bits=16")
     if h.has_data_file:
         raise AmendError("Cannot downgrade an image with a data file")
     for sn in img.snapshots:
-        if sn.vm_state_size_large > UINT32_MAX or sn.disk_size != img.virtual_size:
+        if sn.vm_state_size_large > UINT32_MAX or sn.disk_size != size:
             raise AmendError("Internal snapshots prevent downgrade of image")
     incompat = h.incompatible_features & ~Incompatible.DIRTY
     if incompat & ~Incompatible.COMPRESSION_TYPE:
