@@ -3,8 +3,10 @@
 Owns the target file descriptor from open to close: sparse output (ranges the source maps
 as zeros are never read, all-zero blocks of read data are not written, and the file is
 sized with ftruncate so every skipped range is a hole, as `qemu-img convert -S` does); with
--S 0 every byte is written. No fsync: like qemu-img convert's default cache=unsafe,
-durability is left to the caller. Never writes to the source.
+-S 0 every byte is written. A reader thread reads and scans ahead (source.ReadAhead);
+this one writes in order, each run's blocks fallocated just before it is written. No
+fsync: like qemu-img convert's default cache=unsafe, durability is left to the caller.
+Never writes to the source.
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 Owns `Source`: which guest ranges read as zeros without any I/O (zero or unallocated
 clusters of a qcow2 chain, holes of a raw file found by SEEK_DATA / SEEK_HOLE, never read),
-and filling a caller's buffer with guest bytes by preadv straight into it. Also
-`iter_chunks` (compare's loop) and `pieces` (the direct host ranges raw output copies).
-Only reads: never writes to any image, never opens or closes one (the caller owns the
-image's lifetime), and uses only public Image / RawImage attributes.
+and filling a caller's buffer with guest bytes by preadv straight into it (2 MiB per
+syscall). `ReadAhead` runs those reads, and a scan of each chunk, on a reader thread
+ahead of the writer; `iter_chunks` is compare's loop. Only reads: never writes to any
+image, never opens or closes one (the caller owns the image's lifetime), and uses only
+public Image / RawImage attributes.
 """
 
 from __future__ import annotations
@@ -127,25 +128,6 @@ def _read_into(img: Image | RawImage, mv: memoryview, pos: int) -> None:
             mv[a:b] = bytes(b - a)
 
 
-def pieces(src: Source, a: int, b: int, piece: int) -> Iterator[tuple[int, int, int, Any]]:
-    """(guest offset, length, host offset, storage) pieces of at most `piece` bytes over
-    [a, b); host offset -1 means "read through the image" (compressed, backing, zero)."""
-    img = src.img
-    if isinstance(img, RawImage):
-        for pos in range(a, b, piece):
-            yield pos, min(piece, b - pos), pos, img.storage
-        return
-    data = img.data_storage or img.storage
-    span = 256 << 20
-    for lo in range(a, b, span):
-        for run in img.runs(lo, min(span, b - lo)):
-            direct = run.kind == Kind.DATA
-            for pos in range(run.guest_offset, run.end, piece):
-                n = min(piece, run.end - pos)
-                host = run.host_offset + (pos - run.guest_offset) if direct else -1
-                yield pos, n, host, data
-
-
 def iter_chunks(src: Source, chunk: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview | None]]:
     """(offset, data or None when known zero) over the whole disk, in pieces <= chunk. The
     data view is reused by the next step."""
@@ -257,6 +239,4 @@ class ReadAhead(Generic[T]):
                 yield pos, mv, self._scan(mv)
 
 
-__all__ = [
-    "CHUNK_BYTES", "ReadAhead", "Segment", "Source", "iter_chunks", "pieces", "preadinto",
-]
+__all__ = ["CHUNK_BYTES", "ReadAhead", "Segment", "Source", "iter_chunks", "preadinto"]
