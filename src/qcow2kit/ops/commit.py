@@ -77,9 +77,22 @@ def find_base(top: Image, name: str | None) -> int:
     raise CommitError(f"Did not find '{name}' in the backing chain of '{top.filename}'")
 
 
-def _allocated_above(chain: list[Image | RawImage], base_index: int, size: int) -> list[tuple[int, int]]:
-    """Merged [start, end) ranges some image above the base holds (data or zero)."""
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _allocated_above(chain: list[Image | RawImage], base_index: int,
+                     size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Merged [start, end) ranges some image above the base holds (data or zero), and the
+    ranges where one of them has zero clusters."""
     spans: list[tuple[int, int]] = []
+    zeros: list[tuple[int, int]] = []
     for layer in chain[:base_index]:
         if isinstance(layer, RawImage):
             spans.append((0, min(size, layer.virtual_size)))
@@ -90,14 +103,9 @@ def _allocated_above(chain: list[Image | RawImage], base_index: int, size: int) 
         for run in layer.runs(0, end):
             if run.kind != Kind.UNALLOCATED:
                 spans.append((run.guest_offset, run.end))
-    spans.sort()
-    merged: list[tuple[int, int]] = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-        else:
-            merged.append((a, b))
-    return merged
+            if run.kind == Kind.ZERO:
+                zeros.append((run.guest_offset, run.end))
+    return _merge(spans), _merge(zeros)
 
 
 def _chunks(ranges: list[tuple[int, int]], granularity: int, size: int) -> list[tuple[int, int]]:
@@ -140,10 +148,10 @@ def commit(
         base_path = base_img.filename
         base_fmt = base_img.format_name
         size = top.virtual_size
-        allocated = _allocated_above(chain, index, size)
+        allocated, zeros = _allocated_above(chain, index, size)
         target = open_any(base_path, base_fmt, writable=True, backing=True)
         try:
-            copied, zeroed = _copy(top, target, allocated, size, progress)
+            copied, zeroed = _copy(top, target, allocated, zeros, size, progress)
         finally:
             target.close()
     finally:
@@ -251,8 +259,34 @@ def read_fast(img: Image | RawImage, pos: int, length: int) -> bytes:
     return img.read(pos, length)
 
 
-def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]], size: int,
-          progress: Progress | None) -> tuple[int, int]:
+def _write_in_place(img: Image, pos: int, data: bytes) -> bool:
+    """Overwrite a range that is one run of data clusters the image alone owns (refcount 1)
+    straight in the file, as the write path would (no metadata changes, so no ordering to
+    keep); False (nothing written) for any other range, which then takes the write path."""
+    meta = img.meta
+    if img.header.has_data_file or meta.corrupt or not meta.writable:
+        return False
+    runs = img.runs(pos, len(data))
+    if len(runs) != 1 or runs[0].kind != Kind.DATA:
+        return False
+    cs = img.cluster_size
+    host = runs[0].host_offset
+    first, last = host // cs, (host + len(data) - 1) // cs
+    if not (meta.refcounts.get_range(first, last - first + 1) == 1).all():
+        return False
+    clusters = np.arange(first, last + 1, dtype=np.int64) * cs
+    try:
+        mapping.check_in_place(meta, clusters, "data cluster")
+    except CorruptionError as exc:
+        raise meta.mark_corrupt(str(exc)) from None
+    img.bitmaps.mark(pos, len(data))
+    img.storage.pwrite(host, data)
+    meta.note_data_written(new_clusters=False)
+    return True
+
+
+def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]],
+          zeros: list[tuple[int, int]], size: int, progress: Progress | None) -> tuple[int, int]:
     from .map import map_image
 
     # the mirror grows a shorter base to the overlay's size
@@ -268,21 +302,29 @@ def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]]
     chunks = _chunks(allocated, granularity, size)
     total = sum(b - a for a, b in chunks) or 1
     done = copied = zeroed = 0
-    entries = map_image(top) if chunks else []  # the whole disk at once: chunks are sorted
-    k = 0
+    z = 0
     for a, b in chunks:
+        while z < len(zeros) and zeros[z][1] <= a:
+            z += 1
+        # QEMU's status walk decides only where some image above the base has zero
+        # clusters; elsewhere every piece is copied
+        entries = map_image(top, a, b - a) if z < len(zeros) and zeros[z][0] < b else []
+        k = 0
         pos = a
         while pos < b:
-            while entries[k].start + entries[k].length <= pos:
-                k += 1
-            e = entries[k]
-            io = min(e.start + e.length - pos, b - pos, MAX_IO_BYTES)
-            io -= io % granularity
             zero = False
-            if io < granularity:
-                io = min(granularity, b - pos)
-            elif e.zero and not e.data and pos % bcs == 0 and io % bcs == 0:
-                zero = True
+            if not entries:
+                io = min(b - pos, MAX_IO_BYTES)
+            else:
+                while entries[k].start + entries[k].length <= pos:
+                    k += 1
+                e = entries[k]
+                io = min(e.start + e.length - pos, b - pos, MAX_IO_BYTES)
+                io -= io % granularity
+                if io < granularity:
+                    io = min(granularity, b - pos)
+                elif e.zero and not e.data and pos % bcs == 0 and io % bcs == 0:
+                    zero = True
             if zero and isinstance(target, Image):
                 _zero_clusters(target, pos, io)
                 zeroed += io
@@ -294,7 +336,9 @@ def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]]
                     target.storage.pwrite(pos, bytes(io))
                 zeroed += io
             elif isinstance(target, Image):
-                target.write(pos, read_fast(top, pos, io))
+                data = read_fast(top, pos, io)
+                if not _write_in_place(target, pos, data):
+                    target.write(pos, data)
                 copied += io
             else:
                 target.storage.pwrite(pos, read_fast(top, pos, io))
