@@ -226,3 +226,33 @@ def test_json_summary_is_what_json_dumps_writes(name: str) -> None:
     result = CheckResult(corruptions=2, image_end_offset=1 << 40, total_clusters=9, allocated_clusters=4)
     for fmt in ("qcow2", "raw"):
         assert to_json(result, name, fmt) == json.dumps(to_json_dict(result, name, fmt), indent=4) + "\n"
+
+
+@pytest.mark.parametrize("repair", [None, "all"])
+def test_copied_check_reads_the_tables_again_when_they_were_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repair: str | None
+) -> None:
+    """The COPIED check over tables it reads again (too many entries to keep from the
+    refcount pass) reports and repairs exactly what it does over the kept ones."""
+    from qcow2kit.metadata.check import state
+    from qcow2kit.ops.check import check_path
+    from tests.helpers import layout
+
+    results = []
+    for keep in (state.ACTIVE_KEEP_ENTRIES, 0):
+        path = tmp_path / f"copied-{keep}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(path), "64M")
+        qemu_io(path, "write -P 1 0 1M", "write -P 2 40M 64k")
+        l1 = layout(path)["l1"]
+        with open(path, "r+b") as f:
+            for entry, slot in ((l1[0], 3), (l1[0], 200), (l1[-1] or l1[0], 9)):
+                pos = (entry & C.OFFSET_MASK) + 8 * slot
+                f.seek(pos)
+                (word,) = struct.unpack(">Q", f.read(8))
+                f.seek(pos)
+                f.write(struct.pack(">Q", word & ~C.OFLAG_COPIED))
+        monkeypatch.setattr(state, "ACTIVE_KEEP_ENTRIES", keep)
+        res = check_path(str(path), repair)
+        results.append((res.corruptions, res.corruptions_fixed, res.messages, res.recheck_messages))
+    assert results[0][0] + results[0][1] == 3
+    assert results[0] == results[1]
