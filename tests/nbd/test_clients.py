@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_clean, qemu_compare, qemu_img, qemu_io
+from tests.helpers import QEMU_IO, assert_clean, qemu_compare, qemu_img, qemu_io
 from tests.nbd.nbdtools import NBDCOPY, NBDINFO, QCOW2KIT, cli_serve, our_server, qemu_nbd, run, uri
 
 
@@ -94,6 +94,42 @@ def test_nbdinfo_maps_match_qemu_nbd(tmp_path: Path, kind: str) -> None:
     )
     assert ours == theirs
     assert len(ours[0].splitlines()) > 1
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_dirty_bitmap_context_matches_qemu_nbd(tmp_path: Path, readonly: bool) -> None:
+    image = _chain(tmp_path)
+    qemu_img("bitmap", "--add", "-g", "64k", str(image), "bm0")
+    qemu_img("bitmap", "--add", "--disable", "-g", "512", str(image), "bm1")
+    qemu_io(image, "write -P 9 1M 100k", "write -z 5M 64k", "discard 7M 4k")
+    qemu_img("bitmap", "--merge", "bm0", str(image), "bm1")
+    args = ("-B", "bm0") if readonly else ("-B", "bm1")
+    commands = [
+        [str(NBDINFO), "--json", "{uri}"],
+        [str(NBDINFO), f"--map=qemu:dirty-bitmap:{args[1]}", "{uri}"],
+        [str(NBDINFO), "--map", "{uri}"],
+    ]
+    theirs, ours = _both(image, tmp_path, (("-r",) if readonly else ()) + args, *commands)
+    assert _json(ours[0], "ours") == _json(theirs[0], "qemu")
+    assert ours[1:] == theirs[1:]
+    assert "dirty" in ours[1]
+
+
+def test_dirty_bitmap_context_shows_writes_through_the_export(tmp_path: Path) -> None:
+    image = _chain(tmp_path)
+    qemu_img("bitmap", "--add", str(image), "live")
+    sock = tmp_path / "w.sock"
+    with cli_serve(image, sock, "-B", "live", "-t"):
+        run(str(QEMU_IO), "-f", "raw", "-c", "write -P 3 2M 4k", uri(sock))
+        live = run(str(NBDINFO), "--map=qemu:dirty-bitmap:live", uri(sock))
+    assert [line.split()[:3] for line in live.splitlines()] == [
+        ["0", str(2 << 20), "0"], [str(2 << 20), "65536", "1"],
+        [str((2 << 20) + 65536), str((8 << 20) - (2 << 20) - 65536), "0"]]
+    assert_clean(image)
+    # and it was stored: qemu-nbd reads the same after the server closed the image
+    theirs, _ = _both(image, tmp_path, ("-r", "-B", "live"),
+                      [str(NBDINFO), "--map=qemu:dirty-bitmap:live", "{uri}"])
+    assert theirs[0] == live
 
 
 def test_nbdcopy_and_convert_give_the_same_raw(tmp_path: Path) -> None:

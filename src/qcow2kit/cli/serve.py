@@ -16,9 +16,12 @@ import socket
 import stat
 import sys
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import UsageError
+
+if TYPE_CHECKING:
+    from ..image import Image
 
 MAX_STRING = 4096
 
@@ -89,23 +92,16 @@ def _check(args: argparse.Namespace) -> int:
     return shared or (1 << 30)
 
 
-def _check_bitmap(path: str, name: str) -> None:
-    """qemu-nbd's answer when the bitmap is missing. The qemu:dirty-bitmap context itself
-    waits for persistent bitmap support, so a bitmap that exists is refused too."""
-    from ..format.bitmaps import parse_directory
-    from ..format.features import Autoclear
-    from ..image import Image
+def _check_bitmap(image: Image, name: str) -> None:
+    """qemu-nbd's answers for a bitmap that cannot be exported."""
+    from ..errors import Qcow2Error
 
-    with Image.open_path(path, force_share=True, backing=False) as img:
-        header = img.header
-        ext = header.bitmaps
-        names: list[str] = []
-        if header.autoclear_features & Autoclear.BITMAPS and ext is not None and ext.nb_bitmaps:
-            data = img.storage.pread(ext.directory_offset, ext.directory_size)
-            names = [e.name for e in parse_directory(data, ext.nb_bitmaps)]
-    if name not in names:
+    if name not in image.bitmaps:
         raise UsageError(f"Bitmap '{name}' is not found")
-    raise UsageError(f"Bitmap '{name}': the qemu:dirty-bitmap meta context is not supported yet")
+    try:
+        image.bitmaps.loaded_bits(name)
+    except Qcow2Error as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _activation_socket(args: argparse.Namespace) -> socket.socket | None:
@@ -140,8 +136,6 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise UsageError(f"Failed to blk_new_open '{path}': Could not open '{path}': "
                          "No such file or directory")
-    if args.bitmap is not None:
-        _check_bitmap(path, args.bitmap)
     logger = logging.getLogger("qcow2kit.nbd")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("qcow2kit serve: %(message)s"))
@@ -153,8 +147,10 @@ def run(args: argparse.Namespace) -> int:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UsageError(f"Failed to blk_new_open '{path}': {reason}") from None
     try:
+        if args.bitmap is not None:
+            _check_bitmap(image, args.bitmap)
         server = NBDServer(
-            image, name=args.name, description=args.description, readonly=args.readonly,
+            image, name=args.name, bitmap=args.bitmap, description=args.description, readonly=args.readonly,
             max_clients=shared, persistent=args.persistent, allocation_depth=args.depth,
             discard=args.discard, detect_zeroes=args.detect_zeroes,
         )

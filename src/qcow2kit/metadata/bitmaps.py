@@ -20,7 +20,6 @@ Never imports qcow2kit.image.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -29,10 +28,10 @@ import numpy.typing as npt
 
 from ..errors import FormatError, ImageStateError, InvalidArgumentError, UnsupportedFeatureError
 from ..format import bitmaps as fmt
-from ..format import constants as C
-from ..format.extensions import MAX_BITMAPS, BitmapsExtension, Extension
+from ..format.extensions import MAX_BITMAPS, BitmapsExtension
 from ..format.features import Autoclear
-from . import header_io, overlap
+from . import overlap
+from .bitmap_io import cluster_span, set_bits, switch_header, write_autoclear, write_bitmap
 from .meta import Metadata
 
 U8 = npt.NDArray[np.uint8]
@@ -62,6 +61,7 @@ class Bitmaps:
         self.bits: dict[str, U8] = {}  # loaded bitmaps (packed, LSB first)
         self.changed = False  # the set on disk no longer matches memory
         self.writing = False
+        self._read_only_cache: dict[str, U8] = {}
         self.extension_valid = False
         self._read()
 
@@ -144,14 +144,14 @@ class Bitmaps:
 
     def dirty_runs(self, name: str, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, dirty) runs of the guest range, granule-aligned at the inside."""
-        e = self.find(name)
-        if e.in_use and name not in self.bits:
-            raise ImageStateError(f"Bitmap '{name}' is inconsistent and cannot be used")
-        bits = self.bits[name] if name in self.bits else self._load(e)
-        g = e.granularity_bits
-        first, last = offset >> g, (offset + length - 1) >> g
-        flags = np.unpackbits(bits, bitorder="little")[first : last + 1].astype(bool)
+        bits, g = self.loaded_bits(name)
         out: list[tuple[int, int, bool]] = []
+        if length <= 0:
+            return out
+        first, last = offset >> g, (offset + length - 1) >> g
+        # unpack only the bytes that hold the range (an NBD client asks many small ranges)
+        window = np.unpackbits(bits[first >> 3 : (last >> 3) + 1], bitorder="little")
+        flags = window[first & 7 : (first & 7) + last - first + 1].astype(bool)
         if not len(flags):
             return out
         edges = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
@@ -180,7 +180,7 @@ class Bitmaps:
         if h.autoclear_features == restored and not self.bits:
             return
         meta.storage.flush()
-        self._write_autoclear(keep)
+        write_autoclear(self.meta, keep)
         if not self.extension_valid:
             return
         if self.bits:
@@ -191,12 +191,7 @@ class Bitmaps:
             meta.storage.event("bitmap_directory_update")
             meta.storage.pwrite(ext.directory_offset, fmt.encode_directory(self.entries))
             meta.storage.flush()
-        self._write_autoclear(restored)
-
-    def _write_autoclear(self, bits: int) -> None:
-        header_io.write_autoclear(self.meta.storage, bits)
-        self.meta.storage.flush()
-        self.meta.header = replace(self.meta.header, autoclear_features=bits)
+        write_autoclear(self.meta, restored)
 
     def mark(self, offset: int, length: int) -> None:
         """Set the granules of [offset, offset+length) in every enabled loaded bitmap."""
@@ -204,7 +199,7 @@ class Bitmaps:
             return
         for e in self.entries:
             if e.enabled and e.name in self.bits:
-                _set_bits(self.bits[e.name], offset >> e.granularity_bits,
+                set_bits(self.bits[e.name], offset >> e.granularity_bits,
                           (offset + length - 1) >> e.granularity_bits)
 
     # ---- the bitmap command -----------------------------------------------------------
@@ -292,12 +287,16 @@ class Bitmaps:
         self.changed = True
 
     def loaded_bits(self, name: str) -> tuple[U8, int]:
+        """The packed bits of a consistent bitmap and its granularity bits. A read-only
+        image keeps what it loaded: nothing can change it under a read-only open."""
         e = self.find(name)
-        bits = self.bits[name] if name in self.bits else None
+        bits = self.bits.get(name, self._read_only_cache.get(name))
         if bits is None:
             if e.in_use:
                 raise ImageStateError(f"Bitmap '{name}' is inconsistent and cannot be used")
             bits = self._load(e)
+            if not self.writing:
+                self._read_only_cache[name] = bits
         return bits, e.granularity_bits
 
     # ---- whole-image operations ---------------------------------------------------------
@@ -339,9 +338,9 @@ class Bitmaps:
         ext = meta.header.bitmaps
         assert ext is not None
         freed = [self._clusters_of(e) for e in self._on_disk_entries()]
-        freed.append(_span(ext.directory_offset, ext.directory_size, cs))
+        freed.append(cluster_span(ext.directory_offset, ext.directory_size, cs))
         meta.flush()
-        self._switch_header(None)  # unreference before free
+        switch_header(self.meta, None)  # unreference before free
         meta.storage.flush()
         self.extension_valid = False
         self.entries = [replace(e, bitmap_table_offset=0) for e in self.entries]
@@ -365,13 +364,13 @@ class Bitmaps:
                 continue
             if e.bitmap_table_offset:
                 freed.append(self._clusters_of(e))
-            new_entries.append(self._write_bitmap(e, self.bits[e.name]))
+            new_entries.append(write_bitmap(self.meta, e, self.bits[e.name]))
         removed = {e.name for e in self._on_disk_entries()} - {e.name for e in new_entries}
         for e in self._on_disk_entries():
             if e.name in removed:
                 freed.append(self._clusters_of(e))
         if old_ext is not None:
-            freed.append(_span(old_ext.directory_offset, old_ext.directory_size, cs))
+            freed.append(cluster_span(old_ext.directory_offset, old_ext.directory_size, cs))
         directory = fmt.encode_directory(new_entries)
         new_ext: BitmapsExtension | None = None
         if new_entries:
@@ -384,7 +383,7 @@ class Bitmaps:
         # the header points at them
         meta.refcounts.sync()
         meta.storage.flush()
-        self._switch_header(new_ext)
+        switch_header(self.meta, new_ext)
         meta.storage.flush()
         self.entries = fmt.parse_directory(directory, len(new_entries)) if new_entries else []
         self.extension_valid = new_ext is not None
@@ -409,92 +408,6 @@ class Bitmaps:
         table = self._table(e)
         offsets = (table & np.uint64(fmt.TABLE_OFFSET_MASK)).astype(np.int64)
         data = offsets[offsets != 0] // cs
-        return np.concatenate((data, _span(e.bitmap_table_offset, e.bitmap_table_size * 8, cs)))
-
-    def _write_bitmap(self, e: fmt.BitmapEntry, bits: U8) -> fmt.BitmapEntry:
-        """New data clusters for the non-zero parts, then a new table."""
-        meta = self.meta
-        cs = meta.geom.cluster_size
-        n = fmt.table_entries(meta.header.size, e.granularity_bits, cs)
-        padded = np.zeros(n * cs, dtype=np.uint8)
-        padded[: len(bits)] = bits
-        rows = padded.reshape(n, cs) if n else padded.reshape(0, cs)
-        nonzero = np.flatnonzero(rows.any(axis=1))
-        table = np.zeros(n, dtype=np.uint64)
-        if len(nonzero):
-            first = meta.refcounts.allocate(len(nonzero))
-            hosts = (first + np.arange(len(nonzero), dtype=np.int64)) * cs
-            meta.storage.event("bitmap_data_write")
-            meta.storage.pwrite(int(hosts[0]), rows[nonzero].tobytes())
-            table[nonzero] = hosts.astype(np.uint64)
-        tclusters = -(-n * 8 // cs)
-        table_at = meta.refcounts.allocate(tclusters) * cs if tclusters else 0
-        if tclusters:
-            raw = table.astype(">u8").tobytes()
-            meta.storage.event("bitmap_table_write")
-            meta.storage.pwrite(table_at, raw + bytes(tclusters * cs - len(raw)))
-        return replace(e, bitmap_table_offset=table_at, bitmap_table_size=n,
-                       flags=e.flags & ~fmt.FLAG_IN_USE)
-
-    def _switch_header(self, ext: BitmapsExtension | None) -> None:
-        """One write of the extension's 24 bytes when it stays where it is; otherwise the
-        header is rewritten (the bitmaps extension is added or dropped) with bit 0 clear,
-        and bit 0 set by a separate 8-byte write after that is durable."""
-        meta = self.meta
-        h = meta.header
-        payload = None if ext is None else struct.pack(">IIQQ", ext.nb_bitmaps, 0, ext.directory_size,
-                                                      ext.directory_offset)
-        at = self._extension_payload_offset()
-        if payload is not None and at is not None and h.autoclear_features & Autoclear.BITMAPS:
-            header_io.write_field(meta.storage, at, payload, "bitmap_extension_update")
-            exts = tuple(Extension(x.type, payload) if x.type == C.EXT_BITMAPS else x
-                         for x in h.extensions)
-            meta.header = replace(h, extensions=exts)
-            return
-        others = tuple(x for x in h.extensions if x.type != C.EXT_BITMAPS)
-        exts = others + ((Extension(C.EXT_BITMAPS, payload),) if payload is not None else ())
-        bits = h.autoclear_features & ~Autoclear.BITMAPS
-        new = replace(h, extensions=exts, autoclear_features=bits).relayout()
-        raw = new.to_bytes()
-        if len(raw) > meta.geom.cluster_size:
-            raise UnsupportedFeatureError("the header extensions no longer fit in cluster 0")
-        meta.storage.event("header_update")
-        meta.storage.pwrite(0, raw)
-        meta.storage.flush()
-        meta.header = new
-        if payload is not None:
-            self._write_autoclear(bits | Autoclear.BITMAPS)
-
-    def _extension_payload_offset(self) -> int | None:
-        h = self.meta.header
-        pos = h.header_length
-        for x in h.extensions:
-            if x.type == C.EXT_BITMAPS:
-                return pos + _EXT_HEADER_BYTES
-            pos += _EXT_HEADER_BYTES + len(x.data) + (-len(x.data) % 8)
-        return None
-
-
-def _set_bits(bits: U8, first: int, last: int) -> None:
-    """Set bits first..last (inclusive), LSB first within each byte."""
-    last = min(last, len(bits) * 8 - 1)
-    if first > last:
-        return
-    b0, b1 = first >> 3, last >> 3
-    lo = np.uint8((0xFF << (first & 7)) & 0xFF)
-    hi = np.uint8(0xFF >> (7 - (last & 7)))
-    if b0 == b1:
-        bits[b0] |= lo & hi
-        return
-    bits[b0] |= lo
-    bits[b0 + 1 : b1] = 0xFF
-    bits[b1] |= hi
-
-
-def _span(offset: int, nbytes: int, cs: int) -> I64:
-    if nbytes <= 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.arange(offset // cs, (offset + nbytes - 1) // cs + 1, dtype=np.int64)
-
+        return np.concatenate((data, cluster_span(e.bitmap_table_offset, e.bitmap_table_size * 8, cs)))
 
 __all__ = ["Bitmaps", "BitmapInfo"]

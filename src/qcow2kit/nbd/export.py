@@ -1,6 +1,7 @@
 """The export: one open qcow2 Image seen as an NBD block device, with qemu-nbd 7.2's
 semantics for every command (read plans, write / zero / trim / flush / cache, block status
-for base:allocation and qemu:allocation-depth).
+for base:allocation and qemu:allocation-depth, and qemu:dirty-bitmap:NAME from the image's
+persistent bitmap).
 
 Owns the locking around the Image: `meta` serialises every Image call (its caches are not
 thread-safe); `rw` lets READs keep the host clusters they are sending (shared) while
@@ -117,10 +118,14 @@ class Export:
         readonly: bool = False,
         multi_conn: bool = False,
         allocation_depth: bool = False,
+        bitmap: str | None = None,
         discard: str = "ignore",
         detect_zeroes: str = "off",
     ) -> None:
         self.image = image
+        self.bitmap = bitmap
+        if bitmap is not None:
+            image.bitmaps.loaded_bits(bitmap)  # missing or inconsistent: refused up front
         self.name = name
         self.description = description
         self.readonly = readonly or not image.writable
@@ -147,7 +152,7 @@ class Export:
             layer = layer.backing
         self.contexts: tuple[str, ...] = (P.CTX_BASE_ALLOCATION,) + (
             (P.CTX_ALLOCATION_DEPTH,) if allocation_depth else ()
-        )
+        ) + ((P.CTX_DIRTY_BITMAP + bitmap,) if bitmap is not None else ())
 
     # ---- reads --------------------------------------------------------------------------
     def read_plan(self, offset: int, length: int) -> list[Piece]:
@@ -324,7 +329,9 @@ class Export:
                 entries += self._map(pos, n)
                 pos += n
                 # one extent more than wanted proves the wanted ones complete
-                out = [self._extents(ctx, entries, max_extents + 1) for ctx in self.contexts]
+                out = [self._dirty_extents(offset, pos - offset, max_extents + 1)
+                       if ctx.startswith(P.CTX_DIRTY_BITMAP)
+                       else self._extents(ctx, entries, max_extents + 1) for ctx in self.contexts]
                 if pos >= end or all(len(x) > max_extents for x in out):
                     return [x[:max_extents] for x in out]
                 window *= 4
@@ -346,6 +353,17 @@ class Export:
             if a < b:
                 out.append(e if (a, b - a) == (e.start, e.length) else replace(e, start=a, length=b - a))
         return out
+
+    def _dirty_extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        """qemu:dirty-bitmap:NAME: flag 1 where the bitmap is dirty (the live, in-memory
+        bitmap when the export is writable, so it shows the writes made through it)."""
+        assert self.bitmap is not None
+        extents: list[tuple[int, int]] = []
+        for _, n, dirty in self.image.bitmaps.dirty_runs(self.bitmap, offset, length):
+            if len(extents) >= limit:
+                break
+            extents.append((n, 1 if dirty else 0))
+        return extents
 
     def _extents(self, ctx: str, entries: list[MapEntry], limit: int) -> list[tuple[int, int]]:
         extents: list[tuple[int, int]] = []

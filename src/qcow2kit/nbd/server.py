@@ -42,6 +42,7 @@ class NBDServer:
         max_clients: int = 1,
         persistent: bool = False,
         allocation_depth: bool = False,
+        bitmap: str | None = None,
         discard: str = "ignore",
         detect_zeroes: str = "off",
         handshake_timeout: float = 10.0,
@@ -51,7 +52,7 @@ class NBDServer:
     ) -> None:
         self.export = Export(
             image, name=name, description=description, readonly=readonly,
-            multi_conn=max_clients >= 2, allocation_depth=allocation_depth,
+            multi_conn=max_clients >= 2, allocation_depth=allocation_depth, bitmap=bitmap,
             discard=discard, detect_zeroes=detect_zeroes,
         )
         ex = self.export
