@@ -14,6 +14,7 @@ disk unchanged. Never writes to the images between the overlay and the base.
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 from collections.abc import Callable
@@ -248,15 +249,28 @@ def _zero_clusters(img: Image, offset: int, length: int) -> None:
         raise img.meta.mark_corrupt(str(exc)) from None
 
 
-def read_fast(img: Image | RawImage, pos: int, length: int) -> bytes:
-    """Guest bytes, straight from the file when the range is one run of data clusters
-    (one copy instead of the general read's three); any other range through img.read."""
-    if isinstance(img, RawImage):
+class FastReader:
+    """Guest bytes of an image that does not change while it is read: straight from the
+    file where a range lies in one run of data clusters (the mapping looked up once for the
+    whole disk, one copy of the bytes), through img.read anywhere else."""
+
+    def __init__(self, img: Image | RawImage) -> None:
+        self.img = img
+        self.runs = img.runs(0, img.virtual_size) if isinstance(img, Image) and \
+            img.virtual_size else []
+        self.starts = [r.guest_offset for r in self.runs]
+
+    def read(self, pos: int, length: int) -> bytes:
+        img = self.img
+        if isinstance(img, RawImage):
+            return img.read(pos, length)
+        i = bisect.bisect_right(self.starts, pos) - 1
+        if i >= 0:
+            run = self.runs[i]
+            if run.kind == Kind.DATA and pos + length <= run.end:
+                storage = img.data_storage or img.storage
+                return storage.pread(run.host_offset + pos - run.guest_offset, length)
         return img.read(pos, length)
-    runs = img.runs(pos, length)
-    if len(runs) == 1 and runs[0].kind == Kind.DATA:
-        return (img.data_storage or img.storage).pread(runs[0].host_offset, length)
-    return img.read(pos, length)
 
 
 def _write_in_place(img: Image, pos: int, data: bytes) -> bool:
@@ -302,6 +316,7 @@ def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]]
     chunks = _chunks(allocated, granularity, size)
     total = sum(b - a for a, b in chunks) or 1
     done = copied = zeroed = 0
+    reader = FastReader(top)
     z = 0
     for a, b in chunks:
         while z < len(zeros) and zeros[z][1] <= a:
@@ -336,12 +351,12 @@ def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]]
                     target.storage.pwrite(pos, bytes(io))
                 zeroed += io
             elif isinstance(target, Image):
-                data = read_fast(top, pos, io)
+                data = reader.read(pos, io)
                 if not _write_in_place(target, pos, data):
                     target.write(pos, data)
                 copied += io
             else:
-                target.storage.pwrite(pos, read_fast(top, pos, io))
+                target.storage.pwrite(pos, reader.read(pos, io))
                 copied += io
             pos += io
             done += io
@@ -354,5 +369,5 @@ def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]]
     return copied, zeroed
 
 
-__all__ = ["CommitError", "CommitResult", "commit", "find_base", "read_fast",
+__all__ = ["CommitError", "CommitResult", "commit", "find_base", "FastReader",
            "make_completely_empty", "empty_image"]

@@ -31,7 +31,7 @@ from ..format.extensions import Extension, feature_table_bytes
 from ..format.header import Header
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
-from .commit import read_fast
+from .commit import FastReader
 
 SECTOR = 512
 IO_BUF_BYTES = 2 << 20
@@ -236,6 +236,8 @@ def _copy(top: Image, new: Image | RawImage | None, progress: Progress | None) -
     old_size = _disk_size(old) if old is not None else 0
     new_size = _disk_size(new) if new is not None else 0
     ranges = _ranges(top, new)
+    old_reader = FastReader(old) if old is not None else None
+    new_reader = FastReader(new) if new is not None else None
     total = sum(b - a for a, b in ranges) or 1
     done = 0
     for a, b in ranges:
@@ -247,9 +249,9 @@ def _copy(top: Image, new: Image | RawImage | None, progress: Progress | None) -
                 n = min(n, old_size - pos)
             if new is not None and pos < new_size:
                 n = min(n, new_size - pos)
-            assert old is not None or old_zero
-            buf_old = bytes(n) if old_zero or old is None else read_fast(old, pos, n)
-            buf_new = read_fast(new, pos, n) if new is not None and pos < new_size else bytes(n)
+            buf_old = bytes(n) if old_zero or old_reader is None else old_reader.read(pos, n)
+            buf_new = (new_reader.read(pos, n) if new_reader is not None and pos < new_size
+                       else bytes(n))
             if buf_old != buf_new:
                 _write_differences(top, pos, buf_old, buf_new, old_zero, old_size)
             pos += n
