@@ -85,3 +85,22 @@ def test_crash_upgrade_with_new_width(tmp_path: Path) -> None:
     n = run_crash(tmp_path, img, AmendOptions(compat="1.1", refcount_bits=32),
                   between=((16, 3),))
     assert n >= 10
+
+
+def test_crash_upgrade_rewrites_short_snapshot_entries(tmp_path: Path) -> None:
+    """A v2 snapshot table without extra data is rewritten (new table, switch) before the
+    v3 header: every crash state reads the same disk and is consistent."""
+    from dataclasses import replace
+
+    from qcow2kit.image import Image
+
+    img = image(tmp_path, "cluster_size=4096,compat=0.10")
+    qemu_img("snapshot", "-c", "old", str(img))
+    qemu_io(img, "write -P 9 0 64k")
+    with Image.open_path(str(img)) as opened:
+        table = b"".join(replace(sn, extra_data=b"").to_bytes() for sn in opened.snapshots)
+        offset = opened.header.snapshots_offset
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(table)
+    assert run_crash(tmp_path, img, AmendOptions(compat="1.1")) >= 6

@@ -95,6 +95,24 @@ def v2snap(p: Path) -> None:
     qemu_io(p, "write -P 4 0 64k")
 
 
+def v2short(p: Path) -> None:
+    """A v2 image whose snapshot entries carry no extra data (as old QEMUs wrote them)."""
+    from dataclasses import replace
+
+    from qcow2kit.format.snapshot import Snapshot
+    from qcow2kit.image import Image
+
+    v2snap(p)
+    with Image.open_path(str(p)) as img:
+        snaps = img.snapshots
+        offset = img.header.snapshots_offset
+    table = b"".join(replace(sn, extra_data=b"").to_bytes() for sn in snaps)
+    assert all(isinstance(sn, Snapshot) for sn in snaps)
+    with open(p, "r+b") as f:
+        f.seek(offset)
+        f.write(table)
+
+
 def bitmaps(p: Path) -> None:
     plain(p)
     qemu_img("bitmap", "--add", str(p), "b1")
@@ -102,7 +120,7 @@ def bitmaps(p: Path) -> None:
     qemu_io(p, "write -P 2 2M 1M")
 
 
-BUILDS: dict[str, Build] = {"v2snap": v2snap, "bitmaps": bitmaps, "plain": plain, "v2": v2,
+BUILDS: dict[str, Build] = {"v2snap": v2snap, "v2short": v2short, "bitmaps": bitmaps, "plain": plain, "v2": v2,
                             "snaps": snaps, "lazy": lazy,
                             "backed": backed, "ext_l2": ext_l2, "zstd": zstd,
                             "zstd_plain": zstd_plain, "data_file": data_file}
@@ -116,7 +134,8 @@ CASES = [
     ("v2", "compat=1.1"), ("v2", "compat=v3,refcount_bits=2"),
     ("v2", "compat=1.1,lazy_refcounts=on"), ("v2", "refcount_bits=8"),
     ("v2", "lazy_refcounts=on"), ("v2", "size=12M"), ("v2snap", "compat=1.1"),
-    ("v2snap", "compat=1.1,refcount_bits=64"),
+    ("v2snap", "compat=1.1,refcount_bits=64"), ("v2short", "compat=1.1"),
+    ("v2short", "compat=1.1,refcount_bits=8"),
     ("snaps", "refcount_bits=1"), ("snaps", "refcount_bits=2"), ("snaps", "refcount_bits=64"),
     ("snaps", "compat=0.10"), ("snaps", "compat=0.10,size=16M"),
     ("lazy", "lazy_refcounts=off"), ("lazy", "compat=0.10"), ("lazy", "refcount_bits=4"),

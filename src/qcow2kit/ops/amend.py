@@ -116,9 +116,6 @@ def _plan(img: Image, o: AmendOptions) -> _Plan:
         # QEMU resizes before it downgrades: snapshots are compared with the new size
         _check_downgrade(img, order if order is not None else h.refcount_order,
                          o.size or img.virtual_size)
-    if new_version > h.version and any(len(sn.extra_data) < 16 for sn in img.snapshots):
-        raise UnsupportedFeatureError(
-            "upgrading an image whose snapshot table lacks the v3 extra data is not supported")
     size = o.size if o.size else None
     if size is not None and size > BDRV_MAX_LENGTH:
         raise AmendError(f"offset({size}) exceeds maximum({BDRV_MAX_LENGTH})")
@@ -251,6 +248,23 @@ def _normalised(h: Header) -> Header:
 
 
 def _upgrade(img: Image) -> None:
+    """v3 needs every snapshot's 64-bit VM state size and disk size: a table whose entries
+    lack them is rewritten first (the snapshot code's new-table-then-switch commit, which
+    completes every entry as QEMU does), then the v3 header."""
+    if any(len(sn.extra_data) < 16 for sn in img.snapshots):
+        from ..metadata.refchanges import RefChanges
+        from ..metadata.snapshot_commit import TableReader
+        from ..metadata.snapshot_commit import commit as switch_state
+        from ..metadata.snapshots import completed
+
+        meta = img.meta
+        meta.release_pending()
+        meta.flush()
+        size = meta.header.size
+        switch_state(meta, RefChanges(meta), TableReader(meta), size=size,
+                     active_l1=meta.l2.l1.copy(),
+                     snapshots=[completed(sn, size) for sn in meta.snapshots],
+                     old_l1_kept=False)
     h = img.header
     write_header(img, _normalised(replace(
         h, version=3, header_length=C.V3_HEADER_LENGTH, refcount_order=4,
