@@ -104,3 +104,14 @@ def test_crash_upgrade_rewrites_short_snapshot_entries(tmp_path: Path) -> None:
         f.seek(offset)
         f.write(table)
     assert run_crash(tmp_path, img, AmendOptions(compat="1.1")) >= 6
+
+
+def test_crash_downgrade_expands_snapshot_zero_clusters(tmp_path: Path) -> None:
+    """Zero clusters inside a snapshot's L2 table (with and without a host cluster) become
+    unallocated / zeroed data; every crash state is consistent and reads the same."""
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "4M")
+    qemu_io(img, "write -P 1 0 256k", "write -z 2M 64k", "write -P 2 1M 64k", "write -z 1M 64k")
+    qemu_img("snapshot", "-c", "s1", str(img))
+    qemu_io(img, "write -P 5 1M 64k", "write -P 6 3M 4k")
+    assert run_crash(tmp_path, img, AmendOptions(compat="0.10"), max_states=80) >= 6

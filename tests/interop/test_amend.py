@@ -95,6 +95,15 @@ def v2snap(p: Path) -> None:
     qemu_io(p, "write -P 4 0 64k")
 
 
+def snapzero(p: Path) -> None:
+    """A snapshot holding zero clusters with and without a host cluster (the host reached
+    only through the snapshot's table once the active disk wrote over it)."""
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4k", str(p), "8M")
+    qemu_io(p, "write -P 1 0 1M", "write -z 2M 64k", "write -P 2 1M 64k", "write -z 1M 64k")
+    qemu_img("snapshot", "-c", "s1", str(p))
+    qemu_io(p, "write -P 5 1M 64k", "write -P 6 3M 4k")
+
+
 def v2short(p: Path) -> None:
     """A v2 image whose snapshot entries carry no extra data (as old QEMUs wrote them)."""
     from dataclasses import replace
@@ -120,7 +129,8 @@ def bitmaps(p: Path) -> None:
     qemu_io(p, "write -P 2 2M 1M")
 
 
-BUILDS: dict[str, Build] = {"v2snap": v2snap, "v2short": v2short, "bitmaps": bitmaps, "plain": plain, "v2": v2,
+BUILDS: dict[str, Build] = {"v2snap": v2snap, "v2short": v2short, "snapzero": snapzero,
+                            "bitmaps": bitmaps, "plain": plain, "v2": v2,
                             "snaps": snaps, "lazy": lazy,
                             "backed": backed, "ext_l2": ext_l2, "zstd": zstd,
                             "zstd_plain": zstd_plain, "data_file": data_file}
@@ -137,7 +147,7 @@ CASES = [
     ("v2snap", "compat=1.1,refcount_bits=64"), ("v2short", "compat=1.1"),
     ("v2short", "compat=1.1,refcount_bits=8"),
     ("snaps", "refcount_bits=1"), ("snaps", "refcount_bits=2"), ("snaps", "refcount_bits=64"),
-    ("snaps", "compat=0.10"), ("snaps", "compat=0.10,size=16M"),
+    ("snaps", "compat=0.10"), ("snaps", "compat=0.10,size=16M"), ("snapzero", "compat=0.10"),
     ("lazy", "lazy_refcounts=off"), ("lazy", "compat=0.10"), ("lazy", "refcount_bits=4"),
     ("backed", "compat=0.10"), ("backed", "backing_file=base.qcow2,backing_fmt=qcow2"),
     ("backed", "backing_fmt=raw"), ("backed", "backing_file=other"),
@@ -175,6 +185,11 @@ def test_amend_like_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str], bui
     assert info(a) == info(b)
     res = qemu_img("compare", str(a), str(b), check=False)
     assert res.returncode == 0, res.stdout
+    for sn in json.loads(qemu_img("info", "--output=json", str(b)).stdout).get("snapshots", []):
+        for d, p in (("a", a), ("b", b)):
+            qemu_img("convert", "-l", f"snapshot.id={sn['id']}", "-O", "raw", str(p),
+                     str(tmp_path / f"{d}.raw"))
+        assert (tmp_path / "a.raw").read_bytes() == (tmp_path / "b.raw").read_bytes()
 
 
 def test_progress_help_and_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -214,3 +229,25 @@ def test_data_file_renamed_like_qemu(tmp_path: Path, capsys: pytest.CaptureFixtu
     a, b = (a_dir / "img.qcow2").read_bytes(), (b_dir / "img.qcow2").read_bytes()
     assert a == b.replace(str(b_dir).encode(), str(a_dir).encode())
     assert b"elsewhere.raw" in b
+
+
+def test_downgrade_refused_when_snapshots_share_zeroed_hosts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two snapshots reaching one zero cluster's host through different tables: QEMU's
+    downgrade leaves 18 corruptions (COPIED on shared clusters); ours refuses with the image
+    clean and reading the same (its active zero clusters already expanded)."""
+    img = tmp_path / "img.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4k", str(img), "8M")
+    qemu_io(img, "write -P 1 0 1M", "write -z 64k 64k", "write -P 2 2M 64k")
+    qemu_img("snapshot", "-c", "s1", str(img))
+    qemu_io(img, "write -z 2M 8k", "write -z 4M 16k")
+    qemu_img("snapshot", "-c", "s2", str(img))
+    qemu_io(img, "write -P 3 2M 4k", "write -z 0 4k")
+    view = tmp_path / "v.raw"
+    qemu_img("convert", "-O", "raw", str(img), str(view))
+    before = view.read_bytes()
+    rc, _, err = ours(capsys, "-o", "compat=0.10", str(img))
+    assert rc == 1 and "not supported" in err
+    assert_clean(img)
+    qemu_img("convert", "-O", "raw", str(img), str(view))
+    assert view.read_bytes() == before

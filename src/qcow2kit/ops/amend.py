@@ -75,6 +75,7 @@ class _Plan:
     refcount_order: int | None  # None: unchanged
     lazy: bool | None  # None: unchanged
     size: int | None
+    snapshots: bool
 
 
 def _plan(img: Image, o: AmendOptions) -> _Plan:
@@ -119,7 +120,7 @@ def _plan(img: Image, o: AmendOptions) -> _Plan:
     size = o.size if o.size else None
     if size is not None and size > BDRV_MAX_LENGTH:
         raise AmendError(f"offset({size}) exceeds maximum({BDRV_MAX_LENGTH})")
-    return _Plan(h.version, new_version, order, lazy, size)
+    return _Plan(h.version, new_version, order, lazy, size, bool(img.snapshots))
 
 
 def _check_downgrade(img: Image, refcount_order: int, size: int) -> None:
@@ -143,17 +144,9 @@ def _check_downgrade(img: Image, refcount_order: int, size: int) -> None:
         raise UnsupportedFeatureError(
             "downgrading an image with persistent bitmaps is not supported (remove them first)")
     if img.snapshots:
-        from .snapshot import open_snapshot
+        from ..metadata.zero_expand import check_snapshot_zero_clusters
 
-        for sn in img.snapshots:
-            view = open_snapshot(img.filename, sn.id_str, force_share=True, backing=False)
-            try:
-                if _has_kind(view, Kind.ZERO):
-                    raise UnsupportedFeatureError(
-                        "downgrading an image whose snapshots hold zero clusters is not "
-                        "supported")
-            finally:
-                view.close()
+        check_snapshot_zero_clusters(img.storage)
 
 
 def _has_kind(img: Image, kind: Kind) -> bool:
@@ -236,6 +229,14 @@ def amend_storage(
     if plan.new_version < plan.old_version:
         with opened() as img:
             _expand_zero_clusters(img)
+        if plan.snapshots:
+            from ..metadata.zero_expand import expand_snapshot_zero_clusters
+
+            storage = open_storage(True)
+            try:
+                expand_snapshot_zero_clusters(storage)
+            finally:
+                storage.close()
         with opened() as img:
             write_header(img, _downgraded(img.header))
     if progress is not None:
