@@ -396,6 +396,9 @@ def code_under_test(rev: str | None, src: str | None, root: Path) -> tuple[dict[
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
     if rev:
+        # a name such as HEAD is recorded as the commit it names
+        rev = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", rev], check=True,
+                             capture_output=True, text=True).stdout.strip()
         dest = root / "src-rev"
         dest.mkdir()
         archive = subprocess.run(["git", "-C", str(checkout), "archive", rev, "src"], check=True,
