@@ -101,6 +101,20 @@ def qemu_map(path: PathLike, *extra: str) -> list[dict[str, Any]]:
     return out
 
 
+def map_shape(path: PathLike) -> list[tuple[int, int, int, bool, bool, bool, bool]]:
+    """qemu-img map without host offset values (start, length, depth, present, zero, data,
+    has an offset), adjacent equal extents merged: the allocation two tools should agree on
+    when the order in which they allocate may differ."""
+    out: list[tuple[int, int, int, bool, bool, bool, bool]] = []
+    for e in qemu_map(path):
+        key = (e["depth"], e["present"], e["zero"], e["data"], "offset" in e)
+        if out and out[-1][2:] == key and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"], *key)
+        else:
+            out.append((e["start"], e["length"], *key))
+    return out
+
+
 def raw_file(
     path: PathLike, out: PathLike, *, snapshot: str | None = None, size: int | None = None
 ) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qcow2kit.cli.main import main
-from tests.helpers import QEMU_IMG, assert_clean, qemu_img, qemu_io, qemu_map
+from tests.helpers import QEMU_IMG, assert_clean, map_shape, qemu_img, qemu_io
 
 Build = Callable[[Path], None]
 
@@ -40,19 +40,6 @@ def twins(tmp_path: Path, build: Build) -> tuple[Path, Path]:
     return a, b
 
 
-def shape(path: Path) -> list[tuple[int, int, int, bool, bool, bool, bool]]:
-    """qemu-img map without host offsets (the order of allocation may differ: QEMU's
-    mirror runs requests in parallel), adjacent equal extents merged."""
-    out: list[tuple[int, int, int, bool, bool, bool, bool]] = []
-    for e in qemu_map(path):
-        key = (e["depth"], e["present"], e["zero"], e["data"], "offset" in e)
-        if out and out[-1][2:] == key and out[-1][0] + out[-1][1] == e["start"]:
-            out[-1] = (out[-1][0], out[-1][1] + e["length"], *key)
-        else:
-            out.append((e["start"], e["length"], *key))
-    return out
-
-
 def compare_dirs(a: Path, b: Path, names: list[str]) -> None:
     for name in names:
         pa, pb = a / name, b / name
@@ -61,7 +48,7 @@ def compare_dirs(a: Path, b: Path, names: list[str]) -> None:
         assert res.returncode == 0, (name, res.stdout)
         if fmt == "qcow2":
             assert_clean(pb)
-            assert shape(pa) == shape(pb), name
+            assert map_shape(pa) == map_shape(pb), name
 
 
 def chain2(d: Path, base_opts: str = "cluster_size=65536", top_opts: str = "cluster_size=4096",

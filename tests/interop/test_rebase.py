@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from qcow2kit.cli.main import main
-from tests.helpers import QEMU_IMG, assert_clean, qemu_img, qemu_io, qemu_map
+from tests.helpers import QEMU_IMG, assert_clean, map_shape, qemu_img, qemu_io
 
 Build = Callable[[Path], None]
 
@@ -32,17 +32,6 @@ def run_qemu(cwd: Path, *args: str) -> tuple[int, str, str]:
     assert QEMU_IMG is not None
     res = subprocess.run([QEMU_IMG, "rebase", *args], cwd=cwd, capture_output=True, text=True)
     return res.returncode, res.stdout, res.stderr
-
-
-def shape(path: Path) -> list[tuple[int, int, int, bool, bool, bool, bool]]:
-    out: list[tuple[int, int, int, bool, bool, bool, bool]] = []
-    for e in qemu_map(path):
-        key = (e["depth"], e["present"], e["zero"], e["data"], "offset" in e)
-        if out and out[-1][2:] == key and out[-1][0] + out[-1][1] == e["start"]:
-            out[-1] = (out[-1][0], out[-1][1] + e["length"], *key)
-        else:
-            out.append((e["start"], e["length"], *key))
-    return out
 
 
 def guest(path: Path, scratch: Path) -> bytes:
@@ -178,7 +167,7 @@ def test_rebase_like_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         '"cluster-size": ')[1].split(",")[0])
     assert top_a.read_bytes()[:cs] == top_b.read_bytes()[:cs]
     if "-u" not in args:
-        assert shape(top_a) == shape(top_b)
+        assert map_shape(top_a) == map_shape(top_b)
         assert guest(top_b, tmp_path / "w.raw") == view
     elif case != "unsafe_missing":
         res = qemu_img("compare", "-U", str(top_a), str(top_b), check=False)
