@@ -1,8 +1,9 @@
 """qcow2 output of convert: create the target with ops.create and fill it from a Source.
 
 Owns the target Image from creation to close:
-- plain output is written through Image.write in large coalesced pieces; cluster-aligned
-  all-zero blocks stay unallocated;
+- plain output is read and zero-scanned on a reader thread (source.ReadAhead) and written
+  through Image.write, one call per run of data clusters; cluster-aligned all-zero blocks
+  stay unallocated;
 - compressed output deflates (or zstd-compresses, per compression_type) each cluster in a
   thread pool and hands the results to Image.write_compressed_clusters, which packs them
   at byte granularity as QEMU does; a cluster that does not shrink is stored plain;
@@ -102,7 +103,8 @@ def _copy_plain(
     src: Source, img: Image, ranges: list[tuple[int, int]], progress: Progress, sparse_bytes: int
 ) -> None:
     """Read and zero-scan on the reader thread while this one plans and writes: each run
-    of data clusters is one Image.write (one allocation, one pwrite per host run)."""
+    of data clusters is one Image.write (one allocation for the run; the storage writes
+    each host run in 2 MiB syscalls)."""
     cs = img.cluster_size
     chunk = max(PLAIN_CHUNK_BYTES // cs, 1) * cs
     done = 0
