@@ -44,10 +44,17 @@ def _qemu_dirty(tmp_path: Path, image: Path, name: str) -> list[tuple[int, int]]
             if server.poll() is not None:
                 raise AssertionError(f"qemu-nbd failed: {server.stderr.read() if server.stderr else ''}")
             time.sleep(0.02)
-        out = subprocess.run(
-            [NBDINFO, "--json", f"--map=qemu:dirty-bitmap:{name}", f"nbd+unix:///?socket={sock}"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
+        # the socket file appears at bind(), a moment before qemu-nbd listens: retry briefly
+        for attempt in range(50):
+            res = subprocess.run(
+                [NBDINFO, "--json", f"--map=qemu:dirty-bitmap:{name}", f"nbd+unix:///?socket={sock}"],
+                capture_output=True, text=True, timeout=30,
+            )
+            if res.returncode == 0 or attempt == 49:
+                break
+            time.sleep(0.05)
+        assert res.returncode == 0, res.stderr
+        out = res.stdout
     finally:
         server.terminate()
         server.wait(timeout=10)
