@@ -152,7 +152,8 @@ def create(
         exts.append(Extension(C.EXT_DATA_FILE, data_file.encode()))
         if data_file_raw:
             autoclear |= Autoclear.DATA_FILE_RAW
-    if version == 3:
+    if version == 3 and cluster_size > 4096:
+        # QEMU 7.2 writes the optional feature-name table only above 4 KiB clusters
         exts.append(Extension(C.EXT_FEATURE_TABLE, feature_table_bytes()))
     if extended_l2:
         incompat |= Incompatible.EXTENDED_L2
