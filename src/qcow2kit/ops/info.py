@@ -3,8 +3,8 @@ qemu-img's human layout.
 
 Start-up must stay light: this module reads the header through metadata.header_io and the
 snapshot / bitmap directories through format/ codecs only. It must not import numpy (so
-not image.py, metadata.meta or format.tables). json, re and math are imported where used:
-the human layout needs neither json nor re, and each costs start-up time.
+not image.py, metadata.meta or format.tables). json and re are imported where used: the
+human layout needs neither, and each costs start-up time.
 """
 
 from __future__ import annotations
@@ -230,10 +230,10 @@ def _upper_escapes(text: str) -> str:
 # ---- human layout ----------------------------------------------------------------------
 def size_to_str(value: int) -> str:
     """qemu's size_to_str: three significant digits, binary units, switching unit at 1000."""
-    import math
-
     suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
-    _, exp = math.frexp(value / (1000.0 / 1024.0))
+    # frexp's exponent of the scaled value, for a whole number of bytes (no math module to
+    # load at start-up): the bit length of its integer part
+    exp = int(value / (1000.0 / 1024.0)).bit_length()
     i = int((exp - 1) / 10)
     div = 1 << (i * 10)
     return "%0.3g %sB" % (value / div, suffixes[i])  # noqa: UP031 - C printf semantics
