@@ -1,8 +1,10 @@
 """map: the allocation of every guest byte through the backing chain, as `qemu-img map`
 reports it (same extents, same merging, same JSON).
 
-Per layer, one vectorised pass over each L2 table classifies allocation units; unallocated
-ranges fall through to the backing file (depth + 1). Like QEMU 7.2:
+Per layer, batches of consecutive L2 tables are classified and split into runs with numpy
+at once (no Python loop per entry); extents are kept as columns and merged once at the end,
+and the JSON is printed from the columns. Unallocated ranges fall through to the backing
+file (depth + 1), run by run. Never writes to an image. Like QEMU 7.2:
 - data clusters answer data=true with their host offset; when the image looks metadata
   preallocated (more clusters in use than the host file has allocated), holes in the host
   file under data clusters answer zero=true as well;
