@@ -47,15 +47,23 @@ def open(  # noqa: A001 - mirrors the built-in on purpose, like gzip.open
     *,
     backing: bool = True,
     force_share: bool = False,
+    snapshot: "str | None" = None,
 ) -> "Image":
     """Open a qcow2 image: mode "r" (read-only) or "r+" (read-write).
 
     backing=False leaves the backing file unopened (reads of unallocated ranges then fail);
-    force_share=True opens an image another process holds (read-only only, as qemu-img -U).
+    force_share=True opens an image another process holds (read-only only, as qemu-img -U);
+    snapshot="ID or name" opens a read-only view of that internal snapshot's disk.
     Raises InvalidArgumentError for a bad mode, another Qcow2Error for an image qcow2kit
     cannot use, OSError when the file cannot be opened."""
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+    if snapshot is not None:
+        if mode != "r":
+            raise InvalidArgumentError("a snapshot is opened read-only (mode 'r')")
+        from .ops.snapshot import open_snapshot
+
+        return open_snapshot(_os.fspath(path), snapshot, force_share=force_share, backing=backing)
     from .image import Image
 
     return Image.open_path(

@@ -14,7 +14,7 @@ storage.pwrite -> mapping.commit_write; then Metadata.release_pending.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from . import compaction, resizing
 from .chain import MAX_BACKING_DEPTH, RawImage, Readable, backing_path, open_data_file, open_raw, probe_format
@@ -27,7 +27,7 @@ from .hostwrite import write_host_runs
 from .imagefile import ImageFile
 from .io.file import FileStorage
 from .io.storage import Storage
-from .metadata import header_io, mapping
+from .metadata import header_io, mapping, snapshots
 from .metadata.bitmaps import Bitmaps
 from .metadata.check import CheckResult, check_image
 from .metadata.compact import CompactResult
@@ -245,27 +245,9 @@ class Image:
             self._zbuf_key = run.host_offset
         return self._zbuf
 
-    def iter_chunks(self, chunk_bytes: int = 8 << 20) -> Iterator[tuple[int, bytes | None]]:
-        """Yield (offset, data) over the whole disk; data is None for ranges that read as
-        zeros without any I/O (unallocated without backing, or zero clusters)."""
-        pos = 0
-        size = self.virtual_size
-        while pos < size:
-            n = min(chunk_bytes, size - pos)
-            runs = self.meta.l2.lookup(pos, n)
-            if all(
-                r.kind == Kind.ZERO or (r.kind == Kind.UNALLOCATED and self.backing is None)
-                for r in runs
-            ):
-                yield pos, None
-            else:
-                out = bytearray(n)
-                self._read_into(memoryview(out), pos)
-                yield pos, bytes(out)
-            pos += n
-
     # ---- writing ------------------------------------------------------------------------
     def _begin_write(self) -> None:
+        self._zbuf_key = -1  # the cached decompressed cluster may be freed and reused
         self._check_open()
         self.meta.check_writable()
         if self.meta.lazy:
@@ -344,14 +326,8 @@ class Image:
             self.bitmaps.mark(guest, cs)
         try:
             placement = self._packer.place([g for g, _ in items], sizes)
-            payload = bytearray(placement.end - placement.start)
-            for (_, packed), host in zip(items, placement.host_offsets, strict=True):
-                payload[host - placement.start : host - placement.start + len(packed)] = packed
             # the bytes reach the storage before the L2 entries that point at them
-            self.storage.pwrite(placement.start, payload)
-            end_sector = -(-placement.end // 512) * 512
-            if self.storage.size() < end_sector:
-                self.storage.truncate(end_sector)
+            self._packer.write_payload(placement, [packed for _, packed in items])
             self._packer.install(placement, sizes)
             self.meta.release_pending()
         except CorruptionError as exc:
@@ -486,6 +462,26 @@ class Image:
             return compaction.compact(self, discard_zeroes=discard_zeroes, progress=progress)
         except CorruptionError as exc:
             raise self.meta.mark_corrupt(str(exc)) from None
+
+    def create_snapshot(self, name: str) -> Snapshot:
+        """Snapshot the active disk (qemu-img snapshot -c); see metadata/snapshots.py."""
+        self._begin_write()
+        self.flush()
+        return snapshots.create(self.meta, name)
+
+    def apply_snapshot(self, id_or_name: str) -> Snapshot:
+        """Revert the disk, and its size, to a snapshot (qemu-img snapshot -a)."""
+        self._begin_write()
+        if len(self.bitmaps):
+            raise snapshots.ActiveBitmapsError("Device has active dirty bitmaps")
+        self.flush()
+        return snapshots.apply(self.meta, id_or_name)
+
+    def delete_snapshot(self, id_or_name: str) -> Snapshot:
+        """Delete a snapshot (qemu-img snapshot -d), freeing what only it held."""
+        self._begin_write()
+        self.flush()
+        return snapshots.delete(self.meta, id_or_name)
 
     def as_file(self) -> ImageFile:
         """A seekable binary file object over the virtual disk."""

@@ -8,9 +8,10 @@ and the tail of the packed region between calls (packing continues there while
 allocations stay contiguous).
 
 Ordering: `place` takes the L2 tables and the host bytes, and puts the refcounts in the
-cache; the caller writes the compressed bytes; `install` then writes the descriptors into
-the L2 tables, which Metadata writes only after the refcounts are durable. Never reads or
-writes guest data itself; must not import qcow2kit.image.
+cache; `write_payload` writes the compressed bytes (already compressed by the caller);
+`install` then writes the descriptors into the L2 tables, which Metadata writes only after
+the refcounts are durable. Never compresses or reads guest data; must not import
+qcow2kit.image.
 """
 
 from __future__ import annotations
@@ -111,6 +112,18 @@ class CompressedPacker:
         self.tail_used = end - self.tail_cluster * cs
         self.tail_refs = touches[self.tail_cluster]
         return Placement(list(guest_offsets), offsets, offsets[0], end, l2_offsets)
+
+    def write_payload(self, placement: Placement, packed: list[bytes]) -> None:
+        """The compressed bytes, in one write, before `install` points L2 entries at them;
+        the file is extended to a whole sector past them, as QEMU leaves it."""
+        storage = self.meta.storage
+        payload = bytearray(placement.end - placement.start)
+        for data, host in zip(packed, placement.host_offsets, strict=True):
+            payload[host - placement.start : host - placement.start + len(data)] = data
+        storage.pwrite(placement.start, payload)
+        end_sector = -(-placement.end // 512) * 512
+        if storage.size() < end_sector:
+            storage.truncate(end_sector)
 
     def _entry(self, l2_offset: int, index: int) -> int:
         table = self.meta.l2.table(l2_offset)

@@ -94,27 +94,18 @@ def list_table(snapshots: list[Snapshot]) -> bytes:
 # ---- the Image-level calls -----------------------------------------------------------------
 def create_snapshot(img: Image, name: str) -> Snapshot:
     """Snapshot the active disk under `name` (cut to 255 bytes); returns the new entry."""
-    from ..metadata import snapshots
-
-    img.flush()
-    return snapshots.create(img.meta, name)
+    return img.create_snapshot(name)
 
 
 def delete_snapshot(img: Image, name_or_id: str) -> Snapshot:
     """Delete the first snapshot named name_or_id, else the first with that ID."""
-    from ..metadata import snapshots
-
-    img.flush()
-    return snapshots.delete(img.meta, name_or_id)
+    return img.delete_snapshot(name_or_id)
 
 
 def apply_snapshot(img: Image, id_or_name: str) -> Snapshot:
     """Revert the active disk (and its size) to the snapshot with ID id_or_name, else the
     first one with that name."""
-    from ..metadata import snapshots
-
-    img.flush()
-    return snapshots.apply(img.meta, id_or_name)
+    return img.apply_snapshot(id_or_name)
 
 
 # ---- read-only views -------------------------------------------------------------------------
