@@ -18,3 +18,15 @@ def test_create_is_byte_identical(tmp_path: Path, cluster_size: int) -> None:
     qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(theirs), "64M")
     assert cli_main(["create", "-q", "-f", "qcow2", "-o", opts, str(ours), "64M"]) == 0
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_empty_disk_is_byte_identical_and_grows_clean(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(theirs), "0")
+    assert cli_main(["create", "-q", "-f", "qcow2", str(ours), "0"]) == 0
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert cli_main(["resize", "-q", str(ours), "1M"]) == 0
+    from tests.helpers import assert_clean, qemu_io
+
+    qemu_io(ours, "write 0 64k")
+    assert_clean(ours)

@@ -120,7 +120,7 @@ def create(
             "The image size is too large for file format 'qcow2' (try using a larger cluster "
             "size)"
         )
-    l1_clusters = max(1, geom.clusters_for(l1_entries * 8))
+    l1_clusters = geom.clusters_for(l1_entries * 8)  # an empty disk has no L1 table (as QEMU)
     prealloc = preallocation != "off"
     n_l2 = l1_entries if prealloc else 0
     n_data = geom.clusters_for(size) if prealloc and data_file is None else 0
@@ -170,7 +170,7 @@ def create(
         size=size,
         crypt_method=0,
         l1_size=l1_entries,
-        l1_table_offset=l1_off,
+        l1_table_offset=l1_off if l1_entries else 0,
         refcount_table_offset=reftable_off,
         refcount_table_clusters=n_reftable,
         nb_snapshots=0,
