@@ -65,3 +65,20 @@ def test_info_does_not_import_argparse(tmp_path: Path) -> None:
     )
     res = subprocess.run([sys.executable, "-c", code, str(img)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_program_exits_with_its_output_flushed(tmp_path: Path) -> None:
+    """The program ends without the interpreter's teardown (cli.main._exit_now): the output
+    must still be complete and the exit code the command's."""
+    img = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q 1M 3M", str(img)], check=True)
+    for args in (["info", "--output=json", str(img)], ["map", "--output=json", str(img)]):
+        ours = subprocess.run([sys.executable, "-m", "qcow2kit", *args], capture_output=True,
+                              text=True)
+        ref = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+        assert ours.returncode == 0 and ours.stderr == ""
+        assert ours.stdout.replace(str(img), "X") == ref.stdout.replace(str(img), "X")
+    bad = subprocess.run([sys.executable, "-m", "qcow2kit", "info", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("qcow2kit: ") and bad.stdout == ""
