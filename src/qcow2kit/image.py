@@ -15,8 +15,8 @@ storage.pwrite -> mapping.commit_write; then Metadata.release_pending.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from . import compaction, resizing
 from .chain import MAX_BACKING_DEPTH, RawImage, Readable, backing_path, open_data_file, open_raw, probe_format
 from .errors import CorruptionError, FormatError, ImageStateError, InvalidArgumentError, UnsupportedFeatureError
 from .format.compression import compress_clusters, decompress
@@ -27,13 +27,16 @@ from .hostwrite import write_host_runs
 from .imagefile import ImageFile
 from .io.file import FileStorage
 from .io.storage import Storage
-from .metadata import header_io, mapping, snapshots
+from .metadata import header_io, mapping
 from .metadata.bitmaps import Bitmaps
-from .metadata.check import CheckResult, check_image
-from .metadata.compact import CompactResult
-from .metadata.compressed import CompressedPacker
 from .metadata.l2map import Kind, Run
 from .metadata.meta import Metadata
+
+if TYPE_CHECKING:
+    # imported where used: a command that only reads pays for none of them at start-up
+    from .metadata.check import CheckResult
+    from .metadata.compact import CompactResult
+    from .metadata.compressed import CompressedPacker
 
 ZERO_WRITE_BYTES = 4 << 20
 
@@ -137,6 +140,8 @@ class Image:
             raise FormatError(f"Could not open backing file '{path}': {exc.strerror}") from exc
 
     def _repair_dirty(self) -> None:
+        from .metadata.check import check_image
+
         result = check_image(self.meta, repair="all")
         if result.error is not None or result.check_errors:
             raise CorruptionError(f"{self.filename}: Could not repair dirty image")
@@ -320,6 +325,8 @@ class Image:
         if self.header.has_data_file:
             raise UnsupportedFeatureError("compressed clusters cannot be written with a data file")
         if self._packer is None:
+            from .metadata.compressed import CompressedPacker
+
             self._packer = CompressedPacker(self.meta)
         sizes = [len(packed) for _, packed in items]
         for guest, _ in items:
@@ -428,25 +435,12 @@ class Image:
 
     # ---- whole-image operations -----------------------------------------------------------
     def resize(self, new_size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
-        """Change the virtual size. Shrinking needs shrink=True and frees everything past
-        the new end; every step keeps the image consistent (at worst leaking) on a crash
-        (see resizing.py)."""
+        """Change the virtual size; shrinking needs shrink=True and frees everything past
+        the new end, crash-safely (see resizing.py)."""
         self._check_open()
-        self.meta.check_writable()
-        resizing.validate(self, new_size, shrink, preallocation)
-        if new_size == self.virtual_size:
-            return
-        if self.meta.lazy:
-            self.meta.set_dirty_bit()
-        try:
-            if new_size < self.virtual_size:
-                self.bitmaps.detach()  # stored anew on close, at the new size
-                resizing.shrink(self, new_size)
-            else:
-                resizing.grow(self, new_size, preallocation)
-            self.bitmaps.resize(new_size)
-        except CorruptionError as exc:
-            raise self.meta.mark_corrupt(str(exc)) from None
+        from . import resizing
+
+        resizing.resize(self, new_size, shrink=shrink, preallocation=preallocation)
 
     def compact(
         self, *, discard_zeroes: bool = False, progress: Callable[[int], None] | None = None
@@ -459,6 +453,8 @@ class Image:
             self.meta.set_dirty_bit()
         try:
             self.bitmaps.detach()  # stored anew on close, where compaction left room
+            from . import compaction
+
             return compaction.compact(self, discard_zeroes=discard_zeroes, progress=progress)
         except CorruptionError as exc:
             raise self.meta.mark_corrupt(str(exc)) from None
@@ -467,10 +463,14 @@ class Image:
         """Snapshot the active disk (qemu-img snapshot -c); see metadata/snapshots.py."""
         self._begin_write()
         self.flush()
+        from .metadata import snapshots
+
         return snapshots.create(self.meta, name)
 
     def apply_snapshot(self, id_or_name: str) -> Snapshot:
         """Revert the disk, and its size, to a snapshot (qemu-img snapshot -a)."""
+        from .metadata import snapshots
+
         self._begin_write()
         if len(self.bitmaps):
             raise snapshots.ActiveBitmapsError("Device has active dirty bitmaps")
@@ -481,6 +481,8 @@ class Image:
         """Delete a snapshot (qemu-img snapshot -d), freeing what only it held."""
         self._begin_write()
         self.flush()
+        from .metadata import snapshots
+
         return snapshots.delete(self.meta, id_or_name)
 
     def as_file(self) -> ImageFile:
@@ -490,6 +492,8 @@ class Image:
 
     def check(self, repair: str | None = None) -> CheckResult:
         """qemu-img check: repair None, "leaks" or "all" (see metadata.check)."""
+        from .metadata.check import check_image
+
         return check_image(self.meta, repair)
 
 

@@ -24,11 +24,12 @@ from typing import Protocol
 import numpy as np
 
 from .chain import Readable
-from .errors import ImageStateError, ResizeError
+from .errors import CorruptionError, ImageStateError, ResizeError
 from .format import constants as C
 from .format.header import Header
 from .io.storage import Storage
-from .metadata import mapping, resize
+from .metadata import mapping
+from .metadata import resize as steps
 from .metadata.bitmaps import Bitmaps
 from .metadata.meta import Metadata
 
@@ -63,6 +64,28 @@ class GuestDisk(Protocol):
     def clear_guest(self, offset: int, length: int, mode: str) -> None: ...
 
     def write_zero_bytes(self, offset: int, length: int) -> None: ...
+
+
+def resize(disk: GuestDisk, new_size: int, *, shrink: bool, preallocation: str) -> None:
+    """Image.resize: refuse what qemu-img refuses, then grow or shrink. Persistent bitmaps
+    follow the new size (their on-disk copies are dropped before a shrink moves clusters and
+    stored anew on close). A CorruptionError marks the image corrupt, as for any write."""
+    meta = disk.meta
+    meta.check_writable()
+    validate(disk, new_size, shrink, preallocation)
+    if new_size == disk.virtual_size:
+        return
+    if meta.lazy:
+        meta.set_dirty_bit()
+    try:
+        if new_size < disk.virtual_size:
+            disk.bitmaps.detach()
+            shrink_to(disk, new_size)
+        else:
+            grow(disk, new_size, preallocation)
+        disk.bitmaps.resize(new_size)
+    except CorruptionError as exc:
+        raise meta.mark_corrupt(str(exc)) from None
 
 
 def validate(disk: GuestDisk, new_size: int, shrink: bool, preallocation: str) -> None:
@@ -100,7 +123,7 @@ def grow(disk: GuestDisk, new_size: int, preallocation: str) -> None:
     if tail_end > old_size and any(disk.read_guest(old_size, tail_end - old_size)):
         disk.write_guest(old_size, memoryview(bytes(tail_end - old_size)))
     meta.release_pending()
-    resize.grow_l1(meta, meta.geom.l1_entries_for(new_size))
+    steps.grow_l1(meta, meta.geom.l1_entries_for(new_size))
     backing = disk.backing
     if backing is not None and backing.virtual_size > old_size:
         # the added range must read as zeros, not as the backing file's old data
@@ -122,7 +145,7 @@ def grow(disk: GuestDisk, new_size: int, preallocation: str) -> None:
     meta.storage.flush()
 
 
-def shrink(disk: GuestDisk, new_size: int) -> None:
+def shrink_to(disk: GuestDisk, new_size: int) -> None:
     meta = disk.meta
     cs = meta.geom.cluster_size
     old_size = disk.virtual_size
@@ -141,17 +164,17 @@ def shrink(disk: GuestDisk, new_size: int) -> None:
         boundary_end = min(-(-old_size // cs) * cs, new_l1 * span)  # incl. a partial last cluster
         if cut < boundary_end:
             mapping.clear_clusters(meta, cut, boundary_end, "discard", has_backing=disk.backing is not None)
-        resize.drop_l1_tail(meta, new_l1)
+        steps.drop_l1_tail(meta, new_l1)
     # holes are punched at the end, and only below the final end of the file
     freed = meta.release_pending(punch=False)
     meta.refcounts.sync()
     # 3. refcount blocks left counting nothing but themselves (or each other)
-    resize.drop_empty_refblocks(meta)
+    steps.drop_empty_refblocks(meta)
     # 4. size and L1 size in one header write
-    resize.switch_header(meta, new_size, new_l1)
+    steps.switch_header(meta, new_size, new_l1)
     # 5. tables near the old end move down, so the file can end earlier
-    if resize.relocate_tables(meta):
-        resize.drop_empty_refblocks(meta)  # blocks that only counted the old tables
+    if steps.relocate_tables(meta):
+        steps.drop_empty_refblocks(meta)  # blocks that only counted the old tables
     if disk.data_storage is not None:
         disk.data_storage.truncate(new_size)
         disk.data_storage.flush()
@@ -169,4 +192,4 @@ def shrink(disk: GuestDisk, new_size: int) -> None:
         meta.forget_freed(keep[meta.refcounts.values(keep) == 0], punch=True)
 
 
-__all__ = ["GuestDisk", "PREALLOCATION_MODES", "validate", "grow", "shrink"]
+__all__ = ["GuestDisk", "PREALLOCATION_MODES", "resize", "validate", "grow", "shrink_to"]
