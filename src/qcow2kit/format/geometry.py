@@ -68,13 +68,6 @@ class Geometry:
     def align_up(self, nbytes: int) -> int:
         return self.clusters_for(nbytes) << self.cluster_bits
 
-    def decode_compressed(self, entry: int) -> tuple[int, int]:
-        """(host byte offset, byte length) of a compressed cluster's data."""
-        x = self.compressed_offset_bits
-        coffset = entry & ((1 << x) - 1)
-        nb_sectors = ((entry >> x) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
-        return coffset, nb_sectors * 512 - (coffset & 511)
-
     def encode_compressed(self, host_offset: int, nbytes: int) -> int:
         x = self.compressed_offset_bits
         extra_sectors = ((host_offset + nbytes - 1) >> 9) - (host_offset >> 9)

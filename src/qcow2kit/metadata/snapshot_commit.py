@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from ..errors import CorruptionError, InvalidArgumentError
 from ..format import constants as C
-from ..format.entries import referenced_clusters
+from ..format.entries import decode_l2, referenced_clusters
 from ..format.snapshot import Snapshot, snapshot_table_bytes
 from ..format.tables import decode_table, encode_refblock, encode_table
 from .meta import Metadata
@@ -248,9 +248,9 @@ def _padded(data: bytes, nbytes: int) -> bytes:
 def _wanted_copied(meta: Metadata, net: RefChanges, ent: U64) -> tuple[U64, I64]:
     """The tables' first words with COPIED set iff the new refcount is 1 (on normal and
     allocated-zero entries only), and the rows whose bits change."""
-    comp = ((ent >> np.uint64(62)) & np.uint64(1)).astype(bool)
-    host = (ent & _OFFSET).astype(np.int64)
-    alloc = ~comp & (host != 0)
+    fields = decode_l2(ent)
+    host = fields.host
+    alloc = ~fields.compressed & (host != 0)
     single = np.zeros(ent.shape, dtype=bool)
     single[alloc] = net.after(host[alloc] >> meta.geom.cluster_bits) == 1
     fixed = np.where(alloc, np.where(single, ent | _COPIED, ent & ~_COPIED), ent)
