@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, UnsupportedFeatureError
 from ..format import constants as C
+from ..format.bitmaps import parse_directory
 from ..format.features import Autoclear, Incompatible
 from ..format.header import Header
 from ..io.file import FileStorage
@@ -25,10 +25,7 @@ from ..metadata.header_io import read_header
 if TYPE_CHECKING:
     from ..format.snapshot import Snapshot
 
-_BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 _MAX_BACKING_DEPTH = 64  # as image.MAX_BACKING_DEPTH (not imported: this module stays light)
-_BME_IN_USE = 1
-_BME_AUTO = 2
 
 
 def probe_format(path: str) -> str:
@@ -72,24 +69,11 @@ def _bitmaps(storage: FileStorage, header: Header) -> list[dict[str, Any]] | Non
     ext = header.bitmaps
     if ext is None or ext.nb_bitmaps == 0:
         return None
-    buf = storage.pread(ext.directory_offset, ext.directory_size)
+    entries = parse_directory(storage.pread(ext.directory_offset, ext.directory_size), ext.nb_bitmaps)
     out: list[dict[str, Any]] = []
-    pos = 0
-    for i in range(ext.nb_bitmaps):
-        if pos + _BITMAP_ENTRY.size > len(buf):
-            raise FormatError(f"bitmap directory entry {i} runs past the directory")
-        (_table_off, _table_size, flags, _btype, gran_bits, name_size,
-         extra_size) = _BITMAP_ENTRY.unpack_from(buf, pos)
-        pos += _BITMAP_ENTRY.size + extra_size
-        name = bytes(buf[pos : pos + name_size]).decode("utf-8", "replace")
-        pos += name_size
-        pos += -pos % 8
-        names = []
-        if flags & _BME_IN_USE:
-            names.append("in-use")
-        if flags & _BME_AUTO:
-            names.append("auto")
-        out.append({"flags": names, "name": name, "granularity": 1 << gran_bits})
+    for e in entries:
+        names = (["in-use"] if e.in_use else []) + (["auto"] if e.enabled else [])
+        out.append({"flags": names, "name": e.name, "granularity": e.granularity})
     return out
 
 
