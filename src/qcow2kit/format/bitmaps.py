@@ -144,6 +144,7 @@ __all__ = [
     "MAX_NAME_BYTES",
     "TABLE_OFFSET_MASK",
     "TABLE_ALL_ONES",
+    "TABLE_RESERVED_MASK",
     "parse_directory",
     "validate_entry",
     "encode_directory",

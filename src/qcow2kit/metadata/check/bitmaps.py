@@ -8,20 +8,19 @@ qcow2kit.image.
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 
+from ...errors import FormatError
 from ...format import constants as C
+from ...format.bitmaps import TABLE_ALL_ONES, TABLE_OFFSET_MASK, TABLE_RESERVED_MASK, parse_directory
 from ...format.extensions import BitmapsExtension
 from ...format.features import Autoclear
 from .result import CheckFailedError
 from .state import CheckState
 
-_BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-_BME_RESERVED_MASK = 0xFF000000000001FE
-_BME_ALL_ONES = 1
-_BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
+_BME_OFFSET_MASK = TABLE_OFFSET_MASK
+_BME_RESERVED_MASK = TABLE_RESERVED_MASK
+_BME_ALL_ONES = TABLE_ALL_ONES
 
 
 def check_bitmaps(st: CheckState) -> None:
@@ -37,16 +36,12 @@ def check_bitmaps(st: CheckState) -> None:
         return
     st.inc_region(ext.directory_offset, ext.directory_size)
     directory = st.storage.pread(ext.directory_offset, ext.directory_size)
-    pos = 0
-    tables: list[tuple[int, int]] = []
-    for _ in range(ext.nb_bitmaps):
-        if pos + _BITMAP_DIR_ENTRY.size > len(directory):
-            st.res.corruptions += 1
-            raise CheckFailedError("Invalid argument")
-        t_off, t_size, _flags, _typ, _gran, name_size, extra = _BITMAP_DIR_ENTRY.unpack_from(directory, pos)
-        pos += _BITMAP_DIR_ENTRY.size + extra + name_size
-        pos += -pos % 8
-        tables.append((t_off, t_size))
+    try:
+        entries = parse_directory(directory, ext.nb_bitmaps)
+    except FormatError:
+        st.res.corruptions += 1
+        raise CheckFailedError("Invalid argument") from None
+    tables = [(e.bitmap_table_offset, e.bitmap_table_size) for e in entries]
     for t_off, t_size in tables:
         st.inc_region(t_off, t_size * 8)
         table = np.frombuffer(st.storage.pread(t_off, t_size * 8), dtype=">u8").astype(np.uint64)
