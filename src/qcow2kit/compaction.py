@@ -4,48 +4,25 @@ metadata/compact.py move clusters from the end of the file into free holes and t
 Owns the zero-cluster scan (numpy over whole runs, 8 MiB at a time) and the choice of how a
 zero cluster is dropped (a zero cluster on v3; unallocated on v2 without a backing file,
 where unallocated reads as zeros). The moves and their crash ordering live in
-metadata/compact.py. Works on any object with the `ZeroScanDisk` surface (Image provides
+metadata/compact.py. Works on any object with the `GuestDisk` surface (Image provides
 it); must not import qcow2kit.image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 
-from .chain import Readable
-from .format.header import Header
-from .io.storage import Storage
+from .guestdisk import GuestDisk
 from .metadata import compact as compact_mod
 from .metadata.compact import CompactResult
 from .metadata.l2map import Kind
-from .metadata.meta import Metadata
 
 SCAN_BYTES = 8 << 20
 
 
-class ZeroScanDisk(Protocol):
-    @property
-    def meta(self) -> Metadata: ...
-
-    @property
-    def backing(self) -> Readable | None: ...
-
-    @property
-    def data_storage(self) -> Storage | None: ...
-
-    @property
-    def header(self) -> Header: ...
-
-    @property
-    def virtual_size(self) -> int: ...
-
-    def clear_guest(self, offset: int, length: int, mode: str) -> None: ...
-
-
-def discard_zero_clusters(disk: ZeroScanDisk) -> int:
+def discard_zero_clusters(disk: GuestDisk) -> int:
     """Drop every allocated data cluster whose bytes are all zero; return how many."""
     v2 = disk.header.version < 3
     if v2 and disk.backing is not None:
@@ -80,7 +57,7 @@ def discard_zero_clusters(disk: ZeroScanDisk) -> int:
 
 
 def compact(
-    disk: ZeroScanDisk,
+    disk: GuestDisk,
     *,
     discard_zeroes: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -90,4 +67,4 @@ def compact(
     return compact_mod.compact(disk.meta, progress)
 
 
-__all__ = ["ZeroScanDisk", "discard_zero_clusters", "compact", "CompactResult"]
+__all__ = ["GuestDisk", "discard_zero_clusters", "compact", "CompactResult"]

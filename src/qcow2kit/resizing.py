@@ -13,57 +13,21 @@ mapping.py, meta.py). The shrink order, and why every prefix of it is safe:
    file can end earlier; then the data file and the image file are truncated.
 A crash after any write leaves an image that is consistent or merely leaks clusters.
 
-Works on any object with the `GuestDisk` surface (Image provides it); must not import
+Works on any object with the `GuestDisk` surface (guestdisk.py; Image provides it); must not import
 qcow2kit.image.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 
-from .chain import Readable
 from .errors import CorruptionError, ImageStateError, ResizeError
 from .format import constants as C
-from .format.header import Header
-from .io.storage import Storage
+from .guestdisk import GuestDisk
 from .metadata import mapping
 from .metadata import resize as steps
-from .metadata.bitmaps import Bitmaps
-from .metadata.meta import Metadata
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
-
-
-class GuestDisk(Protocol):
-    """What the resize steps need from an open image."""
-
-    @property
-    def meta(self) -> Metadata: ...
-
-    @property
-    def backing(self) -> Readable | None: ...
-
-    @property
-    def data_storage(self) -> Storage | None: ...
-
-    @property
-    def bitmaps(self) -> Bitmaps: ...
-
-    @property
-    def header(self) -> Header: ...
-
-    @property
-    def virtual_size(self) -> int: ...
-
-    def read_guest(self, offset: int, length: int) -> bytes: ...
-
-    def write_guest(self, offset: int, data: memoryview) -> None: ...
-
-    def clear_guest(self, offset: int, length: int, mode: str) -> None: ...
-
-    def write_zero_bytes(self, offset: int, length: int) -> None: ...
 
 
 def resize(disk: GuestDisk, new_size: int, *, shrink: bool, preallocation: str) -> None:
