@@ -26,7 +26,7 @@ demo: venv
 	$(PY) demo.py
 
 lint: venv
-	$(VENV)/bin/ruff check src
+	$(VENV)/bin/ruff check src tests bench fuzz demo.py
 	$(VENV)/bin/mypy src
 	$(VENV)/bin/lint-imports
 

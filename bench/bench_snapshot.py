@@ -11,7 +11,8 @@ before each timed run; each timed run starts from the same state, prepared untim
 qemu-img (-c: no snapshot; -a and -d: one snapshot just made of the whole disk). Prints both
 medians and the median of the per-pair ratios qcow2kit / qemu-img (below 1: qcow2kit is
 faster), and the median time of the same operation measured inside a Python process that
-has already started and imported qcow2kit (in-process). After the runs, `qemu-img check` must find the image clean.
+has already started and imported qcow2kit (in-process). After the runs, `qemu-img check`
+must find the image clean.
 """
 
 from __future__ import annotations

@@ -384,7 +384,7 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def _guard(what: str, fn: Callable[[], object]) -> bool:
+def guard(what: str, fn: Callable[[], object]) -> bool:
     """Run fn; True if it succeeded, False if it raised a Qcow2Error; anything else fails."""
     try:
         fn()
@@ -504,7 +504,7 @@ def _differential(path: Path, raw: Path) -> bool:
             if img.virtual_size <= FULL_READ_LIMIT:
                 got.append(img.read(0, img.virtual_size))
 
-    if not _guard("differential read", read) or not got:
+    if not guard("differential read", read) or not got:
         return False
     ours = got[0]
     res = subprocess.run([QEMU_IMG, "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(raw)],
@@ -552,15 +552,15 @@ def run_input(
             with qcow2kit.open(str(path), "r") as img:
                 _read_everything(img)
 
-        outcome["read"] = _guard("open r / read", read_only)
+        outcome["read"] = guard("open r / read", read_only)
 
         def no_backing() -> None:
             with qcow2kit.open(str(path), "r", backing=False, force_share=True) as img:
                 img.read(0, min(img.virtual_size, 1 << 20))
 
-        outcome["no-backing"] = _guard("open r backing=False", no_backing)
+        outcome["no-backing"] = guard("open r backing=False", no_backing)
         for name, op in _optional_ops():
-            outcome[name] = _guard(name, lambda op=op: op(str(path)))  # type: ignore[misc]
+            outcome[name] = guard(name, lambda op=op: op(str(path)))  # type: ignore[misc]
         if differential and outcome["read"]:
             outcome["same-as-qemu"] = _differential(path, work.parent / "qemu-out.raw")
         after = {f: file_state(f) for f in files}
@@ -573,14 +573,14 @@ def run_input(
                 with qcow2kit.open(str(path), "r+") as img:
                     _write_ops(img, rnd)
 
-            outcome["write"] = _guard("open r+ / write", write_path)
+            outcome["write"] = guard("open r+ / write", write_path)
             if heavy:
                 for name, op in _heavy_ops(rnd):
-                    outcome[name] = _guard(name, lambda op=op: op(str(path)))  # type: ignore[misc]
+                    outcome[name] = guard(name, lambda op=op: op(str(path)))  # type: ignore[misc]
 
             def reopen() -> None:
                 with qcow2kit.open(str(path), "r") as img:
                     img.read(0, min(img.virtual_size, 256 << 10))
 
-            outcome["reopen"] = _guard("reopen after writes", reopen)
+            outcome["reopen"] = guard("reopen after writes", reopen)
     return outcome

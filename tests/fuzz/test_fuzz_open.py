@@ -88,8 +88,8 @@ def test_harness_catches_a_contract_violation(seeds: list[H.Seed], work: Path) -
     non-Qcow2Error exception, are both reported."""
     seed = seeds[0]
     with pytest.raises(H.FuzzFailure):
-        H._guard("demo", lambda: int("not a number"))
-    assert H._guard("demo", lambda: (_ for _ in ()).throw(qcow2kit.FormatError("x"))) is False
+        H.guard("demo", lambda: int("not a number"))
+    assert H.guard("demo", lambda: (_ for _ in ()).throw(qcow2kit.FormatError("x"))) is False
     path = work.parent / "touch.qcow2"
     path.write_bytes(seed.image)
     before = H.file_state(path)
