@@ -35,7 +35,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ops.check import check_path, probe_format, repair_banner, to_human, to_json
+    from ..chain import probe_format
+    from ..ops.check import check_path, repair_banner, to_human, to_json
 
     if args.repair and args.force_share:
         raise UsageError("-U (force share) cannot be used with -r: a repair needs exclusive access")

@@ -9,6 +9,7 @@ repair. Imports metadata, format and io only.
 
 from __future__ import annotations
 
+from ..chain import probe_format
 from ..errors import UnsupportedFeatureError
 from ..io.file import FileStorage
 from ..metadata.check import CheckResult, check_image
@@ -29,11 +30,6 @@ _JSON_ORDER = (
     ("format", None),
     ("fragmented-clusters", "fragmented_clusters"),
 )
-
-
-def probe_format(path: str) -> str:
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
 
 
 def check_path(path: str, repair: str | None = None, *, force_share: bool = False) -> CheckResult:

@@ -14,6 +14,7 @@ import stat
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..chain import probe_format
 from ..errors import FormatError, UnsupportedFeatureError
 from ..format import constants as C
 from ..format.bitmaps import parse_directory
@@ -26,11 +27,6 @@ if TYPE_CHECKING:
     from ..format.snapshot import Snapshot
 
 _MAX_BACKING_DEPTH = 64  # as image.MAX_BACKING_DEPTH (not imported: this module stays light)
-
-
-def probe_format(path: str) -> str:
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
 
 
 def full_backing_filename(image_filename: str, backing: str) -> str:
@@ -306,5 +302,5 @@ def human_chain(infos: list[dict[str, Any]]) -> str:
     return "\n".join(human(i) for i in infos)
 
 
-__all__ = ["image_info", "chain_info", "human", "human_chain", "size_to_str", "probe_format",
+__all__ = ["image_info", "chain_info", "human", "human_chain", "size_to_str",
            "full_backing_filename", "qemu_json"]

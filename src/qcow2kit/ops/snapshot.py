@@ -12,13 +12,14 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from ..chain import probe_format
 from ..errors import FormatError, Qcow2Error
 from ..format import constants as C
 from ..format.features import Autoclear
 from ..format.snapshot import Snapshot, parse_snapshots
 from ..io.file import FileStorage
 from ..metadata.header_io import read_header
-from .info import probe_format, size_to_str
+from .info import size_to_str
 
 if TYPE_CHECKING:
     from ..image import Image
