@@ -296,3 +296,41 @@ def test_shrink_and_compact_with_bitmaps_are_crash_safe(tmp_path: Path, operatio
     n = check_crash_states(initial, storage.log, tmp_path / "states", verify=verify,
                            reorder_samples=2, max_states=120)
     assert n >= 8
+
+
+@pytest.mark.parametrize("op", ["first add", "last remove"])
+def test_adding_the_first_and_removing_the_last_bitmap_are_crash_safe(tmp_path: Path, op: str) -> None:
+    """These rewrite the header (the extension appears or goes), with autoclear bit 0 set
+    only by a separate write once the new header is durable."""
+    img = tmp_path / "e.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "4M")
+    qemu_io(img, "write -P 6 0 128k")
+    if op == "last remove":
+        qemu_img("bitmap", "--add", str(img), "b")
+    initial = img.read_bytes()
+    storage = RecordingStorage.from_file(img)
+    with Image(storage) as disk:
+        if op == "first add":
+            disk.bitmaps.add("b")
+            disk.write(8192, b"n" * 4096)
+        else:
+            disk.bitmaps.remove("b")
+    final = tmp_path / "final.qcow2"
+    final.write_bytes(storage.contents())
+    assert_clean(final)
+    assert len(_info_bitmaps(final)) == (1 if op == "first add" else 0)
+
+    def verify(state: str) -> None:
+        # a bitmap a reader trusts is the stored new one (recording exactly our write), or,
+        # for the removal, the old one (which recorded nothing)
+        for bm in _info_bitmaps(Path(state)):
+            if "in-use" in bm["flags"]:  # type: ignore[operator]
+                continue
+            with qcow2kit.open(state) as d:
+                runs = [(o, n) for o, n, dirty in d.bitmaps.dirty_runs("b", 0, d.virtual_size) if dirty]
+            assert runs == ([(8192, 4096)] if op == "first add" else []), runs
+
+    (tmp_path / "states").mkdir()
+    n = check_crash_states(initial, storage.log, tmp_path / "states", verify=verify,
+                           reorder_samples=2, max_states=120)
+    assert n >= 4

@@ -356,21 +356,13 @@ class Bitmaps:
         meta = self.meta
         cs = meta.geom.cluster_size
         old_ext = meta.header.bitmaps if self.extension_valid else None
-        freed: list[I64] = []
-        new_entries: list[fmt.BitmapEntry] = []
-        for e in self.entries:
-            if e.name not in self.bits:
-                new_entries.append(e)  # in use since before we opened it: left untouched
-                continue
-            if e.bitmap_table_offset:
-                freed.append(self._clusters_of(e))
-            new_entries.append(write_bitmap(self.meta, e, self.bits[e.name]))
-        removed = {e.name for e in self._on_disk_entries()} - {e.name for e in new_entries}
-        for e in self._on_disk_entries():
-            if e.name in removed:
-                freed.append(self._clusters_of(e))
+        # what goes once the switch is durable: every on-disk bitmap we rewrite or removed
+        untouched = {e.name for e in self.entries if e.name not in self.bits}
+        freed = [self._clusters_of(e) for e in self._on_disk_entries() if e.name not in untouched]
         if old_ext is not None:
             freed.append(cluster_span(old_ext.directory_offset, old_ext.directory_size, cs))
+        new_entries = [write_bitmap(meta, e, self.bits[e.name]) if e.name in self.bits else e
+                       for e in self.entries]
         directory = fmt.encode_directory(new_entries)
         new_ext: BitmapsExtension | None = None
         if new_entries:
