@@ -48,8 +48,11 @@ def discard_zero_clusters(disk: GuestDisk) -> int:
             rows = np.frombuffer(buf, dtype=np.uint8).reshape(-1, cs)
             empty = np.flatnonzero(~rows.any(axis=1))
             zero_clusters.extend((a + empty * cs).tolist())
-        for guest in zero_clusters:
-            disk.clear_guest(guest, cs, mode)
+        # one clear per run of adjacent zero clusters, not one per cluster
+        index = np.array(zero_clusters, dtype=np.int64) // cs
+        bounds = np.flatnonzero(np.diff(index) != 1) + 1
+        for part in np.split(index, bounds) if len(index) else []:
+            disk.clear_guest(int(part[0]) * cs, len(part) * cs, mode)
         found += len(zero_clusters)
         pos += n
     meta.release_pending()

@@ -297,8 +297,8 @@ def clear_clusters(meta: Metadata, pos: int, end: int, mode: str, *, has_backing
         return
     dropped = referenced_clusters(ent[~keep], g, data_file)
     if data_file:
-        for i in np.flatnonzero((ent != 0) & ~f.compressed).tolist():
-            meta.data_storage.punch_hole(base + (c0 + i) * cs, cs)
+        for first, count in _runs(np.flatnonzero((ent != 0) & ~f.compressed)):
+            meta.data_storage.punch_hole(base + (c0 + first) * cs, count * cs)
     l2_off, table = writable_l2(meta, l1_index)
     if ext:
         table[c0:c1, 0] = new_ent
@@ -307,6 +307,14 @@ def clear_clusters(meta: Metadata, pos: int, end: int, mode: str, *, has_backing
         table[c0:c1] = new_ent
     meta.l2.cache.mark_dirty(l2_off)
     meta.defer_free(dropped)
+
+
+def _runs(indices: I64) -> list[tuple[int, int]]:
+    """Sorted indices as (first, count) runs of consecutive values."""
+    if not len(indices):
+        return []
+    bounds = np.flatnonzero(np.diff(indices) != 1) + 1
+    return [(int(part[0]), len(part)) for part in np.split(indices, bounds)]
 
 
 def preallocate(meta: Metadata, pos: int, end: int, mode: str) -> None:
