@@ -29,6 +29,7 @@ from ..format import constants as C
 from ..format.entries import decode_l2
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
+from .map_format import flag_code, human_text, json_text
 
 I64 = npt.NDArray[np.int64]
 B = npt.NDArray[np.bool_]
@@ -57,6 +58,7 @@ class MapEntry:
         return self.filename == nxt.filename or self.offset < 0
 
     def to_json(self) -> dict[str, int | bool]:
+        """The extent as the JSON value qemu-img gives it (the text: map_format)."""
         out: dict[str, int | bool] = {
             "start": self.start, "length": self.length, "depth": self.depth,
             "present": self.present, "zero": self.zero, "data": self.data,
@@ -97,8 +99,6 @@ def host_segments(fd: int, start: int, end: int) -> list[tuple[int, int, bool]]:
     return out
 
 
-# qemu-img's JSON for each combination of (depth, present, zero, data), up to "offset"
-_FLAGS_JSON = ('"depth": %d, "present": %s, "zero": %s, "data": %s')
 # the most consecutive L2 entries (units) classified at once: bounds the temporaries of a
 # walk over a large dense image (2^18 entries: a few MiB) while keeping numpy's per-call
 # overhead per batch, not per table
@@ -125,25 +125,22 @@ class Extents:
             self.present.tolist(), self.zero.tolist(), self.data.tolist(),
             self.offset.tolist(), self.name.tolist(), strict=True)]
 
+    def codes(self) -> list[int]:
+        """Each row's flags as map_format.flag_code packs them."""
+        codes: list[int] = (((self.depth * 2 + self.present) * 2 + self.zero) * 2
+                            + self.data).tolist()
+        return codes
+
     def json(self) -> str:
-        """Byte-for-byte the layout qemu-img 7.2 prints (one format per extent)."""
-        if not len(self):
-            return "[]\n"
-        # the flags of a row as one small integer, their JSON text made once per value
-        # (np.unique would import numpy.ma, which costs more than this whole function)
-        codes = (((self.depth * 2 + self.present) * 2 + self.zero) * 2 + self.data).tolist()
-        mid = {c: _FLAGS_JSON % (c >> 3, _TF[(c >> 2) & 1], _TF[(c >> 1) & 1], _TF[c & 1])
-               for c in set(codes)}
-        lines = [
-            f'{{ "start": {s}, "length": {n}, {mid[c]}, "offset": {o}}}' if o >= 0
-            else f'{{ "start": {s}, "length": {n}, {mid[c]}}}'
-            for s, n, c, o in zip(self.start.tolist(), self.length.tolist(), codes,
-                                  self.offset.tolist(), strict=True)
-        ]
-        return "[" + ",\n".join(lines) + "]\n"
+        """Byte-for-byte the layout qemu-img 7.2 prints (map_format.json_text)."""
+        return json_text(self.start.tolist(), self.length.tolist(), self.codes(),
+                         self.offset.tolist())
 
-
-_TF = ("false", "true")
+    def human(self) -> tuple[str, str | None]:
+        """qemu-img's human table and the error that stops it (map_format.human_text)."""
+        names = self.names
+        return human_text(self.start.tolist(), self.length.tolist(), self.codes(),
+                          self.offset.tolist(), [names[i] for i in self.name.tolist()])
 
 
 class _Mapper:
@@ -405,34 +402,24 @@ def map_path(
                             backing=backing).entries()
 
 
+def _columns(entries: list[MapEntry]) -> tuple[list[int], list[int], list[int], list[int]]:
+    return ([e.start for e in entries], [e.length for e in entries],
+            [flag_code(e.depth, e.present, e.zero, e.data) for e in entries],
+            [e.offset for e in entries])
+
+
 def format_json(entries: list[MapEntry] | Extents) -> str:
     """Byte-for-byte the layout qemu-img 7.2 prints."""
     if isinstance(entries, Extents):
         return entries.json()
-    lines = []
-    for e in entries:
-        d = e.to_json()
-        # (json.dumps of these ints and bools, without importing json at start-up)
-        body = ", ".join(f'"{k}": {_TF[v] if isinstance(v, bool) else v}' for k, v in d.items())
-        lines.append("{ " + body + "}")
-    return "[" + ",\n".join(lines) + "]\n"
-
-
-def _hex(v: int) -> str:
-    return f"{v:#x}" if v else "0"
+    return json_text(*_columns(entries))
 
 
 def format_human(entries: list[MapEntry] | Extents) -> tuple[str, str | None]:
     """qemu-img's human table; the error message (if any) stops it like qemu-img does."""
     if isinstance(entries, Extents):
-        entries = entries.entries()
-    out = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
-    for e in entries:
-        if e.data and e.offset < 0:
-            return "\n".join(out) + "\n", "File contains external, encrypted or compressed clusters."
-        if e.data and not e.zero:
-            out.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset):<16}{e.filename}")
-    return "\n".join(out) + "\n", None
+        return entries.human()
+    return human_text(*_columns(entries), [e.filename for e in entries])
 
 
 __all__ = ["MapEntry", "Extents", "map_image", "map_extents", "map_path", "map_path_extents",
