@@ -2,16 +2,25 @@
 [--no-backing] FILE
 
 Owns the command-line side of map (offsets in qemu-img's size grammar, its wording for bad
-ones); never writes to the image.
+ones) and the choice between ops/map_plain.py's fast path and ops/map.py; never writes to the
+image. Plain command lines are parsed without argparse (fast_args) and plain images are mapped
+without numpy: both are start-up time, most of what a map of a small image costs.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Any
+from types import SimpleNamespace
 
 from .common import add_output, parse_size
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+    from ..ops.map import Extents
+    from ..ops.map_plain import PlainExtents
 
 
 def register(sub: Any) -> None:
@@ -35,17 +44,69 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..ops.map import format_human, format_json, map_path_extents
+_FLAGS = {"-U": ("force_share", True), "--force-share": ("force_share", True),
+          "--no-backing": ("backing", False), "--output=json": ("output", "json"),
+          "--output=human": ("output", "human")}
+_CHOICES = {"--output": ("output", ("human", "json")), "-f": ("fmt", ("qcow2", "raw"))}
+_VALUED = {"--start-offset": "start", "--max-length": "length"}
 
+
+def fast_args(rest: list[str]) -> SimpleNamespace | None:
+    """What register()'s parser makes of `rest`, for plain command lines only (each option
+    spelled out in full, choices valid, values not starting with '-', one file name not
+    starting with '-'); None for anything else (help, abbreviations, errors...), which
+    argparse then handles."""
+    args = SimpleNamespace(verb="map", output="human", fmt=None, force_share=False, start="0",
+                           length=None, backing=True, filename=None, run=run)
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        key, eq, value = token.partition("=")
+        if token in _FLAGS:
+            setattr(args, *_FLAGS[token])
+        elif token in _CHOICES:
+            dest, choices = _CHOICES[token]
+            if i + 1 == len(rest) or rest[i + 1] not in choices:
+                return None
+            setattr(args, dest, rest[i + 1])
+            i += 1
+        elif token in _VALUED:
+            if i + 1 == len(rest) or rest[i + 1].startswith("-"):
+                return None
+            setattr(args, _VALUED[token], rest[i + 1])
+            i += 1
+        elif eq and key in _VALUED and not value.startswith("-"):
+            setattr(args, _VALUED[key], value)
+        elif token.startswith("-") or args.filename is not None:
+            return None
+        else:
+            args.filename = token
+        i += 1
+    return args if args.filename is not None else None
+
+
+def run(args: argparse.Namespace) -> int:
     start = parse_size(args.start, "start offset")
     length = parse_size(args.length, "max length") if args.length is not None else None
+    if start == 0 and length is None:
+        from ..ops.map_plain import plain_map
+
+        found = plain_map(args.filename, args.fmt, force_share=args.force_share,
+                          backing=args.backing)
+        if not isinstance(found, str):
+            return _print(args.output, found)
+    from ..ops.map import map_path_extents
+
     entries = map_path_extents(args.filename, args.fmt, force_share=args.force_share, start=start,
                                length=length, backing=args.backing)
-    if args.output == "json":
-        sys.stdout.write(format_json(entries))
+    return _print(args.output, entries)
+
+
+def _print(output: str, extents: Extents | PlainExtents) -> int:
+    if output == "json":
+        sys.stdout.write(extents.json())
         return 0
-    text, err = format_human(entries)
+    text, err = extents.human()
     sys.stdout.write(text)
     if err:
         sys.stdout.flush()
