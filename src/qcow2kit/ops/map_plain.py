@@ -95,7 +95,7 @@ def _unusual(header: Header, backing: bool) -> str | None:
     return None
 
 
-def _plain_entries(raw: bytes | bytearray, cs: int) -> bool:
+def plain_entries(raw: bytes | bytearray, cs: int) -> bool:
     """Whether every big-endian u64 entry of `raw` has nothing set but bit 63 (COPIED) and an
     offset aligned to cs below 2**56: the shape of a plain L2 entry (data or unallocated)
     and of an L1 entry. Tested a byte column at a time (bytes.translate runs at C speed)."""
@@ -131,7 +131,7 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
     file_size = storage.size()
     needed = -(-size // span)  # header validation: l1_size >= needed, the table in the file
     raw_l1 = bytearray(storage.pread(header.l1_table_offset, needed * 8))
-    if not _plain_entries(raw_l1, cs):
+    if not plain_entries(raw_l1, cs):
         return "L1 entries with reserved bits or unaligned L2 tables"
     raw_l1[0::8] = bytes(needed)  # the offsets alone (no COPIED bit)
     hits = flag_positions(Lanes.from_bytes(raw_l1).nonzero())
@@ -160,7 +160,7 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
         units = -(-(bend - base) // cs)
         if len(raw) > units * 8:
             raw = raw[: units * 8]  # the entries past the end of the disk are never looked at
-        if not _plain_entries(raw, cs):
+        if not plain_entries(raw, cs):
             return "compressed or zero clusters, reserved bits or unaligned data clusters"
         entries = bytearray(raw)
         entries[0::8] = bytes(units)  # the host offsets alone
@@ -234,4 +234,4 @@ def _preallocation_unknown(storage: FileStorage, header: Header, file_size: int)
     return None
 
 
-__all__ = ["PlainExtents", "plain_map", "DATA", "UNALLOCATED"]
+__all__ = ["PlainExtents", "plain_map", "plain_entries", "DATA", "UNALLOCATED"]

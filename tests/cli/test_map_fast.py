@@ -1,0 +1,464 @@
+"""`map`'s numpy-free fast path (ops/map_plain.py, issue 16) against the full path
+(ops/map.py) and qemu-img:
+
+- on plain images of every cluster size and shape it answers, with exactly the text of the
+  full path and of `qemu-img map` (JSON and human), also when every L2 table is its own batch
+  (the joins between batches);
+- on everything it does not handle it declines (and says why), and the command still prints
+  the full path's answer;
+- the command really takes it: no numpy, no argparse in the process;
+- hostile images give the same output, errors and exit codes with and without it, never a
+  traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from qcow2kit.cli import map as cli_map
+from qcow2kit.cli.main import build_parser, main
+from qcow2kit.ops import map_plain
+from qcow2kit.ops.map import format_human, format_json, map_path_extents
+from tests.helpers import layout, qemu_img, qemu_io
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+
+Maker = Callable[[Path], Path]
+
+
+def _create(p: Path, size: str, *opts: str) -> Path:
+    args = ["create", "-q", "-f", "qcow2"]
+    for o in opts:
+        args += ["-o", o]
+    qemu_img(*args, str(p), size)
+    return p
+
+
+def _written(size: str, cluster: str, *cmds: str, opts: tuple[str, ...] = ()) -> Maker:
+    def make(p: Path) -> Path:
+        _create(p, size, f"cluster_size={cluster}", *opts)
+        if cmds:
+            qemu_io(p, *cmds)
+        return p
+    return make
+
+
+def _reverse(p: Path) -> Path:
+    """4 KiB clusters written in 64 KiB chunks from the end (bench/compare.py's map-reverse4k,
+    small): every chunk its own extent."""
+    _create(p, "4M", "cluster_size=4k")
+    qemu_io(p, *(f"write -q -P {i % 250 + 1} {off} 64k"
+                 for i, off in enumerate(range(4 * MIB - 64 * KIB, -1, -64 * KIB))))
+    return p
+
+
+def _fragmented(cluster: str) -> Maker:
+    def make(p: Path) -> Path:
+        _create(p, "3M", f"cluster_size={cluster}")
+        chunks = list(range(0, 3 * MIB, 16 * KIB))
+        random.Random(16).shuffle(chunks)
+        qemu_io(p, *(f"write -q -P {i % 250 + 1} {off} {16 * KIB}"
+                     for i, off in enumerate(chunks[: len(chunks) * 2 // 3])))
+        return p
+    return make
+
+
+def _unaligned_size(cut: int) -> Maker:
+    """A virtual size that ends inside a cluster (the header is patched: qemu-img create
+    rounds to 512): the last extent is cut."""
+    def make(p: Path) -> Path:
+        _create(p, "1M", "cluster_size=64k")
+        qemu_io(p, "write -q -P 7 960k 64k", "write -q 0 4k")
+        _patch_u64(p, 24, 1 * MIB - cut)
+        return p
+    return make
+
+
+def _v2(p: Path) -> Path:
+    _create(p, "64M", "compat=0.10")
+    qemu_io(p, "write -q 1M 3M", "write -q 40M 64k")
+    return p
+
+
+def _backing(p: Path) -> Path:
+    base = p.with_name(p.name + ".base")
+    _create(base, "64M")
+    qemu_io(base, "write -q 0 8M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(p))
+    qemu_io(p, "write -q 4M 1M")
+    return p
+
+
+def _data_file(p: Path) -> Path:
+    _create(p, "16M", f"data_file={p}.data")  # (a relative name is made in the cwd)
+    qemu_io(p, "write -q 0 1M")
+    return p
+
+
+def _snapshot(p: Path) -> Path:
+    _create(p, "16M")
+    qemu_io(p, "write -q 0 1M")
+    qemu_img("snapshot", "-c", "s1", str(p))
+    return p
+
+
+def _bitmap(p: Path) -> Path:
+    _create(p, "16M")
+    qemu_io(p, "write -q 0 1M")
+    qemu_img("bitmap", "--add", str(p), "b0")
+    return p
+
+
+def _raw(p: Path) -> Path:
+    with open(p, "wb") as f:
+        f.truncate(4 * MIB)
+        f.write(b"x" * 4096)
+    return p
+
+
+# name -> (maker, None if the fast path answers, else a word of its reason)
+PLAIN: dict[str, Maker] = {
+    "empty": _written("64M", "64k"),
+    "zero-size": _written("0", "64k"),
+    "dense": _written("8M", "64k", "write -q -P 1 0 8M"),
+    "sparse": _written("1G", "64k", "write -q 0 64k", "write -q 300M 1M", "write -q 1023M 1M"),
+    "reverse-4k": _reverse,
+    "fragmented-512": _fragmented("512"),
+    "fragmented-4k": _fragmented("4k"),
+    "fragmented-64k": _fragmented("64k"),
+    "clusters-2m": _written("64M", "2M", "write -q 0 5M", "write -q 33M 2M"),
+    "clusters-512-many-tables": _written("40M", "512", "write -q 0 20M", "write -q 30M 4k"),
+    "unaligned-size": _unaligned_size(1536),
+    "odd-size": _unaligned_size(1000),
+    "l1-holes": _written("2G", "64k", "write -q 0 64k", "write -q 1536M 1M"),
+    "l1-holes-512": _written("1M", "512", "write -q 0 4k", "write -q 100k 4k",
+                             "write -q 1020k 4k"),
+    "huge-sparse-1t": _written("1T", "64k", "write -q 0 4M", "write -q 512G 1M",
+                               "write -q 1023G 4M"),
+    "falloc": _written("8M", "64k", opts=("preallocation=falloc",)),
+    "v2": _v2,
+}
+# qemu counts the disk in whole 512-byte sectors; ops/map.py (and so the fast path) maps the
+# header's size exactly
+QEMU_ROUNDS_SIZE = {"odd-size"}
+FALLBACK: dict[str, tuple[Maker, str]] = {
+    "compressed": (_written("8M", "64k", "write -q -c 0 128k", "write -q 1M 64k"), "compressed"),
+    "zero-clusters": (_written("8M", "64k", "write -q 0 1M", "write -q -z 256k 128k"), "zero"),
+    "backing": (_backing, "backing"),
+    "extended-l2": (_written("8M", "64k", "write -q 0 1M", opts=("extended_l2=on",)),
+                    "extended"),
+    "data-file": (_data_file, "data file"),
+    "snapshot": (_snapshot, "snapshot"),
+    "bitmap": (_bitmap, "bitmap"),
+    "raw": (_raw, "qcow2"),
+    "metadata-prealloc": (_written("8M", "64k", opts=("preallocation=metadata",)), "sparse"),
+    "missing": (lambda p: p, "cannot open"),
+}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    root = tmp_path_factory.mktemp("map_fast")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            maker = PLAIN[name] if name in PLAIN else FALLBACK[name][0]
+            built[name] = maker(root / f"{name}.qcow2")
+        return built[name]
+    yield get
+
+
+def _full(path: Path, backing: bool = True) -> tuple[str, tuple[str, str | None]]:
+    ext = map_path_extents(str(path), backing=backing)
+    return format_json(ext), format_human(ext)
+
+
+def _fast(path: Path, backing: bool = True) -> tuple[str, tuple[str, str | None]]:
+    found = map_plain.plain_map(str(path), backing=backing)
+    assert not isinstance(found, str), f"fell back: {found}"
+    return found.json(), found.human()
+
+
+@pytest.mark.parametrize("name", PLAIN)
+@pytest.mark.parametrize("batch", ["default", "one-table"])
+def test_plain_images_same_as_full_path_and_qemu(images: Callable[[str], Path], name: str,
+                                                 batch: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = images(name)
+    if batch == "one-table":
+        monkeypatch.setattr(map_plain, "_BATCH_ENTRIES", 1)  # every L2 table its own batch
+    fast_json, fast_human = _fast(path)
+    full_json, full_human = _full(path)
+    assert fast_json == full_json
+    assert fast_human == full_human
+    if name in QEMU_ROUNDS_SIZE:
+        return
+    assert fast_json == qemu_img("map", "--output=json", str(path)).stdout
+    assert fast_human == (qemu_img("map", str(path)).stdout, None)
+
+
+@pytest.mark.parametrize("name", FALLBACK)
+def test_declines_what_it_does_not_handle(images: Callable[[str], Path], name: str) -> None:
+    reason = map_plain.plain_map(str(images(name)))
+    assert isinstance(reason, str)
+    assert FALLBACK[name][1] in reason
+
+
+def test_no_backing_is_plain(images: Callable[[str], Path]) -> None:
+    path = images("backing")
+    assert _fast(path, backing=False) == _full(path, backing=False)
+
+
+@pytest.mark.parametrize("name", [n for n in FALLBACK if n != "missing"])
+def test_command_falls_back_to_the_same_answer_as_qemu(images: Callable[[str], Path],
+                                                      name: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(images(name))
+    for extra in (["--output=json"], []):
+        rc = main(["map", *extra, path])
+        out, err = capsys.readouterr()
+        ref = qemu_img("map", *extra, path, check=False)
+        assert out == ref.stdout
+        assert rc == (0 if ref.returncode == 0 else 1)
+        if ref.returncode:
+            assert "compressed clusters" in err and "compressed clusters" in ref.stderr
+
+
+_PROBE = (
+    "import sys\n"
+    "from qcow2kit.cli.main import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "sys.stdout.flush()\n"
+    "print('numpy' in sys.modules, 'argparse' in sys.modules, file=sys.stderr)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def _probe(*argv: str) -> tuple[str, bool, bool]:
+    res = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    numpy, argparse = res.stderr.split()
+    return res.stdout, numpy == "True", argparse == "True"
+
+
+@pytest.mark.parametrize("output", [["--output=json"], ["--output", "human"], []])
+def test_command_takes_the_fast_path(images: Callable[[str], Path], output: list[str]) -> None:
+    path = str(images("sparse"))
+    out, numpy, argparse = _probe("map", *output, path)
+    assert not numpy and not argparse
+    assert out == qemu_img("map", *output, path).stdout
+
+
+def test_command_falls_back_with_numpy(images: Callable[[str], Path]) -> None:
+    path = str(images("compressed"))
+    out, numpy, _ = _probe("map", "--output=json", path)
+    assert numpy
+    assert out == qemu_img("map", "--output=json", path).stdout
+
+
+def test_offsets_take_the_full_path(images: Callable[[str], Path]) -> None:
+    path = str(images("sparse"))
+    out, numpy, _ = _probe("map", "--output=json", "--start-offset=300M", path)
+    assert numpy
+    assert out == qemu_img("map", "--output=json", "--start-offset=300M", path).stdout
+
+
+# ---- argument parsing without argparse ------------------------------------------------------
+ACCEPTED = [
+    ["x.qcow2"],
+    ["--output=json", "x.qcow2"],
+    ["--output", "human", "-U", "x.qcow2"],
+    ["x.qcow2", "--force-share", "-f", "qcow2", "--no-backing"],
+    ["-f", "raw", "--start-offset", "1M", "--max-length=2k", "x"],
+    ["--start-offset=0x10", "--max-length", "5", "x", "--output=human", "--output=json"],
+    ["--start-offset=", "x"],
+]
+DECLINED = [
+    [], ["-h"], ["--help", "x"], ["--out=json", "x"], ["-f", "vmdk", "x"], ["-fqcow2", "x"],
+    ["--start-offset", "-1", "x"], ["--start-offset=-1", "x"], ["--start", "1", "x"],
+    ["--max-length"], ["a", "b"], ["--", "x"], ["-"], ["--no-backing"],
+]
+
+
+@pytest.mark.parametrize("rest", ACCEPTED, ids=" ".join)
+def test_fast_args_same_as_argparse(rest: list[str]) -> None:
+    fast = cli_map.fast_args(rest)
+    assert fast is not None
+    assert vars(fast) == vars(build_parser(["map"]).parse_args(["map", *rest]))
+
+
+@pytest.mark.parametrize("rest", DECLINED, ids=" ".join)
+def test_fast_args_declines(rest: list[str]) -> None:
+    assert cli_map.fast_args(rest) is None
+
+
+# ---- hostile images: the same answer with and without the fast path -------------------------
+def _patch_u64(path: Path, offset: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(">Q", value))
+
+
+def _u64(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return int(struct.unpack(">Q", f.read(8))[0])
+
+
+def _l2_entry(path: Path, index: int) -> int:
+    """The file offset of L2 entry `index` of the first L2 table."""
+    return (layout(path)["l1"][0] & 0x00FFFFFFFFFFFE00) + 8 * index
+
+
+def _hostile_base(p: Path) -> Path:
+    # the disk ends inside the first L2 table: entries past it are never looked at
+    _create(p, "100M", "cluster_size=64k")
+    qemu_io(p, "write -q 0 256k", "write -q 50M 64k")
+    return p
+
+
+def _set_l1(value: Callable[[int], int]) -> Callable[[Path], None]:
+    def patch(p: Path) -> None:
+        off = layout(p)["l1_offset"]
+        _patch_u64(p, off, value(_u64(p, off)))
+    return patch
+
+
+def _set_l2(index: int, value: Callable[[int], int]) -> Callable[[Path], None]:
+    def patch(p: Path) -> None:
+        off = _l2_entry(p, index)
+        _patch_u64(p, off, value(_u64(p, off)))
+    return patch
+
+
+def _set_reftable(value: Callable[[int], int]) -> Callable[[Path], None]:
+    def patch(p: Path) -> None:
+        off = layout(p)["reftable_offset"]
+        _patch_u64(p, off, value(_u64(p, off)))
+    return patch
+
+
+def _set_header(offset: int, value: int) -> Callable[[Path], None]:
+    def patch(p: Path) -> None:
+        _patch_u64(p, offset, value)
+    return patch
+
+
+def _set_u32(offset: int, value: int) -> Callable[[Path], None]:
+    def patch(p: Path) -> None:
+        with open(p, "r+b") as f:
+            f.seek(offset)
+            f.write(struct.pack(">I", value))
+    return patch
+
+
+def _truncate(p: Path) -> None:
+    os.truncate(p, 100)
+
+
+COPIED = 1 << 63
+HOSTILE: dict[str, tuple[Callable[[Path], None], bool]] = {
+    # name: (patch, whether the fast path still answers)
+    "l1-past-eof": (_set_l1(lambda v: COPIED | 1 << 40), False),
+    "l1-reserved-bit": (_set_l1(lambda v: v | 1), False),
+    "l1-unaligned": (_set_l1(lambda v: v + 512), False),
+    "l1-only-reserved-bits": (_set_l1(lambda v: 1 << 56), False),
+    "l2-reserved-bit": (_set_l2(0, lambda v: v | 2), False),
+    "l2-unaligned": (_set_l2(1, lambda v: v + 512), False),
+    "l2-data-past-eof": (_set_l2(2, lambda v: COPIED | 1 << 40), False),
+    "l2-compressed-past-the-disk": (_set_l2(8191, lambda v: 1 << 62 | 12345), True),
+    "l2-garbage-past-the-disk": (_set_l2(1700, lambda v: (1 << 64) - 1), True),
+    "reftable-reserved-bit": (_set_reftable(lambda v: v | 1), False),
+    "reftable-unaligned": (_set_reftable(lambda v: v + 512), False),
+    "reftable-past-eof": (_set_reftable(lambda v: 1 << 40), False),
+    "huge-l1-size": (_set_u32(36, 0x7FFFFFFF), False),
+    "l1-size-past-eof": (_set_u32(36, 1 << 20), False),
+    "size-too-big": (_set_header(24, 1 << 62), False),
+    "truncated": (_truncate, False),
+}
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_images_same_answer(tmp_path: Path, name: str,
+                                    capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _hostile_base(tmp_path / "h.qcow2")
+    patch, fast_answers = HOSTILE[name]
+    patch(path)
+    before = path.read_bytes()
+    answers = []
+    real = map_plain.plain_map
+
+    def spy(*args: object, **kwargs: object) -> object:
+        found = real(*args, **kwargs)  # type: ignore[arg-type]
+        answers.append(found)
+        return found
+
+    monkeypatch.setattr(map_plain, "plain_map", spy)
+    for extra in (["--output=json"], []):
+        argv = ["map", *extra, str(path)]
+        with_fast = _run(argv, capsys)
+        assert (not isinstance(answers[-1], str)) == fast_answers, answers[-1]
+        monkeypatch.setattr(map_plain, "plain_map", lambda *a, **k: "disabled by the test")
+        without = _run(argv, capsys)
+        monkeypatch.setattr(map_plain, "plain_map", spy)
+        assert with_fast == without
+        assert with_fast[0] in (0, 1) and "internal error" not in with_fast[2]
+    assert path.read_bytes() == before  # never written
+
+
+def test_errors_of_files_that_are_not_images(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    raw = _raw(tmp_path / "r.raw")
+    cases = [["map", str(tmp_path / "missing")], ["map", "-f", "qcow2", str(raw)],
+             ["map", "-f", "qcow2", str(empty)], ["map", str(tmp_path)]]
+    for argv in cases:
+        with_fast = _run(argv, capsys)
+        monkeypatch.setattr(map_plain, "plain_map", lambda *a, **k: "disabled by the test")
+        without = _run(argv, capsys)
+        monkeypatch.undo()
+        assert with_fast == without
+        assert with_fast[0] == 1 and with_fast[2].startswith("qcow2kit: "), with_fast
+
+
+# ---- the byte-column test of plain entries against the rule, entry by entry ----------------
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+
+@pytest.mark.parametrize("cluster_bits", range(9, 22))
+def test_plain_entries_is_the_rule(cluster_bits: int) -> None:
+    cs = 1 << cluster_bits
+    allowed = COPIED | (OFFSET_MASK & ~(cs - 1))
+    r = random.Random(cluster_bits)
+    entries = []
+    for _ in range(3000):
+        e = r.getrandbits(47) << cluster_bits & OFFSET_MASK | (COPIED if r.random() < 0.5 else 0)
+        if r.random() < 0.3:
+            e ^= 1 << r.randrange(64)  # one bit anywhere: often one the rule forbids
+        entries.append(e)
+    for e in entries:
+        assert map_plain.plain_entries(struct.pack(">Q", e), cs) == (e & ~allowed == 0), hex(e)
+    good = [e for e in entries if e & ~allowed == 0]
+    bad = [e for e in entries if e & ~allowed]
+    assert map_plain.plain_entries(struct.pack(f">{len(good)}Q", *good), cs)
+    for e in bad[:50]:
+        mixed = good[:100] + [e] + good[100:200]
+        assert not map_plain.plain_entries(struct.pack(f">{len(mixed)}Q", *mixed), cs)
