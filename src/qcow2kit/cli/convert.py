@@ -44,12 +44,14 @@ def register(sub: Any) -> None:
 
 
 def _snapshot(args: argparse.Namespace) -> tuple[str | None, str | None] | None:
-    from ..ops.snapshot import parse_snapshot_option
-
     if args.snapshot_param is not None and args.snapshot_name is not None:
         raise UsageError("-l and -s name the snapshot twice")
     text = args.snapshot_param if args.snapshot_param is not None else args.snapshot_name
-    return None if text is None else parse_snapshot_option(text)
+    if text is None:
+        return None
+    from ..ops.snapshot import parse_snapshot_option  # imports the image code
+
+    return parse_snapshot_option(text)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,310 @@
+"""The early data pump of raw -> qcow2 convert: copies a raw file's data clusters into a
+new qcow2 file at a layout planned up front, before numpy and the image code are imported.
+
+Owns `plan_layout` (where header, refcount table, refcount blocks, L1, L2 tables and the
+data go in a fresh image, from the source's size and data ranges alone: worst-case room
+for the metadata in front, data clusters packed in guest order behind it) and `RawPump`,
+two threads started as soon as the arguments are checked: a reader (preadv into a small
+pool of buffers, cluster zero test by comparison with a zero buffer, placement of the data
+clusters) and a writer (one pwrite per contiguous host run). The importing thread, and
+then planned.py, run meanwhile; planned.py writes the metadata once the pump is joined.
+
+Pure Python: must not import numpy, qcow2kit.image or anything that imports them (that is
+the point: the import overlaps the copy). Only reads the source; the target's bytes are
+this module's and planned.py's alone while the pump runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import sys
+import threading
+from array import array
+
+from ...io.file import FileStorage
+
+# bytes per read and per hand-over between the threads: small enough that a buffer is
+# still in the cache when the writer copies it out
+PUMP_CHUNK_BYTES = 4 << 20
+PUMP_BUFFERS = 4
+# while the pump runs, a thread coming back from a syscall gets the GIL back this soon
+# (the default 5 ms would stall it behind the importing thread)
+PUMP_SWITCH_INTERVAL = 0.0002
+
+# array typecodes of the refcount widths the early path takes (refcount_order 3..6)
+_REFCOUNT_CODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
+
+Run = tuple[int, int, int]  # (first guest cluster, clusters, first host cluster)
+Chunk = tuple[bytearray, list[tuple[int, int]], int]
+# at most this many buffers per pwritev (Linux's IOV_MAX is 1024)
+_IOV_MAX = 1024
+
+
+class Layout:
+    """Cluster indices of a fresh image's structures, room for the worst case."""
+
+    __slots__ = ("cluster_bits", "size", "refcount_order", "reftable_clusters",
+                 "refblock_clusters", "l1_entries", "l1_clusters", "l2_slots", "data_cluster")
+
+    def __init__(self, cluster_bits: int, size: int, refcount_order: int, reftable_clusters: int,
+                 refblock_clusters: int, l1_entries: int, l1_clusters: int) -> None:
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.refcount_order = refcount_order
+        self.reftable_clusters = reftable_clusters
+        self.refblock_clusters = refblock_clusters
+        self.l1_entries = l1_entries
+        self.l1_clusters = l1_clusters
+        self.l2_slots: dict[int, int] = {}  # L1 index -> reserved cluster
+        self.data_cluster = 0  # the first data cluster
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def refblock_cluster(self) -> int:
+        return 1 + self.reftable_clusters
+
+    @property
+    def l1_cluster(self) -> int:
+        return self.refblock_cluster + self.refblock_clusters
+
+
+def refcount_code(order: int) -> str | None:
+    """The array typecode of this refcount width, None where the early path has none."""
+    code = _REFCOUNT_CODES.get(order)
+    return code if code is not None and array(code).itemsize == 1 << (order - 3) else None
+
+
+def data_ranges(fd: int, size: int, cs: int) -> list[tuple[int, int]]:
+    """Cluster-aligned [lo, hi) byte ranges (hi capped at size) holding every byte of the
+    file that is not a hole, merged; the whole file where holes cannot be asked for."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+            spans.append((start, end))
+            pos = end
+    except (OSError, AttributeError):
+        spans = [(0, size)] if size else []
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        lo, hi = a // cs * cs, min(size, -(-b // cs) * cs)
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def plan_layout(
+    size: int, cluster_bits: int, refcount_order: int, ranges: list[tuple[int, int]]
+) -> Layout:
+    """Header, refcount table, refcount blocks, L1 and one L2 slot per L1 entry the data
+    ranges touch, in that order from cluster 0; then the data. Sized for every cluster of
+    the ranges being data: what zero clusters leave unused stays free (a hole)."""
+    cs = 1 << cluster_bits
+    l2_entries = cs // 8
+    span = cs * l2_entries
+    l1_entries = -(-size // span)
+    l1_clusters = -(-l1_entries * 8 // cs)
+    touched: list[int] = []
+    n_data = 0
+    for lo, hi in ranges:
+        n_data += -(-(hi - lo) // cs)
+        for i in range(lo // span, (hi - 1) // span + 1):
+            if not touched or touched[-1] < i:
+                touched.append(i)
+    per_block = (cs * 8) >> refcount_order
+    tables, blocks = 1, 1
+    while True:
+        total = 1 + tables + blocks + l1_clusters + len(touched) + n_data
+        need_blocks = -(-total // per_block)
+        need_tables = max(1, -(-need_blocks * 8 // cs))
+        if (need_blocks, need_tables) == (blocks, tables):
+            break
+        blocks, tables = need_blocks, need_tables
+    layout = Layout(cluster_bits, size, refcount_order, tables, blocks, l1_entries, l1_clusters)
+    first_l2 = layout.l1_cluster + l1_clusters
+    layout.l2_slots = {i: first_l2 + k for k, i in enumerate(touched)}
+    layout.data_cluster = first_l2 + len(touched)
+    return layout
+
+
+class RawPump:
+    """Copy the data clusters of a raw source into `target` as `layout` places them, on a
+    reader and a writer thread. `join()` waits and returns the data runs, or raises what
+    went wrong on either thread (the other one stops too); `abort()` stops both."""
+
+    def __init__(
+        self,
+        source: FileStorage,
+        target: FileStorage,
+        layout: Layout,
+        ranges: list[tuple[int, int]],
+        sparse: bool,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.layout = layout
+        self.ranges = ranges
+        self.sparse = sparse
+        self.runs: list[Run] = []
+        self.error: BaseException | None = None
+        self._stop = False
+        cs = layout.cluster_size
+        self._chunk = max(PUMP_CHUNK_BYTES // cs, 1) * cs
+        self._zero = bytes(cs)
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(PUMP_BUFFERS):
+            self._free.put(bytearray(self._chunk))
+        # (buffer, its [lo, hi) pieces to write one after the other, host offset), or None
+        self._ready: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._read,), daemon=True,
+                             name="qcow2kit-convert-reader"),
+            threading.Thread(target=self._guard, args=(self._write,), daemon=True,
+                             name="qcow2kit-convert-writer"),
+        ]
+        self._interval = sys.getswitchinterval()
+
+    def start(self) -> RawPump:
+        sys.setswitchinterval(min(self._interval, PUMP_SWITCH_INTERVAL))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _guard(self, body: object) -> None:
+        try:
+            body()  # type: ignore[operator]
+        except BaseException as exc:  # handed to join()
+            if self.error is None:
+                self.error = exc
+            self._stop = True
+            # unblock whichever thread waits on the other
+            self._ready.put(None)
+            self._free.put(bytearray(self._chunk))
+
+    def _read(self) -> None:
+        cs = self.layout.cluster_size
+        fd = self.source.fd
+        zero = self._zero
+        host = self.layout.data_cluster
+        runs = self.runs
+        chunk = self._chunk
+        sparse = self.sparse
+        for a, b in self.ranges:
+            for pos in range(a, b, chunk):
+                buf = self._free.get()
+                if self._stop:
+                    return
+                n = min(chunk, b - pos)
+                mv = memoryview(buf)
+                read_at(fd, mv[:n], pos)
+                tail = -n % cs
+                if tail:  # the disk ends inside this cluster: the rest reads as zeros
+                    mv[n : n + tail] = zero[:tail]
+                n += tail
+                # the chunk's data clusters go to consecutive host clusters from `host`
+                pieces: list[tuple[int, int]] = []
+                first = pos // cs
+                start_host = host
+                for i in range(n // cs):
+                    lo = i * cs
+                    if sparse and zero.startswith(mv[lo : lo + cs]):
+                        continue
+                    if pieces and pieces[-1][1] == lo:
+                        pieces[-1] = (pieces[-1][0], lo + cs)
+                        r = runs[-1]
+                        runs[-1] = (r[0], r[1] + 1, r[2])
+                    else:
+                        pieces.append((lo, lo + cs))
+                        runs.append((first + i, 1, host))
+                    host += 1
+                self._ready.put((buf, pieces, start_host * cs))
+        self._ready.put(None)
+
+    def _write(self) -> None:
+        target = self.target
+        while True:
+            item = self._ready.get()
+            if item is None or self._stop:
+                return
+            buf, pieces, host = item
+            if pieces:
+                mv = memoryview(buf)
+                length = sum(hi - lo for lo, hi in pieces)
+                # blocks allocated just before they are written: ext4 then skips its
+                # delayed allocation page by page (see FileStorage._extend)
+                target.allocate(host, length)
+                write_at(target.fd, [mv[lo:hi] for lo, hi in pieces], host)
+            self._free.put(buf)
+
+    def join(self) -> list[Run]:
+        """Wait for both threads; the data runs, or the first error of either thread."""
+        try:
+            for t in self._threads:
+                t.join()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            sys.setswitchinterval(self._interval)
+        if self.error is not None:
+            raise self.error
+        return self.runs
+
+    def abort(self) -> None:
+        """Stop both threads and wait for them (an error they hit is dropped)."""
+        self._stop = True
+        self._ready.put(None)
+        self._free.put(bytearray(self._chunk))
+        for t in self._threads:
+            if t.is_alive():
+                t.join()
+        sys.setswitchinterval(self._interval)
+
+
+def write_at(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write the views one after the other from offset: one pwritev per IOV_MAX of them,
+    continued after a short write."""
+    while views:
+        batch = views[:_IOV_MAX]
+        n = os.pwritev(fd, batch, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "a write wrote nothing")
+        offset += n
+        done = 0
+        while done < len(batch) and n >= len(batch[done]):
+            n -= len(batch[done])
+            done += 1
+        views = views[done:]
+        if n:
+            views[0] = views[0][n:]
+
+
+def read_at(fd: int, mv: memoryview, offset: int) -> None:
+    """Fill mv from fd at offset; past the end of the file reads as zeros (a raw source
+    that shrank under us)."""
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            mv[done:] = bytes(len(mv) - done)
+            return
+        done += n
+
+
+__all__ = ["Layout", "PUMP_CHUNK_BYTES", "RawPump", "Run", "data_ranges", "plan_layout", "refcount_code"]

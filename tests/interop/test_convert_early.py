@@ -1,0 +1,243 @@
+"""The early raw -> qcow2 path of convert (ops/convert/rawpump.py + planned.py): what it
+writes is what qemu-img convert writes (same guest content, same allocation, about the
+same size, qemu-img check clean), its header is the one ops.create makes, and a failure in
+the middle of the copy is a clear error with no thread left behind and no target left."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qcow2kit.cli.main import main
+from qcow2kit.format.header import Header
+from qcow2kit.ops.convert import convert, planned, rawpump
+from qcow2kit.ops.create import create
+from tests.helpers import assert_clean, map_shape, qemu_compare, qemu_img
+
+MIB = 1 << 20
+
+
+def _source(path: Path, size: int, seed: int, holes: bool = True) -> None:
+    """Random data, written zeros and (with holes) real holes, at odd boundaries."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        pos = 0
+        kind = 0
+        while pos < size:
+            n = min(size - pos, rng.choice([512, 4096, 65536, 70_000, 300_000, MIB]))
+            if kind % 3 == 0:
+                f.seek(pos)
+                f.write(rng.randbytes(n))
+            elif kind % 3 == 1 or not holes:
+                f.seek(pos)
+                f.write(bytes(n))
+            kind += 1
+            pos += n
+
+
+@pytest.fixture
+def taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the converts that went the early way."""
+    calls: list[int] = []
+    real = planned.finish
+
+    def spy(early: planned.Early) -> None:
+        calls.append(1)
+        real(early)
+
+    monkeypatch.setattr(planned, "finish", spy)
+    return calls
+
+
+def _qemu_opts(options: dict[str, Any]) -> list[str]:
+    if not options:
+        return []
+    text = ",".join(f"{k}={'on' if v is True else 'off' if v is False else v}"
+                    for k, v in options.items())
+    return ["-o", text]
+
+
+@pytest.mark.parametrize(
+    ("size", "options", "sparse"),
+    [
+        (6 * MIB, {}, 4096),
+        (6 * MIB + 512, {}, 4096),  # ends inside a cluster
+        (5 * MIB + 100, {}, 4096),  # ends inside a sector: counted in whole sectors
+        (3 * MIB, {"cluster_size": 512, "refcount_bits": 64}, 4096),  # many refcount blocks
+        (9 * MIB, {"cluster_size": 4096, "refcount_bits": 8}, 4096),
+        (5 * MIB, {"cluster_size": 2 << 20, "refcount_bits": 32}, 4096),
+        (4 * MIB, {"compression_type": "zstd", "lazy_refcounts": True}, 4096),
+        (4 * MIB, {}, 0),  # -S 0: every cluster written
+    ],
+)
+def test_early_output_matches_qemu(
+    tmp_path: Path, taken: list[int], size: int, options: dict[str, Any], sparse: int
+) -> None:
+    src = tmp_path / "src.raw"
+    _source(src, size, seed=size + len(options))
+    ours = tmp_path / "ours.qcow2"
+    convert(str(src), str(ours), out_fmt="qcow2", options=options, sparse_bytes=sparse)
+    assert taken == [1]
+    assert_clean(ours)
+    qemu_compare(ours, src)
+    ref = tmp_path / "ref.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-S", str(sparse), *_qemu_opts(options),
+             str(src), str(ref))
+    cs = options.get("cluster_size", 65536)
+    if cs >= sparse:
+        assert map_shape(ours) == map_shape(ref)
+    else:
+        # qemu keeps zero runs shorter than -S allocated; convert decides per cluster (as
+        # its general path does, which writeback caching takes)
+        general = tmp_path / "general.qcow2"
+        convert(str(src), str(general), out_fmt="qcow2", options=options, sparse_bytes=sparse,
+                cache="writeback")
+        assert map_shape(ours) == map_shape(general)
+    assert abs(ours.stat().st_size - ref.stat().st_size) <= 8 * cs + (64 << 10)
+    info = qemu_img("info", "--output=json", str(ours)).stdout
+    assert info.replace(str(ours), "X") == qemu_img("info", "--output=json", str(ref)).stdout.replace(
+        str(ref), "X").replace(str(ref.stat().st_size), str(ours.stat().st_size)).replace(
+        f'"actual-size": {ref.stat().st_blocks * 512}', f'"actual-size": {ours.stat().st_blocks * 512}')
+
+
+def test_all_zero_and_all_hole_sources(tmp_path: Path, taken: list[int]) -> None:
+    for name, fill in (("holes.raw", False), ("zeros.raw", True)):
+        src = tmp_path / name
+        with open(src, "wb") as f:
+            if fill:
+                f.write(bytes(3 * MIB))
+            else:
+                f.truncate(3 * MIB)
+        out = tmp_path / f"{name}.qcow2"
+        convert(str(src), str(out), out_fmt="qcow2")
+        assert_clean(out)
+        qemu_compare(out, src)
+        assert all(not e["data"] for e in __import__("json").loads(
+            qemu_img("map", "--output=json", str(out)).stdout))
+    assert taken == [1, 1]
+
+
+def test_overwrites_an_existing_target(tmp_path: Path, taken: list[int]) -> None:
+    src = tmp_path / "src.raw"
+    _source(src, 2 * MIB, seed=5)
+    out = tmp_path / "out.qcow2"
+    out.write_bytes(os.urandom(5 * MIB))
+    convert(str(src), str(out), out_fmt="qcow2")
+    assert_clean(out)
+    qemu_compare(out, src)
+    assert taken == [1]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {}, {"cluster_size": 512}, {"cluster_size": 4096, "refcount_bits": 64},
+        {"cluster_size": 2 << 20, "compression_type": "zstd"}, {"lazy_refcounts": True},
+    ],
+)
+def test_header_is_the_one_create_makes(tmp_path: Path, options: dict[str, Any]) -> None:
+    size = 100 * MIB
+    path = tmp_path / "made.qcow2"
+    create(path, size, **options)
+    made = Header.from_bytes(path.read_bytes()[:65536])
+    cs = options.get("cluster_size", 65536)
+    order = options.get("refcount_bits", 16).bit_length() - 1
+    layout = rawpump.plan_layout(size, cs.bit_length() - 1, order, [(0, size)])
+    ours = planned.fresh_header(layout, options)
+    assert ours == made.replace(
+        l1_table_offset=ours.l1_table_offset,
+        refcount_table_clusters=ours.refcount_table_clusters,
+    )
+
+
+def _threads() -> set[threading.Thread]:
+    return set(threading.enumerate())
+
+
+@pytest.mark.parametrize("where", ["read", "write"])
+def test_error_in_the_middle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """An unreadable source or a full disk after a few chunks: the OSError itself, both
+    threads gone, the target removed, the GIL switch interval restored."""
+    monkeypatch.setattr(rawpump, "PUMP_CHUNK_BYTES", 256 << 10)
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(4 * MIB))
+    calls = []
+    name = "read_at" if where == "read" else "write_at"
+    real = getattr(rawpump, name)
+    err = errno.EIO if where == "read" else errno.ENOSPC
+
+    def failing(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(err, os.strerror(err))
+        real(*args)
+
+    monkeypatch.setattr(rawpump, name, failing)
+    before = _threads()
+    interval = sys.getswitchinterval()
+    out = tmp_path / "out.qcow2"
+    with pytest.raises(OSError) as info:
+        convert(str(src), str(out), out_fmt="qcow2")
+    assert info.value.errno == err
+    assert _threads() == before
+    assert sys.getswitchinterval() == interval
+    assert not out.exists()
+
+
+def test_cli_full_disk_is_a_clean_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(rawpump, "PUMP_CHUNK_BYTES", 256 << 10)
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(2 * MIB))
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rawpump, "write_at", full)
+    before = _threads()
+    out = tmp_path / "out.qcow2"
+    assert main(["convert", "-q", "-f", "raw", "-O", "qcow2", str(src), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err
+    assert "Traceback" not in err
+    assert _threads() == before
+    assert not out.exists()
+
+
+def test_abort_stops_a_running_pump(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """abort() (what an interrupt of the waiting thread runs) ends both threads even while
+    the writer is blocked."""
+    monkeypatch.setattr(rawpump, "PUMP_CHUNK_BYTES", 64 << 10)
+    gate = threading.Event()
+    real = rawpump.write_at
+
+    def slow(*args: Any) -> None:
+        gate.wait(10)
+        real(*args)
+
+    monkeypatch.setattr(rawpump, "write_at", slow)
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(2 * MIB))
+    before = _threads()
+    source = rawpump.FileStorage(str(src))
+    target = rawpump.FileStorage(str(tmp_path / "out"), True, create=True)
+    ranges = [(0, 2 * MIB)]
+    pump = rawpump.RawPump(source, target, rawpump.plan_layout(2 * MIB, 16, 4, ranges), ranges,
+                           True).start()
+    threading.Timer(0.05, gate.set).start()
+    pump.abort()
+    gate.set()
+    source.close()
+    target.close()
+    for t in _threads() - before:
+        t.join(10)  # the timer
+    assert _threads() == before
