@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Protocol
 
 from .errors import FormatError, UnsupportedFeatureError
 from .format.header import Header
 from .io.file import FileStorage
 from .io.storage import Storage
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object  # only type checkers need the protocol machinery
 
 MAX_BACKING_DEPTH = 64
 QCOW2_MAGIC = b"QFI\xfb"

@@ -116,7 +116,6 @@ CASES: dict[str, tuple[Build, list[str]]] = {
 
 def with_unknown_extension(d: Path) -> None:
     """An overlay whose header carries an extension neither tool knows."""
-    from dataclasses import replace
 
     from qcow2kit.format.extensions import Extension
     from qcow2kit.format.header import Header
@@ -125,7 +124,7 @@ def with_unknown_extension(d: Path) -> None:
     path = d / "top.qcow2"
     data = bytearray(path.read_bytes())
     h = Header.from_bytes(bytes(data[:65536]))
-    h = replace(h, extensions=(*h.extensions, Extension(0x12345678, b"kept verbatim!"))).relayout()
+    h = h.replace(extensions=(*h.extensions, Extension(0x12345678, b"kept verbatim!"))).relayout()
     raw = h.to_bytes()
     data[: len(raw)] = raw
     path.write_bytes(bytes(data))

@@ -12,10 +12,9 @@ Sizes follow what qemu-img 7.2 accepts (measured, see tests/cli/test_sizes.py):
 
 from __future__ import annotations
 
-import re
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:  # only the verbs' register() functions use it, after importing argparse
     import argparse
 
@@ -55,6 +54,8 @@ class _SizeRangeError(ValueError):
 
 def _size_value(text: str) -> int:
     """The number of bytes text names, 0 <= n < 2**64; raises _SizeSyntaxError / _SizeRangeError."""
+    import re  # here, not at the top: a command given no size never pays for re
+
     m = re.match(_SIZE_RE, text)
     if m is None or m.end() != len(text):
         raise _SizeSyntaxError(text)
@@ -122,6 +123,8 @@ def parse_option_number(key: str, text: str) -> int:
     """A plain number given as an option value (-o refcount_bits=16): decimal, 0x hex or
     0-prefixed octal, as qemu-img reads numbers; a '-' wraps modulo 2**64 there, so here too
     (the value is then refused by the range check of the option)."""
+    import re
+
     m = re.fullmatch(_NUMBER_RE, text)
     if m is None:
         raise UsageError(f"Parameter '{key}' expects a number")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
 
 from .common import add_output
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
     import argparse
+    from typing import Any
 
 
 def register(sub: Any) -> None:

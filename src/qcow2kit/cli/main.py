@@ -13,13 +13,14 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import argparse
 
 from ..errors import Qcow2Error
 from .common import PROG, UsageError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 # qcow2kit never calls BLAS, but numpy's OpenBLAS starts a pool of worker threads when numpy
 # is imported; on a busy machine creating (and spinning) them costs a command tens of

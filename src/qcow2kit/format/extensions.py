@@ -6,7 +6,6 @@ Unknown extensions are kept as Unknown(type, data) and written back verbatim.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from ..errors import FormatError
 from . import constants as C
@@ -20,19 +19,56 @@ CRYPTO_EXTENSION_BYTES = 16
 CRYPT_LUKS = 2
 
 
-@dataclass(frozen=True, slots=True)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    from typing import Final
+
+
 class Extension:
-    type: int
-    data: bytes
+    """One header extension (immutable; plain class: dataclasses cost start-up time)."""
+
+    __slots__ = ("type", "data")
+
+    def __init__(self, type: int, data: bytes) -> None:  # noqa: A002 (the spec's name)
+        self.type: Final = type
+        self.data: Final = data
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Extension):
+            return NotImplemented
+        return (self.type, self.data) == (other.type, other.data)
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.data))
+
+    def __repr__(self) -> str:
+        return f"Extension(type={self.type!r}, data={self.data!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class BitmapsExtension:
-    nb_bitmaps: int
-    directory_size: int
-    directory_offset: int
+    """The bitmaps extension's fields (immutable)."""
+
+    __slots__ = ("nb_bitmaps", "directory_size", "directory_offset")
 
     STRUCT = struct.Struct(">IIQQ")
+
+    def __init__(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None:
+        self.nb_bitmaps: Final = nb_bitmaps
+        self.directory_size: Final = directory_size
+        self.directory_offset: Final = directory_offset
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BitmapsExtension):
+            return NotImplemented
+        return (self.nb_bitmaps, self.directory_size, self.directory_offset) == (
+            other.nb_bitmaps, other.directory_size, other.directory_offset)
+
+    def __hash__(self) -> int:
+        return hash((self.nb_bitmaps, self.directory_size, self.directory_offset))
+
+    def __repr__(self) -> str:
+        return (f"BitmapsExtension(nb_bitmaps={self.nb_bitmaps}, directory_size="
+                f"{self.directory_size}, directory_offset={self.directory_offset})")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BitmapsExtension:

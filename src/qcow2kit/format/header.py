@@ -7,8 +7,6 @@ Unknown trailing header bytes and unknown extensions survive a rewrite.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
 
 from ..errors import FormatError, UnsupportedFeatureError
 from . import constants as C
@@ -24,35 +22,81 @@ from .extensions import (
 )
 from .features import KNOWN_AUTOCLEAR, KNOWN_INCOMPATIBLE, Autoclear, Incompatible
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    from typing import Any, Final
+
 SNAPSHOT_MIN_ENTRY_BYTES = 40
 
 
-@dataclass(frozen=True, slots=True)
 class Header:
-    version: int
-    backing_file_offset: int
-    backing_file_size: int
-    cluster_bits: int
-    size: int
-    crypt_method: int
-    l1_size: int
-    l1_table_offset: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    nb_snapshots: int
-    snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = C.V2_HEADER_LENGTH
-    compression_type: int = 0
-    unknown_fields: bytes = b""
-    extensions: tuple[Extension, ...] = field(default=())
-    backing_file: str | None = None
+    """One decoded header; treat it as immutable (`replace` makes a changed copy). A plain
+    slotted class, not a dataclass: importing dataclasses costs the light commands (info, the
+    fast map and check) several milliseconds of start-up."""
 
-    V2: ClassVar[struct.Struct] = struct.Struct(">IIQIIQIIQQIIQ")
-    V3: ClassVar[struct.Struct] = struct.Struct(">QQQII")
+    __slots__ = (
+        "version", "backing_file_offset", "backing_file_size", "cluster_bits", "size",
+        "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset",
+        "refcount_table_clusters", "nb_snapshots", "snapshots_offset", "incompatible_features",
+        "compatible_features", "autoclear_features", "refcount_order", "header_length",
+        "compression_type", "unknown_fields", "extensions", "backing_file",
+    )
+
+    V2 = struct.Struct(">IIQIIQIIQQIIQ")
+    V3 = struct.Struct(">QQQII")
+
+    def __init__(
+        self, version: int, backing_file_offset: int, backing_file_size: int, cluster_bits: int,
+        size: int, crypt_method: int, l1_size: int, l1_table_offset: int,
+        refcount_table_offset: int, refcount_table_clusters: int, nb_snapshots: int,
+        snapshots_offset: int, incompatible_features: int = 0, compatible_features: int = 0,
+        autoclear_features: int = 0, refcount_order: int = 4,
+        header_length: int = C.V2_HEADER_LENGTH, compression_type: int = 0,
+        unknown_fields: bytes = b"", extensions: tuple[Extension, ...] = (),
+        backing_file: str | None = None,
+    ) -> None:
+        self.version: Final = version
+        self.backing_file_offset: Final = backing_file_offset
+        self.backing_file_size: Final = backing_file_size
+        self.cluster_bits: Final = cluster_bits
+        self.size: Final = size
+        self.crypt_method: Final = crypt_method
+        self.l1_size: Final = l1_size
+        self.l1_table_offset: Final = l1_table_offset
+        self.refcount_table_offset: Final = refcount_table_offset
+        self.refcount_table_clusters: Final = refcount_table_clusters
+        self.nb_snapshots: Final = nb_snapshots
+        self.snapshots_offset: Final = snapshots_offset
+        self.incompatible_features: Final = incompatible_features
+        self.compatible_features: Final = compatible_features
+        self.autoclear_features: Final = autoclear_features
+        self.refcount_order: Final = refcount_order
+        self.header_length: Final = header_length
+        self.compression_type: Final = compression_type
+        self.unknown_fields: Final = unknown_fields
+        self.extensions: Final = extensions
+        self.backing_file: Final = backing_file
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def replace(self, **changes: Any) -> Header:
+        """A copy with some fields changed (unknown names are a TypeError)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return Header(**values)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Header):
+            return NotImplemented
+        return self._values() == other._values()  # noqa: SLF001 (same class)
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Header({fields})"
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -325,7 +369,7 @@ class Header:
         length = self.header_length if self.version == 3 else C.V2_HEADER_LENGTH
         ext_len = len(encode_extensions(list(self.extensions)))
         if self.backing_file is None:
-            return replace(self, backing_file_offset=0, backing_file_size=0)
+            return self.replace(backing_file_offset=0, backing_file_size=0)
         name = self.backing_file.encode("utf-8", "surrogateescape")
         if len(name) > C.MAX_BACKING_NAME_BYTES:
             raise FormatError(
@@ -334,4 +378,4 @@ class Header:
         off = length + ext_len
         if off + len(name) > self.cluster_size:
             raise FormatError("header, extensions and backing file name do not fit in cluster 0")
-        return replace(self, backing_file_offset=off, backing_file_size=len(name))
+        return self.replace(backing_file_offset=off, backing_file_size=len(name))

@@ -3,7 +3,11 @@ hole punching, and a named event hook that fault-injecting test storage uses."""
 
 from __future__ import annotations
 
-from typing import Protocol
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object  # only type checkers need the protocol machinery
 
 
 class Storage(Protocol):

@@ -33,7 +33,7 @@ _EXT_HEADER_BYTES = 8
 def write_autoclear(meta: Metadata, bits: int) -> None:
     header_io.write_autoclear(meta.storage, bits)
     meta.storage.flush()
-    meta.header = replace(meta.header, autoclear_features=bits)
+    meta.header = meta.header.replace(autoclear_features=bits)
 
 
 def write_bitmap(meta: Metadata, e: fmt.BitmapEntry, bits: U8) -> fmt.BitmapEntry:
@@ -73,12 +73,12 @@ def switch_header(meta: Metadata, ext: BitmapsExtension | None) -> None:
         header_io.write_field(meta.storage, at, payload, "bitmap_extension_update")
         exts = tuple(Extension(x.type, payload) if x.type == C.EXT_BITMAPS else x
                      for x in h.extensions)
-        meta.header = replace(h, extensions=exts)
+        meta.header = h.replace(extensions=exts)
         return
     others = tuple(x for x in h.extensions if x.type != C.EXT_BITMAPS)
     exts = others + ((Extension(C.EXT_BITMAPS, payload),) if payload is not None else ())
     bits = h.autoclear_features & ~Autoclear.BITMAPS
-    new = replace(h, extensions=exts, autoclear_features=bits).relayout()
+    new = h.replace(extensions=exts, autoclear_features=bits).relayout()
     raw = new.to_bytes()
     if len(raw) > meta.geom.cluster_size:
         raise UnsupportedFeatureError("the header extensions no longer fit in cluster 0")

@@ -357,7 +357,7 @@ class Compactor:
                 "snapshot_table_move",
             )
             if new is not None:
-                meta.header = replace(meta.header, snapshots_offset=new)
+                meta.header = meta.header.replace(snapshots_offset=new)
                 self.moved += 1
 
     def run(self) -> CompactResult:

@@ -11,8 +11,6 @@ The three rules (DESIGN.md section 3):
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import numpy.typing as npt
 
@@ -97,8 +95,8 @@ class Metadata:
     # ---- state --------------------------------------------------------------------------
     def set_reftable(self, offset: int, clusters: int) -> None:
         """The header now names this refcount table (after a grow or a rebuild)."""
-        self.header = replace(
-            self.header, refcount_table_offset=offset, refcount_table_clusters=clusters
+        self.header = self.header.replace(
+            refcount_table_offset=offset, refcount_table_clusters=clusters
         )
 
     def check_writable(self) -> None:
@@ -116,7 +114,7 @@ class Metadata:
                 try:
                     header_io.write_incompatible(self.storage, bits)
                     self.storage.flush()
-                    self.header = replace(self.header, incompatible_features=bits)
+                    self.header = self.header.replace(incompatible_features=bits)
                 except OSError:
                     pass
         if not self.writable:
@@ -131,7 +129,7 @@ class Metadata:
         self.storage.flush()
         header_io.write_incompatible(self.storage, bits)
         self.storage.flush()
-        self.header = replace(self.header, incompatible_features=bits)
+        self.header = self.header.replace(incompatible_features=bits)
 
     def clear_dirty_bit(self) -> None:
         if not self.header.incompatible_features & Incompatible.DIRTY:
@@ -140,7 +138,7 @@ class Metadata:
         self.flush()
         header_io.write_incompatible(self.storage, bits)
         self.storage.flush()
-        self.header = replace(self.header, incompatible_features=bits)
+        self.header = self.header.replace(incompatible_features=bits)
 
     # ---- ordering -----------------------------------------------------------------------
     def note_data_written(self, *, new_clusters: bool) -> None:
@@ -246,4 +244,4 @@ class Metadata:
 
     def write_size(self, size: int) -> None:
         header_io.write_size(self.storage, size)
-        self.header = replace(self.header, size=size)
+        self.header = self.header.replace(size=size)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -146,7 +145,7 @@ def switch_header(meta: Metadata, new_size: int, new_l1_entries: int) -> None:
                     meta.l2.l1_offset),
     )
     meta.storage.flush()
-    meta.header = replace(header, size=new_size, l1_size=new_l1_entries)
+    meta.header = header.replace(size=new_size, l1_size=new_l1_entries)
     if new_l1_entries < old_l1_entries:
         meta.l2.l1 = meta.l2.l1[:new_l1_entries].copy()
         meta.l2.l1_size = new_l1_entries
@@ -200,7 +199,7 @@ def grow_l1(meta: Metadata, new_l1_entries: int) -> None:
     l2.l1 = new_table
     l2.l1_size = new_l1_entries
     l2.l1_offset = new_offset
-    meta.header = replace(meta.header, l1_size=new_l1_entries, l1_table_offset=new_offset)
+    meta.header = meta.header.replace(l1_size=new_l1_entries, l1_table_offset=new_offset)
     if free_old:
         freed = meta.refcounts.add_range(old_offset // cs, old_clusters, -1)
         meta.forget_freed(freed)
@@ -253,7 +252,7 @@ def relocate_tables(meta: Metadata) -> bool:
     )
     if new is not None:
         rc.reftable_offset = new
-        meta.header = replace(meta.header, refcount_table_offset=new)
+        meta.header = meta.header.replace(refcount_table_offset=new)
     moved_l1 = None
     if l2.l1_size and l2.l1_offset:
         size = l2.l1_size
@@ -263,5 +262,5 @@ def relocate_tables(meta: Metadata) -> bool:
         )
         if moved_l1 is not None:
             l2.l1_offset = moved_l1
-            meta.header = replace(meta.header, l1_table_offset=moved_l1)
+            meta.header = meta.header.replace(l1_table_offset=moved_l1)
     return new is not None or moved_l1 is not None

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -221,8 +220,8 @@ def commit(
         len(snapshots), snap_offset))
     st.flush()
 
-    meta.header = replace(
-        old, size=size, l1_size=len(new_l1), l1_table_offset=l1_offset,
+    meta.header = old.replace(
+        size=size, l1_size=len(new_l1), l1_table_offset=l1_offset,
         refcount_table_offset=table_start * cs, refcount_table_clusters=reftable_clusters,
         nb_snapshots=len(snapshots), snapshots_offset=snap_offset,
     )

@@ -247,6 +247,6 @@ def load_view(meta: Metadata, index: int) -> Snapshot:
         data_file=meta.header.has_data_file, before_l2_write=_no_writes,
         cache_tables=meta.l2.cache.capacity,
     )
-    meta.header = replace(meta.header, size=size, l1_size=snap.l1_size,
+    meta.header = meta.header.replace(size=size, l1_size=snap.l1_size,
                           l1_table_offset=snap.l1_table_offset)
     return snap

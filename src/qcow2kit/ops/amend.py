@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..errors import Qcow2Error, UnsupportedFeatureError
 from ..format import constants as C
@@ -222,7 +222,7 @@ def amend_storage(
             bits = bits | Compatible.LAZY_REFCOUNTS if plan.lazy else bits & ~Compatible.LAZY_REFCOUNTS
             # off: the open repaired a dirty image, and nothing was written since
             assert not img.header.incompatible_features & Incompatible.DIRTY
-            write_header(img, _normalised(replace(img.header, compatible_features=int(bits))))
+            write_header(img, _normalised(img.header.replace(compatible_features=int(bits))))
     if plan.size is not None:
         with opened() as img:
             img.resize(plan.size, shrink=True)
@@ -267,8 +267,8 @@ def _upgrade(img: Image) -> None:
                      snapshots=[completed(sn, size) for sn in meta.snapshots],
                      old_l1_kept=False)
     h = img.header
-    write_header(img, _normalised(replace(
-        h, version=3, header_length=C.V3_HEADER_LENGTH, refcount_order=4,
+    write_header(img, _normalised(h.replace(
+        version=3, header_length=C.V3_HEADER_LENGTH, refcount_order=4,
         incompatible_features=0, compatible_features=0, autoclear_features=0,
         compression_type=C.COMPRESSION_ZLIB, unknown_fields=b"",
     )))
@@ -283,7 +283,7 @@ def _updated_header(h: Header, o: AmendOptions) -> Header:
         # rewritten only: the new file is not checked (QEMU neither checks it)
         kept = tuple(e for e in exts if e.type != C.EXT_DATA_FILE)
         exts = kept + ((Extension(C.EXT_DATA_FILE, o.data_file.encode()),) if o.data_file else ())
-    return _normalised(replace(h, autoclear_features=int(autoclear), extensions=exts))
+    return _normalised(h.replace(autoclear_features=int(autoclear), extensions=exts))
 
 
 def _expand_zero_clusters(img: Image) -> None:
@@ -308,8 +308,8 @@ def _expand_zero_clusters(img: Image) -> None:
 
 
 def _downgraded(h: Header) -> Header:
-    v2 = replace(
-        h, version=2, header_length=C.V2_HEADER_LENGTH, refcount_order=4,
+    v2 = h.replace(
+        version=2, header_length=C.V2_HEADER_LENGTH, refcount_order=4,
         incompatible_features=0, compatible_features=0, autoclear_features=0,
         compression_type=C.COMPRESSION_ZLIB, unknown_fields=b"",
     )

@@ -12,18 +12,19 @@ from __future__ import annotations
 import os
 import stat
 import time
-from typing import TYPE_CHECKING, Any
 
 from ..chain import probe_format
 from ..errors import FormatError, UnsupportedFeatureError
 from ..format import constants as C
-from ..format.bitmaps import parse_directory
 from ..format.features import Autoclear, Incompatible
 from ..format.header import Header
 from ..io.file import FileStorage
 from ..metadata.header_io import read_header
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
+    from typing import Any
+
     from ..format.snapshot import Snapshot
 
 _MAX_BACKING_DEPTH = 64  # as image.MAX_BACKING_DEPTH (not imported: this module stays light)
@@ -65,6 +66,8 @@ def _bitmaps(storage: FileStorage, header: Header) -> list[dict[str, Any]] | Non
     ext = header.bitmaps
     if ext is None or ext.nb_bitmaps == 0:
         return None
+    from ..format.bitmaps import parse_directory  # only images with bitmaps pay for it
+
     entries = parse_directory(storage.pread(ext.directory_offset, ext.directory_size), ext.nb_bitmaps)
     out: list[dict[str, Any]] = []
     for e in entries:

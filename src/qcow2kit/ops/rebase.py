@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
 
@@ -79,13 +78,13 @@ def rebased_header(h: Header, name: str | None, fmt: str | None) -> Header:
     if bitmaps is not None:
         exts.append(Extension(C.EXT_BITMAPS, bitmaps))
     exts += [e for e in h.extensions if e.type not in known]
-    new = replace(h, extensions=tuple(exts), backing_file=name or None)
+    new = h.replace(extensions=tuple(exts), backing_file=name or None)
     try:
         return new.relayout()
     except FormatError:
         # like QEMU: the optional feature-name table is left out when cluster 0 is too small
         slim = tuple(e for e in exts if e.type != C.EXT_FEATURE_TABLE)
-        return replace(new, extensions=slim).relayout()
+        return new.replace(extensions=slim).relayout()
 
 
 def write_header(img: Image, header: Header) -> None:

@@ -117,7 +117,7 @@ def _mark_clean(st: CheckState) -> None:
         meta.flush()
         header_io.write_incompatible(st.storage, bits)
         st.storage.flush()
-        meta.header = replace(meta.header, incompatible_features=bits)
+        meta.header = meta.header.replace(incompatible_features=bits)
         meta.corrupt = False
 
 

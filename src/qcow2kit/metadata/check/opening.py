@@ -9,7 +9,6 @@ keeps refusing such images (header_io and Metadata without `for_check`). Must ne
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
 
 from ...errors import FormatError
 from ...format import constants as C
@@ -45,8 +44,8 @@ def read_header_for_check(storage: Storage) -> Header:
     if rt_offset + rt_clusters * cs > size:
         raise refused
     # the other tables must lie inside the file as for any open (the stand-in has no size)
-    replace(header, refcount_table_offset=cs, refcount_table_clusters=0).check_fits(size)
-    return replace(header, refcount_table_offset=rt_offset, refcount_table_clusters=rt_clusters)
+    header.replace(refcount_table_offset=cs, refcount_table_clusters=0).check_fits(size)
+    return header.replace(refcount_table_offset=rt_offset, refcount_table_clusters=rt_clusters)
 
 
 def open_for_check(storage: Storage) -> Metadata:
@@ -59,6 +58,6 @@ def open_for_check(storage: Storage) -> Metadata:
         if not header.nb_snapshots:
             raise
     # like QEMU in check mode: the snapshot table is read (and judged) by the check
-    meta = Metadata(storage, replace(header, nb_snapshots=0), for_check=True)
+    meta = Metadata(storage, header.replace(nb_snapshots=0), for_check=True)
     meta.header = header
     return meta

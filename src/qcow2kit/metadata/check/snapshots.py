@@ -128,7 +128,7 @@ def rewrite_snapshot_table(st: CheckState) -> None:
     st.storage.pwrite(C.HEADER_SNAPSHOTS_OFFSET, struct.pack(">IQ", len(parts), start << cb))
     st.storage.flush()
     old_off, old_size = st.snapshots_offset, st.snapshots_size
-    meta.header = replace(meta.header, nb_snapshots=len(parts), snapshots_offset=start << cb)
+    meta.header = meta.header.replace(nb_snapshots=len(parts), snapshots_offset=start << cb)
     if old_size:
         first, last = old_off >> cb, (old_off + old_size - 1) >> cb
         freed = rc.adjust(np.arange(first, last + 1, dtype=np.int64), -1)
