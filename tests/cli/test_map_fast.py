@@ -3,7 +3,7 @@
 
 - on plain images of every cluster size and shape it answers, with exactly the text of the
   full path and of `qemu-img map` (JSON and human), also when every L2 table is its own batch
-  (the joins between batches);
+  or runs are cut into chunks of 3 entries (the joins between batches and chunks);
 - on everything it does not handle it declines (and says why), and the command still prints
   the full path's answer;
 - the command really takes it: no numpy, no argparse in the process;
@@ -189,13 +189,15 @@ def _fast(path: Path, backing: bool = True) -> tuple[str, tuple[str, str | None]
 
 
 @pytest.mark.parametrize("name", PLAIN)
-@pytest.mark.parametrize("batch", ["default", "one-table"])
+@pytest.mark.parametrize("batch", ["default", "one-table", "tiny-chunks"])
 def test_plain_images_same_as_full_path_and_qemu(images: Callable[[str], Path], name: str,
                                                  batch: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     path = images(name)
     if batch == "one-table":
         monkeypatch.setattr(map_plain, "_BATCH_ENTRIES", 1)  # every L2 table its own batch
+    if batch == "tiny-chunks":
+        monkeypatch.setattr(map_plain, "_CHUNK_ENTRIES", 3)  # runs split across chunks
     fast_json, fast_human = _fast(path)
     full_json, full_human = _full(path)
     assert fast_json == full_json
