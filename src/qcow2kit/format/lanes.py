@@ -26,6 +26,12 @@ def _ones(n: int, bits: int) -> int:
     return int.from_bytes((1).to_bytes(bits // 8, "big") * n, "big")
 
 
+@lru_cache(maxsize=32)
+def _fill(n: int, bits: int, v: int) -> int:
+    """v in each of n lanes of `bits` bits (v < 2**bits)."""
+    return int.from_bytes(v.to_bytes(bits // 8, "big") * n, "big")
+
+
 def _nonzero_lanes(value: int, n: int, bits: int) -> int:
     """1 in each lane whose entry is nonzero, else 0 (entries may use every bit)."""
     top = bits - 1
@@ -67,6 +73,44 @@ class Lanes:
     def any(self, mask: int) -> bool:
         """Whether some entry has some bit of mask set."""
         return self.value & self.fill(mask) != 0
+
+    def tagged(self, key: int, tag_mask: int, tag: int) -> bool:
+        """Whether every entry's bits under tag_mask equal `tag` where its bits under `key`
+        are not all zero, and are all zero where they are ("the COPIED flag is set exactly on
+        the entries that hold an offset, and no other flag bit is set"). Bits outside
+        key | tag_mask are ignored. Needs tag within tag_mask."""
+        if tag & ~tag_mask:
+            raise ValueError(f"tag {tag:#x} is not within tag_mask {tag_mask:#x}")
+        ones = _ones(self.n, self.bits)
+        keyed = _nonzero_lanes(self.value & ones * key, self.n, self.bits)
+        return self.value & ones * tag_mask == keyed * tag
+
+    def tagged_breaks(self, key: int, zero_mask: int, step: int) -> bytes | None:
+        """For entries that hold a value under `key` and flags: None unless every entry's top
+        bit is set exactly where its bits under key are not all zero, and its bits under
+        zero_mask are all zero; else one byte per entry, nonzero (0x80) where entry i + 1
+        does not continue entry i in the sense of breaks(step) of the entries masked with
+        key, the last entry counting as followed by a zero entry. All in one pass of a dozen
+        operations on the whole integer. Needs every masked entry + step below
+        2**(bits - 1), step a power of two and key, zero_mask and the top bit disjoint."""
+        bits = self.bits
+        top = bits - 1
+        if step <= 0 or step & (step - 1) or step >= 1 << top or key & zero_mask or (key | zero_mask) >> top:
+            raise ValueError("step must be a power of two; key, zero_mask and the top bit disjoint")
+        n, value = self.n, self.value
+        below_top = _fill(n, bits, (1 << top) - 1)
+        top_bits = _fill(n, bits, 1 << top)
+        keyed = value & _fill(n, bits, key)
+        # masked entries are below 2**top: adding 2**top - 1 sets bit top exactly where nonzero
+        nonzero_top = (keyed + below_top) & top_bits
+        if value & _fill(n, bits, zero_mask | 1 << top) != nonzero_top:
+            return None
+        expected = keyed + (nonzero_top >> (top - step.bit_length() + 1))
+        # lane i of (keyed << bits) is entry i + 1 (a zero enters the last lane); the first
+        # entry moves past the n lanes, which `& top_bits` drops, and no lane carries into
+        # its neighbour (every lane stays below 2**bits)
+        differ = ((((keyed << bits) ^ expected) + below_top) & top_bits).to_bytes(n * bits // 8, "big")
+        return differ[:: bits // 8]
 
     def _flags(self, lanes01: int) -> bytes:
         """One byte per lane (0 or 1) from lanes that hold 0 or 1."""

@@ -4,16 +4,42 @@
 Opening goes through the metadata layer directly rather than Image, because a check must
 work on images that Image refuses to open (corrupt bit set, no refcount table, a snapshot
 table that does not parse) and must not run the automatic dirty-bit repair first: it is the
-repair. Imports metadata, format and io only.
+repair. Imports metadata, format and io only, and those only inside check_path: the
+rendering serves the numpy-free fast path too (ops/check_plain.py), whose results it prints
+exactly as the full check's.
 """
 
 from __future__ import annotations
 
-from ..chain import probe_format
-from ..errors import UnsupportedFeatureError
-from ..io.file import FileStorage
-from ..metadata.check import CheckResult, check_image
-from ..metadata.check.opening import open_for_check
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    from ..metadata.check import CheckResult
+
+    class Summary(Protocol):
+        """What rendering reads: CheckResult, or check_plain's CleanResult."""
+
+        @property
+        def corruptions(self) -> int: ...
+        @property
+        def leaks(self) -> int: ...
+        @property
+        def check_errors(self) -> int: ...
+        @property
+        def corruptions_fixed(self) -> int: ...
+        @property
+        def leaks_fixed(self) -> int: ...
+        @property
+        def image_end_offset(self) -> int: ...
+        @property
+        def total_clusters(self) -> int: ...
+        @property
+        def allocated_clusters(self) -> int: ...
+        @property
+        def fragmented_clusters(self) -> int: ...
+        @property
+        def compressed_clusters(self) -> int: ...
 
 # qemu-img prints its JSON in QDict bucket order; these are the keys in that order
 _JSON_ORDER = (
@@ -34,6 +60,12 @@ _JSON_ORDER = (
 
 def check_path(path: str, repair: str | None = None, *, force_share: bool = False) -> CheckResult:
     """Check (or repair) the qcow2 image at path. Raises UnsupportedFeatureError for raw."""
+    from ..chain import probe_format
+    from ..errors import UnsupportedFeatureError
+    from ..io.file import FileStorage
+    from ..metadata.check import check_image
+    from ..metadata.check.opening import open_for_check
+
     if probe_format(path) != "qcow2":
         raise UnsupportedFeatureError("This image format does not support checks")
     storage = FileStorage(path, repair is not None, force_share=force_share)
@@ -43,7 +75,7 @@ def check_path(path: str, repair: str | None = None, *, force_share: bool = Fals
         storage.close()
 
 
-def to_json_dict(result: CheckResult, filename: str, fmt: str = "qcow2") -> dict[str, object]:
+def to_json_dict(result: Summary, filename: str, fmt: str = "qcow2") -> dict[str, object]:
     """The keys qemu-img check --output=json prints (optional ones only when non-zero)."""
     out: dict[str, object] = {}
     for key, attr in _JSON_ORDER:
@@ -58,7 +90,7 @@ def to_json_dict(result: CheckResult, filename: str, fmt: str = "qcow2") -> dict
     return out
 
 
-def to_json(result: CheckResult, filename: str, fmt: str = "qcow2") -> str:
+def to_json(result: Summary, filename: str, fmt: str = "qcow2") -> str:
     """json.dumps(..., indent=4) of to_json_dict, plus a newline."""
     d = to_json_dict(result, filename, fmt)
     if all(type(v) is int or (type(v) is str and _PLAIN.issuperset(v)) for v in d.values()):
@@ -84,7 +116,7 @@ def repair_banner(result: CheckResult) -> str:
     )
 
 
-def to_human(result: CheckResult) -> str:
+def to_human(result: Summary) -> str:
     """The summary qemu-img check prints on stdout."""
     parts: list[str] = []
     if not (result.corruptions or result.leaks or result.check_errors):

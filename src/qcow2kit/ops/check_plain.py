@@ -1,0 +1,276 @@
+"""check_plain: the numpy-free fast path of `qcow2kit check` without repair. It PROVES an
+image clean, or declines; the full check (ops/check.py over metadata/check/) does everything
+else, including finding and wording every problem.
+
+How: every reference the full check would count (header cluster, L1 table, the L2 tables,
+their data clusters, refcount table, refcount blocks) is turned into runs of host clusters.
+The refcount each cluster should have is then built as bytes, run by run, in the on-disk
+refcount format; if no cluster was referenced twice, those bytes must equal the on-disk
+refcount blocks (read as bytes, covering exactly the clusters the full check compares), and
+every L1/L2 entry that holds an offset must carry the COPIED flag (its refcount is 1). The
+L2 tables are checked a whole batch at a time with format/lanes.py; only the runs of
+contiguous clusters are visited in Python. Image end offset, allocated, fragmented and total
+clusters are counted exactly as metadata/check/walk.py and compare.py count them (QEMU's
+semantics: a fragment is a cluster that does not follow the previous allocated cluster of
+the same L2 table, unallocated entries in between are skipped).
+
+Declines (returns None, having printed and written nothing) on anything it does not handle
+or cannot prove: a header the full check would refuse or open specially, any incompatible,
+compatible or autoclear feature bit (dirty, corrupt, lazy refcounts, external data file,
+extended L2, bitmaps...), snapshots, refcounts narrower than 8 bits, compressed clusters,
+reserved or misaligned bits, an offset at or past the end of the file, a cluster referenced
+twice, any refcount that differs from the expected one, any I/O error.
+
+Owns no output format (ops/check.py renders the result for both paths). Must never write,
+never import numpy, qcow2kit.image, metadata.meta or metadata.check: their import alone
+costs more than qemu-img's whole check of a 1 GiB image.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from ..format import constants as C
+from ..format.lanes import Lanes
+from ..io.file import FileStorage
+from ..metadata.header_io import read_header
+from ..metadata.table_bytes import read_tables
+
+_ALL = (1 << 64) - 1
+# L2 tables are read and checked in batches of this many bytes, into one reused buffer
+_BATCH_BYTES = 4 << 20
+# all-zero pieces of L2 tables (sparse images) are skipped with one comparison each
+_PIECE_BYTES = 4096
+# live pieces checked together: integers this small stay in the allocator's reused memory
+# (larger ones are mapped afresh each time and cost page faults: measured twice as slow)
+_GROUP_BYTES = 64 << 10
+
+
+class CleanResult:
+    """The numbers `qemu-img check` reports for an image found clean; the attribute names
+    are CheckResult's, so ops/check.py renders both alike."""
+
+    corruptions = leaks = check_errors = corruptions_fixed = leaks_fixed = compressed_clusters = 0
+    exit_code = 0
+
+    __slots__ = ("image_end_offset", "total_clusters", "allocated_clusters", "fragmented_clusters")
+
+    def __init__(self, image_end_offset: int, total_clusters: int, allocated_clusters: int,
+                 fragmented_clusters: int) -> None:
+        self.image_end_offset = image_end_offset
+        self.total_clusters = total_clusters
+        self.allocated_clusters = allocated_clusters
+        self.fragmented_clusters = fragmented_clusters
+
+
+class _DeclinedError(Exception):
+    """Something the fast path does not prove: the full check runs instead."""
+
+
+def prove_clean(path: str, *, force_share: bool = False) -> CleanResult | None:
+    """The check result of the qcow2 image at path if it is provably clean, else None (the
+    caller then runs the full check, which also reports any error opening the file). The
+    file is opened and locked read-only exactly as the full check opens it."""
+    try:
+        storage = FileStorage(path, False, force_share=force_share)
+    except Exception:  # the full check opens it again and reports the error in its words
+        return None
+    try:
+        return _prove(storage)
+    except Exception:  # _DeclinedError, or anything unexpected: the full check decides
+        return None
+    finally:
+        storage.close()
+
+
+class _Expected:
+    """The refcount every host cluster [0, n) should have, in the on-disk refcount format
+    (big-endian, `width` bytes): 1 on every referenced run, 0 elsewhere."""
+
+    def __init__(self, n: int, width: int) -> None:
+        self.n = n
+        self.width = width
+        self.one = (1).to_bytes(width, "big")
+        self.bytes = bytearray(n * width)
+        self.total = 0  # clusters referenced, counting each reference
+        self.top = 0  # one past the highest referenced cluster
+
+    def add(self, first: int, count: int) -> None:
+        end = first + count
+        if first < 0 or end > self.n:
+            raise _DeclinedError("reference outside the file")
+        w = self.width
+        self.bytes[first * w : end * w] = self.one * count
+        self.total += count
+        if end > self.top:
+            self.top = end
+
+    def no_double_reference(self) -> bool:
+        # each 1 of `one` is its only nonzero byte: a cluster set twice is counted once here
+        return self.bytes.count(1) == self.total
+
+
+def _prove(storage: FileStorage) -> CleanResult:
+    file_len = storage.size()
+    header = read_header(storage)  # the full check's own validation of the header
+    if (
+        header.nb_snapshots
+        or header.incompatible_features
+        or header.compatible_features
+        or header.autoclear_features
+        or header.crypt_method
+        or not 3 <= header.refcount_order <= 6
+    ):
+        raise _DeclinedError("a feature the fast path does not handle")
+    cb = header.cluster_bits
+    cs = 1 << cb
+    n = -(-file_len // cs)
+    exp = _Expected(n, 1 << (header.refcount_order - 3))
+    exp.add(0, 1)  # the header
+    aligned = C.OFFSET_MASK & ~(cs - 1)
+
+    l2_offsets: list[int] = []
+    if header.l1_size:
+        l1_offset, l1_bytes = header.l1_table_offset, header.l1_size * 8
+        exp.add(l1_offset >> cb, ((l1_offset + l1_bytes - 1) >> cb) - (l1_offset >> cb) + 1)
+        raw = storage.pread(l1_offset, l1_bytes)
+        # every entry is 0, or COPIED | an aligned nonzero offset (nothing else)
+        if not Lanes.from_bytes(raw).tagged(aligned, _ALL & ~aligned, C.OFLAG_COPIED):
+            raise _DeclinedError("L1 entry with flags other than COPIED")
+        copied = C.OFLAG_COPIED
+        l2_offsets = [e ^ copied for e in struct.unpack(f">{header.l1_size}Q", raw) if e]
+        if l2_offsets and max(l2_offsets) >= file_len:
+            raise _DeclinedError("L2 table past the end of the file")
+        for off in l2_offsets:
+            exp.add(off >> cb, 1)
+    allocated, fragmented = _data_runs(storage, l2_offsets, cs, exp)
+
+    rt_offset = header.refcount_table_offset
+    rt_bytes = header.refcount_table_clusters * cs
+    exp.add(rt_offset >> cb, header.refcount_table_clusters)
+    reftable = struct.unpack(f">{rt_bytes // 8}Q", storage.pread(rt_offset, rt_bytes))
+    for entry in reftable:
+        if entry:
+            if entry & (C.REFT_RESERVED_MASK | (cs - 1)):
+                raise _DeclinedError("refcount table entry unaligned or with reserved bits")
+            exp.add(entry >> cb, 1)
+    if not exp.no_double_reference():
+        raise _DeclinedError("a cluster referenced twice")
+    if _disk_refcounts(storage, reftable, n, exp.width, cs) != exp.bytes:
+        raise _DeclinedError("refcounts differ")
+    return CleanResult(exp.top * cs, -(-header.size // cs), allocated, fragmented)
+
+
+def _disk_refcounts(storage: FileStorage, reftable: tuple[int, ...], n: int, width: int,
+                    cs: int) -> bytes:
+    """The on-disk refcounts of clusters [0, n) as bytes (no block: zeros), as the full
+    check reads them: refcount blocks past those that cover the file are not read."""
+    per_block = cs // width
+    blocks = reftable[: -(-n // per_block)]
+    present = [e for e in blocks if e]
+    data = read_tables(storage, present, cs)
+    if len(present) != len(blocks):
+        parts: list[bytes] = []
+        k = 0
+        for e in blocks:
+            if e:
+                parts.append(data[k * cs : (k + 1) * cs])
+                k += 1
+            else:
+                parts.append(bytes(cs))
+        data = b"".join(parts)
+    want = n * width
+    return data[:want] if len(data) >= want else data + bytes(want - len(data))
+
+
+def _data_runs(storage: FileStorage, l2_offsets: list[int], cs: int, exp: _Expected) -> tuple[int, int]:
+    """Check the L2 tables at l2_offsets (in L1 order) and add their data clusters to exp;
+    (allocated clusters, fragmented clusters) as the full check counts them."""
+    if not l2_offsets:
+        return 0, 0
+    aligned = C.OFFSET_MASK & ~(cs - 1)
+    piece = min(cs, _PIECE_BYTES)
+    pieces_per_table = cs // piece
+    per_group = _GROUP_BYTES // piece
+    zero_piece = bytes(piece)
+    per_batch = max(1, _BATCH_BYTES // cs)
+    buf = bytearray(min(len(l2_offsets), per_batch) * cs)
+    view = memoryview(buf)
+    state = _Fragments()
+    for lo in range(0, len(l2_offsets), per_batch):
+        batch = l2_offsets[lo : lo + per_batch]
+        _read_into(storage, view, batch, cs)
+        # the pieces that hold anything; all-zero ones (sparse tables) are skipped
+        count = len(batch) * cs // piece
+        live = [p for p in range(count) if not buf.startswith(zero_piece, p * piece)]
+        for g in range(0, len(live), per_group):
+            group = live[g : g + per_group]
+            if group[-1] - group[0] == len(group) - 1:
+                data: memoryview | bytes = view[group[0] * piece : (group[-1] + 1) * piece]
+            else:
+                data = b"".join([view[p * piece : (p + 1) * piece] for p in group])
+            tables = [lo + p // pieces_per_table for p in group]
+            _group_runs(data, piece // 8, tables, cs, aligned, exp, state)
+    return state.allocated, state.fragmented
+
+
+class _Fragments:
+    """Allocated and fragmented clusters so far, and where the last run ended."""
+
+    def __init__(self) -> None:
+        self.allocated = 0
+        self.fragmented = 0
+        self.table = -1
+        self.end = 0  # host offset just past the last allocated cluster of `table`
+
+
+# L2 entries are 0, the zero flag alone, or COPIED | aligned offset (| the zero flag): COPIED
+# exactly where an offset is (its refcount is then proven to be 1), no other bit; these are
+# the bits that must be zero (with those of the offset field below the cluster size)
+_FLAGS_ZERO = _ALL >> 1 & ~C.OFLAG_ZERO
+def _group_runs(data: memoryview | bytes, piece_entries: int, tables: list[int], cs: int,
+                aligned: int, exp: _Expected, state: _Fragments) -> None:
+    """The runs of contiguous clusters of some pieces of L2 tables (piece k of `data` belongs
+    to table tables[k]), added to exp and counted in state."""
+    breaks = Lanes.from_bytes(data).tagged_breaks(aligned, _FLAGS_ZERO & ~aligned, cs)
+    if breaks is None:
+        raise _DeclinedError("L2 entry with reserved bits, compressed, or without COPIED")
+    marks = bytearray(breaks)
+    marks[piece_entries - 1 :: piece_entries] = b"\x80" * len(tables)  # runs end with pieces
+    find = marks.find
+    cb = cs.bit_length() - 1
+    start = 0
+    end = find(0x80)
+    while end >= 0:
+        host = int.from_bytes(data[start * 8 : start * 8 + 8], "big") & aligned
+        if host:  # a run of allocated clusters (else of unallocated entries)
+            count = end - start + 1
+            table = tables[start // piece_entries]
+            if table == state.table and host != state.end:
+                state.fragmented += 1
+            state.table = table
+            state.end = host + count * cs
+            state.allocated += count
+            exp.add(host >> cb, count)
+        start = end + 1
+        end = find(0x80, start)
+
+
+def _read_into(storage: FileStorage, view: memoryview, offsets: list[int], cs: int) -> None:
+    """The tables at offsets into view, one after another; one preadv per run of tables
+    adjacent in the file (past the end of the file: zeros, as the full check reads)."""
+    fd = storage.fd
+    i = 0
+    k = len(offsets)
+    while i < k:
+        j = i + 1
+        while j < k and offsets[j] == offsets[j - 1] + cs:
+            j += 1
+        part = view[i * cs : j * cs]
+        if os.preadv(fd, [part], offsets[i]) != len(part):
+            part[:] = storage.pread(offsets[i], len(part))
+        i = j
+
+
+__all__ = ["CleanResult", "prove_clean"]
