@@ -82,6 +82,17 @@ def _unaligned_size(cut: int) -> Maker:
     return make
 
 
+def _copied_cleared(p: Path) -> Path:
+    """Data clusters without the COPIED flag (as if shared with a snapshot once): a check
+    error, but map reads them as any data cluster."""
+    _create(p, "8M", "cluster_size=4k")
+    qemu_io(p, "write -q 0 1M", "write -q 4M 64k")
+    table = layout(p)["l1"][0] & 0x00FFFFFFFFFFFE00
+    for index in (3, 4, 200, 1024):
+        _patch_u64(p, table + 8 * index, _u64(p, table + 8 * index) & ~COPIED)
+    return p
+
+
 def _v2(p: Path) -> Path:
     _create(p, "64M", "compat=0.10")
     qemu_io(p, "write -q 1M 3M", "write -q 40M 64k")
@@ -145,6 +156,7 @@ PLAIN: dict[str, Maker] = {
                                "write -q 1023G 4M"),
     "falloc": _written("8M", "64k", opts=("preallocation=falloc",)),
     "v2": _v2,
+    "copied-cleared": _copied_cleared,
 }
 # qemu counts the disk in whole 512-byte sectors; ops/map.py (and so the fast path) maps the
 # header's size exactly

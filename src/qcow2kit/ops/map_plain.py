@@ -118,6 +118,19 @@ def plain_entries(raw: bytes | bytearray, cs: int) -> bool:
 _KEEP = {m: bytes(b & m for b in range(256)) for m in (0x01, 0x03, 0x07, 0x0F, 0x1F, 0x3F, 0x7F, 0xFF)}
 
 
+def _untagged_breaks(raw: bytes, cs: int) -> bytes | None:
+    """Lanes.tagged_breaks's flags for plain entries whatever their COPIED bits (a cluster
+    shared with a snapshot once, say), None if some entry is not plain."""
+    if not plain_entries(raw, cs):
+        return None
+    offsets = bytearray(raw)
+    offsets[0::8] = bytes(len(raw) // 8)  # COPIED off: the host offsets alone
+    return Lanes.from_bytes(offsets).breaks(cs).translate(_FLAG_80)
+
+
+_FLAG_80 = bytes([0, 0x80]) + bytes(254)  # breaks' 1 as tagged_breaks' 0x80
+
+
 def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
     header = read_header(storage)  # the checks Image's open makes of the header
     reason = _unusual(header, backing)
@@ -147,6 +160,8 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
     per_batch = max(1, _BATCH_ENTRIES // l2_entries)
     shift = header.cluster_bits - 3  # guest bytes from the batch's start -> entry bytes
     unpack = _U64.unpack_from
+    offset_bits = C.OFFSET_MASK & ~(cs - 1)
+    other_bits = ~offset_bits & ~C.OFLAG_COPIED & ((1 << 64) - 1)  # all zero in a plain entry
     pos = 0
     k = 0
     while k < len(hits):
@@ -162,22 +177,28 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
         units = -(-(bend - base) // cs)
         if len(raw) > units * 8:
             raw = raw[: units * 8]  # the entries past the end of the disk are never looked at
-        if not plain_entries(raw, cs):
-            return "compressed or zero clusters, reserved bits or unaligned data clusters"
-        entries = bytearray(raw)
-        entries[0::8] = bytes(units)  # the host offsets alone
-        view = memoryview(entries)
+        view = memoryview(raw)
         for first in range(0, units, _CHUNK_ENTRIES):
             chunk = view[first * 8 : (first + _CHUNK_ENTRIES) * 8]
             cbase = base + first * cs
-            # runs of entries, each ending at a flag: their guest bounds, and what each
-            # first entry says (host offset, or 0 for unallocated)
-            pieces = Lanes.from_bytes(chunk).breaks(cs).split(b"\1")
-            pieces.pop()  # (after the last flag, which is always set)
+            # 0x80 where the next entry does not continue an entry: at once with the test
+            # that every entry is plain with COPIED set exactly on the data entries (the
+            # usual case); else the same flags after testing for plain entries alone
+            flags = Lanes.from_bytes(chunk).tagged_breaks(offset_bits, other_bits, cs)
+            if flags is None:
+                flags = _untagged_breaks(bytes(chunk), cs)
+                if flags is None:
+                    return "compressed or zero clusters, reserved bits or unaligned data clusters"
+            # runs of entries, each ending at a flag (the last one may end at the chunk's
+            # end): their guest bounds, and what each first entry says (0: unallocated)
+            pieces = flags.split(b"\x80")
+            tail = pieces.pop()
             sizes = [(len(p) + 1) * cs for p in pieces]
+            if tail:
+                sizes.append(len(tail) * cs)
             bounds = list(accumulate(sizes, initial=cbase))
             bounds.pop()
-            hosts = [unpack(chunk, (g - cbase) >> shift)[0] or -1 for g in bounds]
+            hosts = [unpack(chunk, (g - cbase) >> shift)[0] & C.OFFSET_MASK or -1 for g in bounds]
             if max(hosts) >= file_size:
                 return "a data cluster past the end of the file"
             _add(starts, lengths, offsets, cbase, sizes[0], hosts[0])  # may join the last one
