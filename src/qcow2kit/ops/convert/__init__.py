@@ -18,14 +18,16 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from ...errors import FormatError, InvalidArgumentError, UnsupportedFeatureError
 from ...format import constants as C
 from ...io.file import FileStorage
 from .rawpump import RawPump, data_ranges, plan_layout, refcount_code
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
+    from typing import Any
+
     from ...image import Image, RawImage
     from .planned import Early
     from .source import CHUNK_BYTES, Source, iter_chunks

@@ -22,13 +22,15 @@ import queue
 import sys
 import threading
 from array import array
+from collections.abc import Iterator
 
 from ...io.file import FileStorage
 
 # bytes per read and per hand-over between the threads: small enough that a buffer is
 # still in the cache when the writer copies it out
-PUMP_CHUNK_BYTES = 4 << 20
-PUMP_BUFFERS = 4
+PUMP_CHUNK_BYTES = 2 << 20
+PUMP_READERS = 1
+PUMP_BUFFERS = 6
 # while the pump runs, a thread coming back from a syscall gets the GIL back this soon
 # (the default 5 ms would stall it behind the importing thread)
 PUMP_SWITCH_INTERVAL = 0.0002
@@ -37,7 +39,7 @@ PUMP_SWITCH_INTERVAL = 0.0002
 _REFCOUNT_CODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 
 Run = tuple[int, int, int]  # (first guest cluster, clusters, first host cluster)
-Chunk = tuple[bytearray, list[tuple[int, int]], int]
+Chunk = tuple[int, int, bytearray, list[tuple[int, int]]]
 # at most this many buffers per pwritev (Linux's IOV_MAX is 1024)
 _IOV_MAX = 1024
 
@@ -144,9 +146,11 @@ def plan_layout(
 
 
 class RawPump:
-    """Copy the data clusters of a raw source into `target` as `layout` places them, on a
-    reader and a writer thread. `join()` waits and returns the data runs, or raises what
-    went wrong on either thread (the other one stops too); `abort()` stops both."""
+    """Copy the data clusters of a raw source into `target` as `layout` places them:
+    PUMP_READERS threads read and zero-test chunks, one writer places each chunk's data
+    clusters in guest order (the next free host clusters) and writes them with one pwritev.
+    `join()` waits and returns the data runs, or raises what went wrong on any thread (the
+    others stop too); `abort()` stops them all."""
 
     def __init__(
         self,
@@ -159,7 +163,6 @@ class RawPump:
         self.source = source
         self.target = target
         self.layout = layout
-        self.ranges = ranges
         self.sparse = sparse
         self.runs: list[Run] = []
         self.error: BaseException | None = None
@@ -167,17 +170,21 @@ class RawPump:
         cs = layout.cluster_size
         self._chunk = max(PUMP_CHUNK_BYTES // cs, 1) * cs
         self._zero = bytes(cs)
+        self._chunks = _chunks(ranges, self._chunk)
+        self._lock = threading.Lock()
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(PUMP_BUFFERS):
             self._free.put(bytearray(self._chunk))
-        # (buffer, its [lo, hi) pieces to write one after the other, host offset), or None
+        # read chunks (sequence number, guest offset, buffer, data pieces), None when a
+        # reader is done
         self._ready: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._guard, args=(self._read,), daemon=True,
-                             name="qcow2kit-convert-reader"),
-            threading.Thread(target=self._guard, args=(self._write,), daemon=True,
-                             name="qcow2kit-convert-writer"),
+                             name=f"qcow2kit-convert-reader{i}")
+            for i in range(PUMP_READERS)
         ]
+        self._threads.append(threading.Thread(target=self._guard, args=(self._write,),
+                                              daemon=True, name="qcow2kit-convert-writer"))
         self._interval = sys.getswitchinterval()
 
     def start(self) -> RawPump:
@@ -192,68 +199,87 @@ class RawPump:
         except BaseException as exc:  # handed to join()
             if self.error is None:
                 self.error = exc
-            self._stop = True
-            # unblock whichever thread waits on the other
-            self._ready.put(None)
-            self._free.put(bytearray(self._chunk))
+            self._wake()
+
+    def _wake(self) -> None:
+        """Stop every thread, wherever it waits."""
+        self._stop = True
+        self._ready.put(None)
+        for _ in range(PUMP_READERS):
+            self._free.put(bytearray(0))
 
     def _read(self) -> None:
         cs = self.layout.cluster_size
         fd = self.source.fd
         zero = self._zero
-        host = self.layout.data_cluster
-        runs = self.runs
-        chunk = self._chunk
         sparse = self.sparse
-        for a, b in self.ranges:
-            for pos in range(a, b, chunk):
-                buf = self._free.get()
-                if self._stop:
-                    return
-                n = min(chunk, b - pos)
-                mv = memoryview(buf)
-                read_at(fd, mv[:n], pos)
-                tail = -n % cs
-                if tail:  # the disk ends inside this cluster: the rest reads as zeros
-                    mv[n : n + tail] = zero[:tail]
-                n += tail
-                # the chunk's data clusters go to consecutive host clusters from `host`
-                pieces: list[tuple[int, int]] = []
-                first = pos // cs
-                start_host = host
-                for i in range(n // cs):
-                    lo = i * cs
-                    if sparse and zero.startswith(mv[lo : lo + cs]):
-                        continue
-                    if pieces and pieces[-1][1] == lo:
-                        pieces[-1] = (pieces[-1][0], lo + cs)
-                        r = runs[-1]
-                        runs[-1] = (r[0], r[1] + 1, r[2])
-                    else:
-                        pieces.append((lo, lo + cs))
-                        runs.append((first + i, 1, host))
-                    host += 1
-                self._ready.put((buf, pieces, start_host * cs))
-        self._ready.put(None)
+        while True:
+            buf = self._free.get()  # a buffer first: the writer never waits for a
+            if self._stop:          # chunk whose reader waits for a buffer
+                return
+            with self._lock:
+                item = next(self._chunks, None)
+            if item is None:
+                self._ready.put(None)
+                return
+            seq, pos, n = item
+            mv = memoryview(buf)
+            read_at(fd, mv[:n], pos)
+            tail = -n % cs
+            if tail:  # the disk ends inside this cluster: the rest reads as zeros
+                mv[n : n + tail] = zero[:tail]
+            n += tail
+            pieces: list[tuple[int, int]] = []
+            for lo in range(0, n, cs):
+                if sparse and zero.startswith(mv[lo : lo + cs]):
+                    continue
+                if pieces and pieces[-1][1] == lo:
+                    pieces[-1] = (pieces[-1][0], lo + cs)
+                else:
+                    pieces.append((lo, lo + cs))
+            self._ready.put((seq, pos, buf, pieces))
 
     def _write(self) -> None:
+        cs = self.layout.cluster_size
         target = self.target
-        while True:
+        runs = self.runs
+        host = self.layout.data_cluster
+        pending: dict[int, Chunk] = {}
+        expected = 0
+        done = 0
+        while done < PUMP_READERS or pending:
             item = self._ready.get()
-            if item is None or self._stop:
+            if self._stop:
                 return
-            buf, pieces, host = item
-            if pieces:
-                mv = memoryview(buf)
-                length = sum(hi - lo for lo, hi in pieces)
-                # blocks allocated just before they are written: ext4 then skips its
-                # delayed allocation page by page (see FileStorage._extend)
-                target.allocate(host, length)
-                write_at(target.fd, [mv[lo:hi] for lo, hi in pieces], host)
-            self._free.put(buf)
+            if item is None:
+                done += 1
+                continue
+            pending[item[0]] = item
+            while expected in pending:
+                _, pos, buf, pieces = pending.pop(expected)
+                expected += 1
+                if pieces:
+                    # the chunk's data clusters take the next host clusters, in order
+                    length = 0
+                    for lo, hi in pieces:
+                        guest, count = (pos + lo) // cs, (hi - lo) // cs
+                        last = runs[-1] if runs else (0, 0, -1)
+                        if last[0] + last[1] == guest and last[2] + last[1] == host:
+                            runs[-1] = (last[0], last[1] + count, last[2])
+                        else:
+                            runs.append((guest, count, host))
+                        host += count
+                        length += hi - lo
+                    # blocks allocated just before they are written: ext4 then skips its
+                    # delayed allocation page by page (see FileStorage._extend)
+                    start = (host * cs) - length
+                    target.allocate(start, length)
+                    mv = memoryview(buf)
+                    write_at(target.fd, [mv[lo:hi] for lo, hi in pieces], start)
+                self._free.put(buf)
 
     def join(self) -> list[Run]:
-        """Wait for both threads; the data runs, or the first error of either thread."""
+        """Wait for every thread; the data runs, or the first error of any thread."""
         try:
             for t in self._threads:
                 t.join()
@@ -267,14 +293,21 @@ class RawPump:
         return self.runs
 
     def abort(self) -> None:
-        """Stop both threads and wait for them (an error they hit is dropped)."""
-        self._stop = True
-        self._ready.put(None)
-        self._free.put(bytearray(self._chunk))
+        """Stop every thread and wait for them (an error they hit is dropped)."""
+        self._wake()
         for t in self._threads:
             if t.is_alive():
                 t.join()
         sys.setswitchinterval(self._interval)
+
+
+def _chunks(ranges: list[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int, int]]:
+    """(sequence number, guest offset, bytes) of every chunk of the ranges, in order."""
+    seq = 0
+    for a, b in ranges:
+        for pos in range(a, b, chunk):
+            yield seq, pos, min(chunk, b - pos)
+            seq += 1
 
 
 def write_at(fd: int, views: list[memoryview], offset: int) -> None:
