@@ -154,6 +154,7 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
     if tables and max(tables) > file_size - cs:
         return "an L2 table past the end of the file"
 
+    sparse_host = _may_look_preallocated(storage, cs, file_size)
     starts: list[int] = []
     lengths: list[int] = []
     offsets: list[int] = []
@@ -199,8 +200,11 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
             bounds = list(accumulate(sizes, initial=cbase))
             bounds.pop()
             hosts = [unpack(chunk, (g - cbase) >> shift)[0] & C.OFFSET_MASK or -1 for g in bounds]
-            if max(hosts) >= file_size:
+            top = max(hosts)
+            if top >= file_size:
                 return "a data cluster past the end of the file"
+            if top >= 0 and sparse_host:
+                return "a sparse host file: the metadata-preallocation heuristic needs refcounts"
             _add(starts, lengths, offsets, cbase, sizes[0], hosts[0])  # may join the last one
             starts += bounds[1:]
             lengths += sizes[1:]
@@ -212,10 +216,8 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
     # the last cluster may reach past the end of the disk
     lengths[-1] = min(lengths[-1], size - starts[-1])
 
-    if max(offsets) >= 0:
-        reason = _preallocation_unknown(storage, header, file_size)
-        if reason is not None:
-            return reason
+    if max(offsets) >= 0 and _refused_reftable(storage, header, file_size):
+        return "refcount table entries that ops/map.py's refcount lookup refuses"
     codes = [DATA if o >= 0 else UNALLOCATED for o in offsets]
     return PlainExtents(starts, lengths, codes, offsets, name)
 
@@ -234,31 +236,30 @@ def _add(starts: list[int], lengths: list[int], offsets: list[int], a: int, leng
     offsets.append(host)
 
 
-def _preallocation_unknown(storage: FileStorage, header: Header, file_size: int) -> str | None:
-    """ops/map.py splits data by the host file's holes when the image looks metadata
-    preallocated: when at least max(real * 10 // 9, real + 2) of the clusters before the end
-    of the file have a nonzero refcount, `real` being the clusters the host file has
-    allocated. At most every one of the file's clusters can count, so a file with fewer
-    clusters than that threshold never looks preallocated: then the answer is known without
-    reading a refcount block. Otherwise ops/map.py decides (None: not preallocated).
-
-    Its refcount lookup also refuses refcount table entries with reserved bits, unaligned,
-    or past the end of the file, for the blocks that cover the file: so are they here."""
-    cs = header.cluster_size
+def _may_look_preallocated(storage: FileStorage, cs: int, file_size: int) -> bool:
+    """Whether ops/map.py's metadata-preallocation heuristic could hold, which then splits
+    data clusters by the host file's holes: it does when at least max(real * 10 // 9,
+    real + 2) of the clusters before the end of the file have a nonzero refcount, `real`
+    being the clusters the host file has allocated. At most every one of the file's clusters
+    can count, so a file with fewer clusters than that threshold never looks preallocated,
+    and no refcount needs to be read (a sparse host file: ops/map.py decides)."""
     real_clusters = storage.allocated_bytes() // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    return -(-file_size // cs) >= threshold
+
+
+def _refused_reftable(storage: FileStorage, header: Header, file_size: int) -> bool:
+    """Whether that heuristic's refcount lookup (run once data is found) would refuse the
+    refcount table: an entry with reserved bits, unaligned, or past the end of the file,
+    among the ones for the blocks that cover the file."""
+    cs = header.cluster_size
     end_cluster = -(-file_size // cs)
-    if end_cluster >= threshold:
-        return "a sparse host file: the metadata-preallocation heuristic needs the refcounts"
     per_block = cs * 8 // header.refcount_bits
     blocks = min(header.refcount_table_clusters * cs // 8, -(-end_cluster // per_block))
     raw = storage.pread(header.refcount_table_offset, blocks * 8)
     limit = min(C.MAX_HOST_OFFSET, end_cluster * cs)
     low = (cs - 1) | C.REFT_RESERVED_MASK
-    for entry in struct.unpack(f">{blocks}Q", raw):
-        if entry & low or entry >= limit:
-            return "refcount table entries that ops/map.py's refcount lookup refuses"
-    return None
+    return any(entry & low or entry >= limit for entry in struct.unpack(f">{blocks}Q", raw))
 
 
 __all__ = ["PlainExtents", "plain_map", "plain_entries", "DATA", "UNALLOCATED"]
