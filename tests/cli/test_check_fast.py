@@ -344,3 +344,84 @@ def test_repair_never_takes_the_fast_path(tmp_path: Path) -> None:
     ref = qemu_img("check", "-r", "leaks", str(path), check=False)
     assert (rc, out) == (ref.returncode, ref.stdout)
     assert numpy
+
+
+# ---- the argparse-free command line -----------------------------------------------------------
+ACCEPTED = [
+    ["x.qcow2"],
+    ["--output=json", "x.qcow2"],
+    ["--output", "human", "x.qcow2"],
+    ["x.qcow2", "-q"],
+    ["-U", "x.qcow2"],
+    ["--force-share", "--output=human", "x.qcow2"],
+    ["-f", "qcow2", "x.qcow2"],
+    ["-f", "raw", "x.qcow2"],
+    ["-f", "vmdk", "x.qcow2"],
+    ["-q", "-q", "x.qcow2", "--output=json", "--output", "human", "-f", "raw", "-f", "qcow2"],
+    ["qcow2"],
+]
+DECLINED = [
+    [],
+    ["-h"],
+    ["--help", "x"],
+    ["-r", "leaks", "x"],
+    ["-r", "all", "x"],
+    ["-rleaks", "x"],
+    ["--out=json", "x"],
+    ["--output=JSON", "x"],
+    ["-fqcow2", "x"],
+    ["-f"],
+    ["-f", "-q", "x"],
+    ["--output"],
+    ["a", "b"],
+    ["--", "x"],
+    ["-"],
+    ["-qU", "x"],
+    ["-q"],
+]
+
+
+@pytest.mark.parametrize("rest", ACCEPTED, ids=" ".join)
+def test_fast_args_same_as_argparse(rest: list[str]) -> None:
+    from qcow2kit.cli import check as cli_check
+    from qcow2kit.cli.main import build_parser
+
+    fast = cli_check.fast_args(rest)
+    assert fast is not None
+    assert vars(fast) == vars(build_parser(["check"]).parse_args(["check", *rest]))
+
+
+@pytest.mark.parametrize("rest", DECLINED, ids=" ".join)
+def test_fast_args_declined(rest: list[str]) -> None:
+    from qcow2kit.cli import check as cli_check
+
+    assert cli_check.fast_args(rest) is None
+
+
+def test_fast_path_imports_nothing_heavy(tmp_path: Path) -> None:
+    path = make(tmp_path, CLEAN, "sparse")
+    code = (
+        "import sys\n"
+        "from qcow2kit.cli.main import main\n"
+        "assert main(['check', '--output=json', sys.argv[1]]) == 0\n"
+        "heavy = {'numpy', 'argparse', 'json', 'qcow2kit.image', 'qcow2kit.metadata.meta',\n"
+        "         'qcow2kit.metadata.check', 'qcow2kit.chain'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_scattered_clusters_are_left_to_the_full_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every cluster its own run costs the fast path Python time per cluster: past its run
+    budget (made tiny here) it declines, and the result is the full check's."""
+    from qcow2kit.ops import check_plain
+
+    path = written(tmp_path / "scattered.qcow2", "1M",
+                   [f"write -q -P {i % 200 + 1} {(255 - i) * 4}k 4k" for i in range(256)], "cluster_size=4k")
+    assert prove_clean(str(path)) is not None
+    ref = check_path(str(path))
+    assert ref.fragmented_clusters == 255
+    monkeypatch.setattr(check_plain, "_RUNS_FREE", 0)
+    monkeypatch.setattr(check_plain, "_RUNS_EVIDENCE", 0)
+    assert prove_clean(str(path)) is None

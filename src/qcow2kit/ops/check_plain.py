@@ -135,11 +135,16 @@ def _prove(storage: FileStorage) -> CleanResult:
         l1_offset, l1_bytes = header.l1_table_offset, header.l1_size * 8
         exp.add(l1_offset >> cb, ((l1_offset + l1_bytes - 1) >> cb) - (l1_offset >> cb) + 1)
         raw = storage.pread(l1_offset, l1_bytes)
-        # every entry is 0, or COPIED | an aligned nonzero offset (nothing else)
-        if not Lanes.from_bytes(raw).tagged(aligned, _ALL & ~aligned, C.OFLAG_COPIED):
-            raise _DeclinedError("L1 entry with flags other than COPIED")
-        copied = C.OFLAG_COPIED
-        l2_offsets = [e ^ copied for e in struct.unpack(f">{header.l1_size}Q", raw) if e]
+        zero = bytes(_PIECE_BYTES)
+        for a in range(0, l1_bytes, _PIECE_BYTES):
+            part = raw[a : a + _PIECE_BYTES]
+            if raw.startswith(zero[: len(part)], a):
+                continue  # unallocated (most of a large sparse image's L1)
+            # every entry is 0, or COPIED | an aligned nonzero offset (nothing else)
+            if not Lanes.from_bytes(part).tagged(aligned, _ALL & ~aligned, C.OFLAG_COPIED):
+                raise _DeclinedError("L1 entry with flags other than COPIED")
+            copied = C.OFLAG_COPIED
+            l2_offsets += [e ^ copied for e in struct.unpack(f">{len(part) // 8}Q", part) if e]
         if l2_offsets and max(l2_offsets) >= file_len:
             raise _DeclinedError("L2 table past the end of the file")
         for off in l2_offsets:
@@ -189,7 +194,6 @@ def _data_runs(storage: FileStorage, l2_offsets: list[int], cs: int, exp: _Expec
     (allocated clusters, fragmented clusters) as the full check counts them."""
     if not l2_offsets:
         return 0, 0
-    aligned = C.OFFSET_MASK & ~(cs - 1)
     piece = min(cs, _PIECE_BYTES)
     pieces_per_table = cs // piece
     per_group = _GROUP_BYTES // piece
@@ -197,7 +201,7 @@ def _data_runs(storage: FileStorage, l2_offsets: list[int], cs: int, exp: _Expec
     per_batch = max(1, _BATCH_BYTES // cs)
     buf = bytearray(min(len(l2_offsets), per_batch) * cs)
     view = memoryview(buf)
-    state = _Fragments()
+    state = _Runs(cs, len(l2_offsets) * cs // 8)
     for lo in range(0, len(l2_offsets), per_batch):
         batch = l2_offsets[lo : lo + per_batch]
         _read_into(storage, view, batch, cs)
@@ -211,35 +215,64 @@ def _data_runs(storage: FileStorage, l2_offsets: list[int], cs: int, exp: _Expec
             else:
                 data = b"".join([view[p * piece : (p + 1) * piece] for p in group])
             tables = [lo + p // pieces_per_table for p in group]
-            _group_runs(data, piece // 8, tables, cs, aligned, exp, state)
+            scanned = (lo * pieces_per_table + group[-1] + 1) * (piece // 8)
+            _group_runs(data, piece // 8, tables, scanned, exp, state)
     return state.allocated, state.fragmented
 
 
-class _Fragments:
-    """Allocated and fragmented clusters so far, and where the last run ended."""
+class _Runs:
+    """What the runs of L2 entries seen so far add up to: allocated and fragmented clusters,
+    where the last run ended, and how many runs there were (each costs Python time: an image
+    whose clusters are scattered one by one is left to the vectorised full check)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cs: int, total_entries: int) -> None:
+        self.cs = cs
+        self.aligned = C.OFFSET_MASK & ~(cs - 1)
         self.allocated = 0
         self.fragmented = 0
         self.table = -1
         self.end = 0  # host offset just past the last allocated cluster of `table`
+        self.runs = 0
+        self.total_entries = total_entries
+        # past this many runs the full check is faster (measured: ~1 us per run here; the
+        # full check costs ~40 ms more to start plus ~0.06 us per entry more)
+        self.budget = _RUNS_FREE + total_entries // 16
+
+    def afford(self, more: int, scanned: int) -> bool:
+        """Whether the runs projected for the whole image, at the rate seen over the first
+        `scanned` entries (with `more` runs to come in them), stay within the budget."""
+        self.runs += more
+        return self.runs <= _RUNS_EVIDENCE or self.runs * self.total_entries <= self.budget * scanned
+
+
+# runs always worth visiting, and the count below which the projection is not trusted
+_RUNS_FREE = 40_000
+_RUNS_EVIDENCE = 4096
 
 
 # L2 entries are 0, the zero flag alone, or COPIED | aligned offset (| the zero flag): COPIED
 # exactly where an offset is (its refcount is then proven to be 1), no other bit; these are
 # the bits that must be zero (with those of the offset field below the cluster size)
 _FLAGS_ZERO = _ALL >> 1 & ~C.OFLAG_ZERO
-def _group_runs(data: memoryview | bytes, piece_entries: int, tables: list[int], cs: int,
-                aligned: int, exp: _Expected, state: _Fragments) -> None:
+
+
+def _group_runs(data: memoryview | bytes, piece_entries: int, tables: list[int], scanned: int,
+                exp: _Expected, state: _Runs) -> None:
     """The runs of contiguous clusters of some pieces of L2 tables (piece k of `data` belongs
-    to table tables[k]), added to exp and counted in state."""
+    to table tables[k]; they end entry `scanned` of all tables), added to exp and counted in
+    state."""
+    cs, aligned = state.cs, state.aligned
     breaks = Lanes.from_bytes(data).tagged_breaks(aligned, _FLAGS_ZERO & ~aligned, cs)
     if breaks is None:
         raise _DeclinedError("L2 entry with reserved bits, compressed, or without COPIED")
     marks = bytearray(breaks)
     marks[piece_entries - 1 :: piece_entries] = b"\x80" * len(tables)  # runs end with pieces
+    if not state.afford(marks.count(0x80), scanned):
+        raise _DeclinedError("clusters too scattered: the full check is faster")
     find = marks.find
     cb = cs.bit_length() - 1
+    width, one, ref = exp.width, exp.one, exp.bytes
+    last_table, last_end, allocated, fragmented, top = state.table, state.end, 0, 0, exp.top
     start = 0
     end = find(0x80)
     while end >= 0:
@@ -247,14 +280,24 @@ def _group_runs(data: memoryview | bytes, piece_entries: int, tables: list[int],
         if host:  # a run of allocated clusters (else of unallocated entries)
             count = end - start + 1
             table = tables[start // piece_entries]
-            if table == state.table and host != state.end:
-                state.fragmented += 1
-            state.table = table
-            state.end = host + count * cs
-            state.allocated += count
-            exp.add(host >> cb, count)
+            if table == last_table and host != last_end:
+                fragmented += 1
+            last_table = table
+            last_end = host + count * cs
+            allocated += count
+            first = host >> cb
+            if first + count > top:
+                top = first + count
+            ref[first * width : (first + count) * width] = one * count
         start = end + 1
         end = find(0x80, start)
+    if top > exp.n:
+        raise _DeclinedError("data cluster past the end of the file")
+    exp.top = top
+    exp.total += allocated
+    state.table, state.end = last_table, last_end
+    state.allocated += allocated
+    state.fragmented += fragmented
 
 
 def _read_into(storage: FileStorage, view: memoryview, offsets: list[int], cs: int) -> None:
