@@ -380,6 +380,14 @@ def _truncate(p: Path) -> None:
 
 
 COPIED = 1 << 63
+
+
+def _l1_to_itself(p: Path) -> None:
+    """L1 entry 0 names the L1 table as its L2 table: its entries read as data clusters."""
+    off = layout(p)["l1_offset"]
+    _patch_u64(p, off, COPIED | off)
+
+
 HOSTILE: dict[str, tuple[Callable[[Path], None], bool]] = {
     # name: (patch, whether the fast path still answers)
     "l1-past-eof": (_set_l1(lambda v: COPIED | 1 << 40), False),
@@ -391,6 +399,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], bool]] = {
     "l2-data-past-eof": (_set_l2(2, lambda v: COPIED | 1 << 40), False),
     "l2-compressed-past-the-disk": (_set_l2(8191, lambda v: 1 << 62 | 12345), True),
     "l2-garbage-past-the-disk": (_set_l2(1700, lambda v: (1 << 64) - 1), True),
+    "l1-points-at-itself": (_l1_to_itself, True),
     "reftable-reserved-bit": (_set_reftable(lambda v: v | 1), False),
     "reftable-unaligned": (_set_reftable(lambda v: v + 512), False),
     "reftable-past-eof": (_set_reftable(lambda v: 1 << 40), False),
