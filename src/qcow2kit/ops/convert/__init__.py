@@ -2,9 +2,10 @@
 
 The entry point `convert`: checks the arguments the way qemu-img does, opens the source
 and hands it to the raw writer (rawout) or the qcow2 pipeline (qcow2out). The pieces:
-- rawpump.py + planned.py: raw -> plain qcow2 (the common case): the data is copied on
-  two threads at a layout planned up front, started before numpy and the image code are
-  imported (this module imports neither at start-up), then the metadata is written;
+- early.py, rawpump.py, planned.py: raw -> plain qcow2 and plain qcow2 -> raw (the common
+  cases): the data is copied on two threads (for qcow2 output at a layout planned up
+  front, whose metadata is written after), without numpy or the image code in the process
+  (this module imports neither at start-up);
 - source.py: `Source`, the chunked reader (zero ranges known without I/O), shared with
   compare;
 - zeroscan.py: zero-block and backing-difference detection over buffers;
@@ -20,27 +21,20 @@ import stat
 from collections.abc import Callable
 
 from ...errors import FormatError, InvalidArgumentError, UnsupportedFeatureError
-from ...format import constants as C
 from ...io.file import FileStorage
-from .rawpump import RawPump, data_ranges, plan_layout, refcount_code
+from .early import finish_raw, start_to_qcow2, start_to_raw
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
     from typing import Any
 
     from ...image import Image, RawImage
-    from .planned import Early
     from .source import CHUNK_BYTES, Source, iter_chunks
     from .zeroscan import nonzero_blocks
 
 Progress = Callable[[int], None]
 
 SPARSE_BYTES = 4096
-_QCOW2_MAGIC = b"QFI\xfb"  # as chain.probe_format probes (chain imports the image code)
-
-# -o options the early raw -> qcow2 path takes (anything else goes the general way)
-_EARLY_OPTIONS = {"cluster_size", "compat", "refcount_bits", "lazy_refcounts",
-                  "compression_type", "preallocation"}
 
 
 def __getattr__(name: str) -> Any:
@@ -100,79 +94,26 @@ def convert(
     ):
         raise FormatError("source and target are the same file")
     opts = options or {}
-    if (out_fmt == "qcow2" and not compressed and backing is None and snapshot is None
-            and progress is None and cache == "unsafe"):
-        early = _start_early(src_path, dst_path, src_fmt, opts, force_share, sparse_bytes)
-        if early is not None:
-            from .planned import finish
+    if not compressed and backing is None and snapshot is None and progress is None and (
+            cache == "unsafe"):
+        if out_fmt == "qcow2":
+            early = start_to_qcow2(src_path, dst_path, src_fmt, opts, force_share, sparse_bytes)
+            if early is not None:
+                from .planned import finish
 
-            finish(early)
-            return
+                finish(early)
+                return
+        else:
+            early = start_to_raw(src_path, dst_path, src_fmt, force_share, sparse_bytes)
+            if early is not None:
+                finish_raw(early)
+                return
     _convert_general(
         src_path, dst_path, src_fmt=src_fmt, out_fmt=out_fmt, options=opts,
         compressed=compressed, backing=backing, backing_fmt=backing_fmt,
         force_share=force_share, progress=progress or (lambda n: None),
         sparse_bytes=sparse_bytes, cache=cache, snapshot=snapshot,
     )
-
-
-def _start_early(
-    src_path: str,
-    dst_path: str,
-    src_fmt: str | None,
-    options: dict[str, Any],
-    force_share: bool,
-    sparse_bytes: int,
-) -> Early | None:
-    """Start the raw -> qcow2 data pump when the case is one it handles (a raw source
-    file, a regular or new target, options whose values create accepts); None otherwise,
-    before anything was written."""
-    if src_fmt not in (None, "raw") or not set(options) <= _EARLY_OPTIONS:
-        return None
-    cs = options.get("cluster_size", 65536)
-    bits = options.get("refcount_bits", 16)
-    if (options.get("preallocation", "off") != "off"
-            or options.get("compat", "1.1") not in ("1.1", "v3")
-            or options.get("compression_type", "zlib") not in ("zlib", "zstd")
-            or not isinstance(options.get("lazy_refcounts", False), bool)
-            or not isinstance(cs, int) or cs & (cs - 1) or not 512 <= cs <= 2 << 20
-            or not isinstance(bits, int) or bits & (bits - 1) or not 1 <= bits <= 64
-            or refcount_code(bits.bit_length() - 1) is None):
-        return None
-    try:
-        st = os.stat(src_path)
-        dst_st = os.stat(dst_path) if os.path.lexists(dst_path) else None
-    except OSError:
-        return None  # the general path reports it in its own words
-    if not stat.S_ISREG(st.st_mode) or (dst_st is not None and not stat.S_ISREG(dst_st.st_mode)):
-        return None
-    source = FileStorage(src_path, False, force_share=force_share)
-    try:
-        if src_fmt is None and os.pread(source.fd, 4, 0) == _QCOW2_MAGIC:
-            source.close()
-            return None
-        size = -(-source.size() // 512) * 512
-        cluster_bits = cs.bit_length() - 1
-        order = bits.bit_length() - 1
-        ranges = data_ranges(source.fd, size, cs) if sparse_bytes else [(0, size)] if size else []
-        layout = plan_layout(size, cluster_bits, order, ranges)
-        if (not size or layout.l1_entries * 8 > C.MAX_L1_BYTES
-                or layout.reftable_clusters * cs > C.MAX_REFTABLE_BYTES):
-            source.close()
-            return None
-        # truncated through one descriptor and written through another: ext4 flushes a
-        # file truncated to 0 when that descriptor is closed (measured: 0.4 s for 1 GiB);
-        # closing it before anything is written makes that flush free
-        FileStorage(dst_path, True, create=True).close()
-        target = FileStorage(dst_path, True)
-    except BaseException:
-        source.close()
-        raise
-    target.durable = False
-    pump = RawPump(source, target, layout, ranges, sparse=bool(sparse_bytes)).start()
-    from .planned import Early
-
-    return Early(source, target, layout, pump, dict(options))
 
 
 def _convert_general(

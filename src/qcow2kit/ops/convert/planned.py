@@ -13,7 +13,6 @@ the source is only ever read.
 
 from __future__ import annotations
 
-import os
 import sys
 from array import array
 from typing import Any
@@ -24,37 +23,21 @@ from ...format.extensions import Extension, feature_table_bytes
 from ...format.features import Compatible, Incompatible
 from ...format.header import Header
 from ...io.file import FileStorage
-from .rawpump import Layout, RawPump, Run, refcount_code
-
-
-class Early:
-    """A raw -> qcow2 convert whose data pump is already running."""
-
-    __slots__ = ("source", "target", "layout", "pump", "options")
-
-    def __init__(self, source: FileStorage, target: FileStorage, layout: Layout, pump: RawPump,
-                 options: dict[str, Any]) -> None:
-        self.source = source
-        self.target = target
-        self.layout = layout
-        self.pump = pump
-        self.options = options
+from .early import Early
+from .rawpump import Layout, Run, refcount_code
 
 
 def finish(early: Early) -> None:
     """Wait for the pump and write the image's metadata; on failure remove the target."""
+    layout = early.layout
+    assert layout is not None
     try:
         try:
-            header = fresh_header(early.layout, early.options)
+            header = fresh_header(layout, early.options)
             runs = early.pump.join()
-            write_metadata(early.target, early.layout, header, runs)
+            write_metadata(early.target, layout, header, runs)
         except BaseException:
-            early.pump.abort()
-            early.target.close()
-            try:
-                os.unlink(early.target.name)
-            except OSError:
-                pass
+            early.fail()
             raise
         early.target.close()
     finally:
@@ -151,4 +134,4 @@ def write_metadata(target: FileStorage, layout: Layout, header: Header, runs: li
     target.pwrite(0, header.to_bytes())
 
 
-__all__ = ["Early", "finish", "fresh_header", "write_metadata"]
+__all__ = ["finish", "fresh_header", "write_metadata"]

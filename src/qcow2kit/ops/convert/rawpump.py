@@ -1,17 +1,17 @@
-"""The early data pump of raw -> qcow2 convert: copies a raw file's data clusters into a
-new qcow2 file at a layout planned up front, before numpy and the image code are imported.
+"""The data pump of convert's early paths: copies the data of a source file into the
+target on threads of its own, without numpy or the image code in the process.
 
 Owns `plan_layout` (where header, refcount table, refcount blocks, L1, L2 tables and the
-data go in a fresh image, from the source's size and data ranges alone: worst-case room
-for the metadata in front, data clusters packed in guest order behind it) and `RawPump`,
-two threads started as soon as the arguments are checked: a reader (preadv into a small
-pool of buffers, cluster zero test by comparison with a zero buffer, placement of the data
-clusters) and a writer (one pwrite per contiguous host run). The importing thread, and
-then planned.py, run meanwhile; planned.py writes the metadata once the pump is joined.
+data go in a fresh qcow2 image, from the source's size and data ranges alone: worst-case
+room for the metadata in front, data clusters packed in guest order behind it) and
+`RawPump`: a reader thread (preadv into a small pool of buffers, zero test of each block
+by comparison with a zero buffer) and a writer thread that either places each chunk's data
+clusters at the next host clusters of that layout and writes them with one pwritev (qcow2
+output: planned.py writes the metadata once the pump is joined), or writes each run of
+data blocks at its guest offset (raw output). The calling thread meanwhile does the rest.
 
-Pure Python: must not import numpy, qcow2kit.image or anything that imports them (that is
-the point: the import overlaps the copy). Only reads the source; the target's bytes are
-this module's and planned.py's alone while the pump runs.
+Pure Python: must not import numpy, qcow2kit.image or anything that imports them. Only
+reads the source; the target's bytes are this module's (and the caller's, once joined).
 """
 
 from __future__ import annotations
@@ -35,10 +35,14 @@ PUMP_BUFFERS = 6
 # (the default 5 ms would stall it behind the importing thread)
 PUMP_SWITCH_INTERVAL = 0.0002
 
+# the zero search looks for this many zero bytes (fewer for smaller blocks) first
+_NEEDLE_BYTES = 4096
+
 # array typecodes of the refcount widths the early path takes (refcount_order 3..6)
 _REFCOUNT_CODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 
 Run = tuple[int, int, int]  # (first guest cluster, clusters, first host cluster)
+Copy = tuple[int, int, int]  # (guest offset, source offset, bytes)
 Chunk = tuple[int, int, bytearray, list[tuple[int, int]]]
 # at most this many buffers per pwritev (Linux's IOV_MAX is 1024)
 _IOV_MAX = 1024
@@ -146,20 +150,25 @@ def plan_layout(
 
 
 class RawPump:
-    """Copy the data clusters of a raw source into `target` as `layout` places them:
-    PUMP_READERS threads read and zero-test chunks, one writer places each chunk's data
-    clusters in guest order (the next free host clusters) and writes them with one pwritev.
-    `join()` waits and returns the data runs, or raises what went wrong on any thread (the
-    others stop too); `abort()` stops them all."""
+    """Copy ranges of a source file into `target`: PUMP_READERS threads read and zero-test
+    chunks, one writer writes them in guest order. With a `layout` (qcow2 output) each
+    chunk's data clusters take the next free host clusters of the layout and are written
+    with one pwritev; without (raw output) each run of data blocks is written at its guest
+    offset. `join()` waits and returns the data runs (qcow2 output), or raises what went
+    wrong on any thread (the others stop too); `abort()` stops them all."""
 
     def __init__(
         self,
         source: FileStorage,
         target: FileStorage,
-        layout: Layout,
-        ranges: list[tuple[int, int]],
+        copies: list[Copy],
+        *,
+        block: int,
         sparse: bool,
+        layout: Layout | None = None,
     ) -> None:
+        """block: the zero test's unit (and, with a layout, its cluster size: a chunk that
+        ends inside a cluster is padded with zeros to the cluster's end)."""
         self.source = source
         self.target = target
         self.layout = layout
@@ -167,10 +176,11 @@ class RawPump:
         self.runs: list[Run] = []
         self.error: BaseException | None = None
         self._stop = False
-        cs = layout.cluster_size
-        self._chunk = max(PUMP_CHUNK_BYTES // cs, 1) * cs
-        self._zero = bytes(cs)
-        self._chunks = _chunks(ranges, self._chunk)
+        self._block = block
+        self._chunk = max(PUMP_CHUNK_BYTES // block, 1) * block
+        self._zero = bytes(block)
+        self._zeros = bytes(self._chunk)
+        self._chunks = _chunks(copies, self._chunk)
         self._lock = threading.Lock()
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(PUMP_BUFFERS):
@@ -209,10 +219,13 @@ class RawPump:
             self._free.put(bytearray(0))
 
     def _read(self) -> None:
-        cs = self.layout.cluster_size
+        block = self._block
         fd = self.source.fd
         zero = self._zero
+        zeros = self._zeros
+        needle = zero[:_NEEDLE_BYTES]
         sparse = self.sparse
+        pad = self.layout is not None
         while True:
             buf = self._free.get()  # a buffer first: the writer never waits for a
             if self._stop:          # chunk whose reader waits for a buffer
@@ -222,28 +235,25 @@ class RawPump:
             if item is None:
                 self._ready.put(None)
                 return
-            seq, pos, n = item
+            seq, guest, pos, n = item
             mv = memoryview(buf)
             read_at(fd, mv[:n], pos)
-            tail = -n % cs
-            if tail:  # the disk ends inside this cluster: the rest reads as zeros
+            tail = -n % block
+            if tail and pad:  # the disk ends inside this cluster: the rest reads as zeros
                 mv[n : n + tail] = zero[:tail]
-            n += tail
-            pieces: list[tuple[int, int]] = []
-            for lo in range(0, n, cs):
-                if sparse and zero.startswith(mv[lo : lo + cs]):
-                    continue
-                if pieces and pieces[-1][1] == lo:
-                    pieces[-1] = (pieces[-1][0], lo + cs)
-                else:
-                    pieces.append((lo, lo + cs))
-            self._ready.put((seq, pos, buf, pieces))
+                n += tail
+            if sparse:
+                pieces = data_pieces(buf, n, block, needle, zeros)
+            else:
+                pieces = [(0, n)] if n else []
+            self._ready.put((seq, guest, buf, pieces))
 
     def _write(self) -> None:
-        cs = self.layout.cluster_size
         target = self.target
         runs = self.runs
-        host = self.layout.data_cluster
+        layout = self.layout
+        cs = layout.cluster_size if layout is not None else 0
+        host = layout.data_cluster if layout is not None else 0
         pending: dict[int, Chunk] = {}
         expected = 0
         done = 0
@@ -258,7 +268,12 @@ class RawPump:
             while expected in pending:
                 _, pos, buf, pieces = pending.pop(expected)
                 expected += 1
-                if pieces:
+                if not cs:  # raw output: each run of data blocks at its guest offset
+                    mv = memoryview(buf)
+                    for lo, hi in pieces:
+                        target.allocate(pos + lo, hi - lo)
+                        write_at(target.fd, [mv[lo:hi]], pos + lo)
+                elif pieces:
                     # the chunk's data clusters take the next host clusters, in order
                     length = 0
                     for lo, hi in pieces:
@@ -301,12 +316,54 @@ class RawPump:
         sys.setswitchinterval(self._interval)
 
 
-def _chunks(ranges: list[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int, int]]:
-    """(sequence number, guest offset, bytes) of every chunk of the ranges, in order."""
+def data_pieces(
+    buf: bytearray, n: int, block: int, needle: bytes, zeros: bytes
+) -> list[tuple[int, int]]:
+    """The [lo, hi) runs of buf[:n] left when every all-zero block (block-aligned, the last
+    one may be short) is taken out. `needle`: zero bytes, at most `block` of them; `zeros`:
+    at least n zero bytes. C-speed searches, not a Python step per block: bytes.find of
+    the needle skips data, and a zero run grows by spans that double."""
+    mv = memoryview(buf)
+    pieces: list[tuple[int, int]] = []
+    cur = start = 0  # the current data run starts at cur; search on from start
+    while True:
+        # an all-zero block starting at or after `start` holds the needle: found at or
+        # before it
+        p = buf.find(needle, start, n)
+        if p < 0:
+            break
+        q = -(-p // block) * block
+        if q >= n:
+            break
+        end = min(n, q + block)
+        if not zeros.startswith(mv[q:end]):
+            start = q + 1
+            continue
+        step = block
+        while end < n:
+            hi = min(n, end + step)
+            if zeros.startswith(mv[end:hi]):
+                end = hi
+                step *= 2
+            elif step > block:
+                step = block
+            else:
+                break
+        if q > cur:
+            pieces.append((cur, q))
+        cur = start = end
+    if cur < n:
+        pieces.append((cur, n))
+    return pieces
+
+
+def _chunks(copies: list[Copy], chunk: int) -> Iterator[tuple[int, int, int, int]]:
+    """(sequence number, guest offset, source offset, bytes) of every chunk of the copies,
+    in order."""
     seq = 0
-    for a, b in ranges:
-        for pos in range(a, b, chunk):
-            yield seq, pos, min(chunk, b - pos)
+    for guest, pos, length in copies:
+        for done in range(0, length, chunk):
+            yield seq, guest + done, pos + done, min(chunk, length - done)
             seq += 1
 
 
@@ -340,4 +397,5 @@ def read_at(fd: int, mv: memoryview, offset: int) -> None:
         done += n
 
 
-__all__ = ["Layout", "PUMP_CHUNK_BYTES", "RawPump", "Run", "data_ranges", "plan_layout", "refcount_code"]
+__all__ = ["Copy", "Layout", "PUMP_CHUNK_BYTES", "RawPump", "Run", "data_ranges", "plan_layout",
+           "data_pieces", "read_at", "refcount_code", "write_at"]
