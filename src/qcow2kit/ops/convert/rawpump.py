@@ -353,7 +353,12 @@ def data_pieces(
             pieces.append((cur, q))
         cur = start = end
     if cur < n:
-        pieces.append((cur, n))
+        # a short last block holds no needle: tested on its own
+        last = (n - 1) // block * block
+        if n - last < len(needle) and last >= cur and zeros.startswith(mv[last:n]):
+            n = last
+        if cur < n:
+            pieces.append((cur, n))
     return pieces
 
 
