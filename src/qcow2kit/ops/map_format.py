@@ -10,7 +10,9 @@ and start-up time is its whole point) nor json.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 HUMAN_ERROR = "File contains external, encrypted or compressed clusters."
 
