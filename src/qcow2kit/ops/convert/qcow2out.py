@@ -4,9 +4,11 @@ Owns the target Image from creation to close:
 - plain output is read and zero-scanned on a reader thread (source.ReadAhead) and written
   through Image.write, one call per run of data clusters; cluster-aligned all-zero blocks
   stay unallocated;
-- compressed output deflates (or zstd-compresses, per compression_type) each cluster in a
-  thread pool and hands the results to Image.write_compressed_clusters, which packs them
-  at byte granularity as QEMU does; a cluster that does not shrink is stored plain;
+- compressed output deflates (or zstd-compresses, per compression_type) the clusters in a
+  thread pool, a group of clusters per job and one zstd context per thread (the same bytes
+  as format.compression.compress), and hands the results to
+  Image.write_compressed_clusters, which packs them at byte granularity as QEMU does; a
+  cluster that does not shrink is stored plain;
 - with a backing file (-B) only clusters that read differently from the backing file are
   written; a zero cluster over non-zero backing data becomes a zero cluster.
 Goes through public Image methods only, so every crash-safety rule of the write path
@@ -16,12 +18,14 @@ Goes through public Image methods only, so every crash-safety rule of the write 
 from __future__ import annotations
 
 import os
+import threading
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...format.compression import compress
+from ...format import constants as C
 from ...image import Image
 from ...io.file import FileStorage
 from ..create import create
@@ -41,8 +45,12 @@ PLAIN_CHUNK_BYTES = 16 << 20
 PLAIN_READ_AHEAD = 1
 # compression threads (zlib and zstd release the GIL while they work)
 COMPRESS_WORKERS = max(4, 2 * (os.cpu_count() or 2))
+# input bytes per compression job
+COMPRESS_GROUP_BYTES = 256 << 10
 
-CompressJobs = list[tuple[int, bytes, "Future[bytes | None]"]]
+Compressed = list[tuple[int, memoryview, "bytes | None"]]
+CompressJobs = list["Future[Compressed]"]
+_local = threading.local()  # per compression thread: its zstd context
 
 
 def convert_qcow2(
@@ -194,10 +202,40 @@ def _copy_over_backing(
     progress(src.size - done)
 
 
-def _compress_one(args: tuple[bytes, int, int]) -> bytes | None:
-    data, ctype, cs = args
-    out = compress(data, ctype)
-    return out if len(out) < cs else None
+def _compress_function(ctype: int) -> Callable[[bytes | memoryview], bytes]:
+    """format.compression.compress for this thread: the same bytes (zlib: raw deflate,
+    window bits 12, memLevel 9; zstd: level 3 with the content size), but one zstd context
+    per thread instead of one per cluster."""
+    if ctype != C.COMPRESSION_ZSTD:
+        def deflate(data: bytes | memoryview) -> bytes:
+            c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+            return c.compress(data) + c.flush()
+
+        return deflate
+    zstd = getattr(_local, "zstd", None)
+    if zstd is None:
+        import zstandard
+
+        zstd = _local.zstd = zstandard.ZstdCompressor()
+    out: Callable[[bytes | memoryview], bytes] = zstd.compress
+    return out
+
+
+def compress_group(data: bytes, guests: list[int], offsets: list[int], cs: int,
+                    ctype: int) -> Compressed:
+    """Compress the clusters of one pool job: (guest offset, data, compressed bytes, or
+    None where compressing does not shrink the cluster)."""
+    compress_one = _compress_function(ctype)
+    mv = memoryview(data)
+    out: Compressed = []
+    for guest, off in zip(guests, offsets, strict=True):
+        piece = mv[off : off + cs]
+        if len(piece) < cs:  # a disk may end inside its last cluster
+            packed = compress_one(bytes(piece) + bytes(cs - len(piece)))
+        else:
+            packed = compress_one(piece)
+        out.append((guest, piece, packed if len(packed) < cs else None))
+    return out
 
 
 def _submit_compressed(
@@ -208,12 +246,17 @@ def _submit_compressed(
     cs: int,
     ctype: int,
 ) -> CompressJobs:
-    """Start compressing the wanted clusters of a chunk: (guest offset, data, future)."""
+    """Start compressing the wanted clusters of a chunk, COMPRESS_GROUP_BYTES of them per
+    job (few jobs: the pool's cost per job and the GIL hand-overs stay small)."""
+    per_job = max(1, COMPRESS_GROUP_BYTES // cs)
+    wanted = np.flatnonzero(want).tolist()
     jobs: CompressJobs = []
-    for i in np.flatnonzero(want).tolist():
-        data = bytes(mv[i * cs : (i + 1) * cs])
-        padded = data + bytes(cs - len(data))  # a disk may end inside its last cluster
-        jobs.append((pos + i * cs, data, pool.submit(_compress_one, (padded, ctype, cs))))
+    for k in range(0, len(wanted), per_job):
+        group = wanted[k : k + per_job]
+        lo, hi = group[0] * cs, min(len(mv), (group[-1] + 1) * cs)
+        data = bytes(mv[lo:hi])  # the chunk's buffer is reused once this returns
+        jobs.append(pool.submit(compress_group, data, [pos + i * cs for i in group],
+                                [i * cs - lo for i in group], cs, ctype))
     return jobs
 
 
@@ -222,13 +265,13 @@ def _finish_compressed(img: Image, jobs: CompressJobs) -> None:
     plain write may allocate after the compressed tail; packing then starts a new region
     (it only continues while allocations stay contiguous)."""
     items: list[tuple[int, bytes]] = []
-    plain: list[tuple[int, bytes]] = []
-    for guest, data, fut in jobs:
-        comp = fut.result()
-        if comp is None:
-            plain.append((guest, data))
-        else:
-            items.append((guest, comp))
+    plain: list[tuple[int, memoryview]] = []
+    for fut in jobs:
+        for guest, data, packed in fut.result():
+            if packed is None:
+                plain.append((guest, data))
+            else:
+                items.append((guest, packed))
     img.write_compressed_clusters(items)
     for guest, data in plain:
         img.write(guest, data)
