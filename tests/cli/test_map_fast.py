@@ -163,6 +163,9 @@ PLAIN: dict[str, Maker] = {
 QEMU_ROUNDS_SIZE = {"odd-size"}
 FALLBACK: dict[str, tuple[Maker, str]] = {
     "compressed": (_written("8M", "64k", "write -q -c 0 128k", "write -q 1M 64k"), "compressed"),
+    # the human table stops at the first compressed extent, data after it is not listed
+    "compressed-between-data": (_written("8M", "64k", "write -q 0 64k", "write -q -c 1M 64k",
+                                         "write -q 2M 64k", "write -q -c 3M 64k"), "compressed"),
     "zero-clusters": (_written("8M", "64k", "write -q 0 1M", "write -q -z 256k 128k"), "zero"),
     "backing": (_backing, "backing"),
     "extended-l2": (_written("8M", "64k", "write -q 0 1M", opts=("extended_l2=on",)),

@@ -45,22 +45,22 @@ def json_text(starts: Sequence[int], lengths: Sequence[int], codes: Sequence[int
     return "[" + ",\n".join(lines) + "]\n"
 
 
-def _hex(v: int) -> str:
-    return f"{v:#x}" if v else "0"
-
-
 def human_text(starts: Sequence[int], lengths: Sequence[int], codes: Sequence[int],
                offsets: Sequence[int], names: Sequence[str]) -> tuple[str, str | None]:
-    """qemu-img's human table (data extents that are not zero); the error message (if any)
-    stops it where qemu-img stops: at the first data extent without a host offset."""
+    """qemu-img's human table (data extents that are not zero, numbers in hex, 0 as "0");
+    the error message (if any) stops it where qemu-img stops: at the first data extent
+    without a host offset."""
+    stop = len(starts)
+    for i, (c, o) in enumerate(zip(codes, offsets, strict=True)):
+        if c & 1 and o < 0:
+            stop = i
+            break
+    rows = zip(starts[:stop], lengths[:stop], codes[:stop], offsets[:stop], names[:stop],
+               strict=True)
     out = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
-    for s, n, c, o, name in zip(starts, lengths, codes, offsets, names, strict=True):
-        if c & 1:  # data
-            if o < 0:
-                return "\n".join(out) + "\n", HUMAN_ERROR
-            if not c & 2:  # not zero
-                out.append(f"{_hex(s):<16}{_hex(n):<16}{_hex(o):<16}{name}")
-    return "\n".join(out) + "\n", None
+    out += [f"{hex(s) if s else '0':<16}{hex(n) if n else '0':<16}{hex(o) if o else '0':<16}{name}"
+            for s, n, c, o, name in rows if c & 3 == 1]  # data, not zero
+    return "\n".join(out) + "\n", (HUMAN_ERROR if stop < len(starts) else None)
 
 
 __all__ = ["HUMAN_ERROR", "flag_code", "json_text", "human_text"]
