@@ -3,8 +3,10 @@ reports it (same extents, same merging, same JSON).
 
 Per layer, batches of consecutive L2 tables are classified and split into runs with numpy
 at once (no Python loop per entry); extents are kept as columns and merged once at the end,
-and the JSON is printed from the columns. Unallocated ranges fall through to the backing
-file (depth + 1), run by run. Never writes to an image. Like QEMU 7.2:
+and ops/map_format.py prints the columns (the one place that formats an extent). Unallocated
+ranges fall through to the backing file (depth + 1), run by run. Never writes to an image.
+The command line tries ops/map_plain.py first (plain images, without numpy); this module
+answers everything else and is the reference that fast path must agree with. Like QEMU 7.2:
 - data clusters answer data=true with their host offset; when the image looks metadata
   preallocated (more clusters in use than the host file has allocated), holes in the host
   file under data clusters answer zero=true as well;
