@@ -7,6 +7,7 @@
 - on everything it does not handle it declines (and says why), and the command still prints
   the full path's answer;
 - the command really takes it: no numpy, no argparse in the process;
+- a locked image gives the same lock error, and -U the same output, with and without it;
 - hostile images give the same output, errors and exit codes with and without it, never a
   traceback.
 """
@@ -27,7 +28,7 @@ from qcow2kit.cli import map as cli_map
 from qcow2kit.cli.main import build_parser, main
 from qcow2kit.ops import map_plain
 from qcow2kit.ops.map import format_human, format_json, map_path_extents
-from tests.helpers import layout, qemu_img, qemu_io
+from tests.helpers import layout, qemu_img, qemu_io, wait_for_lock
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
@@ -488,3 +489,24 @@ def test_plain_entries_is_the_rule(cluster_bits: int) -> None:
     for e in bad[:50]:
         mixed = good[:100] + [e] + good[100:200]
         assert not map_plain.plain_entries(struct.pack(f">{len(mixed)}Q", *mixed), cs)
+
+
+# ---- locks: the fast path opens the image as the full path does ----------------------------
+def test_locked_image(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    img = _written("16M", "64k", "write -q 0 1M")(tmp_path / "busy.qcow2")
+    holder = subprocess.Popen(["qemu-io", str(img)], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_lock(img)
+        locked = _run(["map", "--output=json", str(img)], capsys)
+        assert locked[0] == 1 and 'Failed to get shared "write" lock' in locked[2], locked
+        shared = _run(["map", "--output=json", "-U", str(img)], capsys)
+        assert shared == (0, qemu_img("map", "--output=json", "-U", str(img)).stdout, "")
+        assert not isinstance(map_plain.plain_map(str(img), force_share=True), str)
+        monkeypatch.setattr(map_plain, "plain_map", lambda *a, **k: "disabled by the test")
+        assert _run(["map", "--output=json", str(img)], capsys) == locked
+        assert _run(["map", "--output=json", "-U", str(img)], capsys) == shared
+    finally:
+        holder.kill()
+        holder.wait()
