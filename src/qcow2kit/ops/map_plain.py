@@ -47,7 +47,9 @@ _U64 = struct.Struct(">Q")
 
 
 class PlainExtents:
-    """The merged extents, as the columns map_format prints (all at depth 0, one file)."""
+    """The merged extents, as the columns map_format prints (all at depth 0, one file).
+    An extent with an offset (>= 0) is guest data stored at that host offset, one without
+    reads as zeros; ops/convert copies plain sources by exactly this promise."""
 
     __slots__ = ("starts", "lengths", "codes", "offsets", "filename")
 
