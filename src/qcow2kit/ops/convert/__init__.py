@@ -22,13 +22,14 @@ from collections.abc import Callable
 
 from ...errors import FormatError, InvalidArgumentError, UnsupportedFeatureError
 from ...io.file import FileStorage
-from .early import finish_raw, start_to_qcow2, start_to_raw
+from .early import finish_raw, start_compressed, start_to_qcow2, start_to_raw
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
     from typing import Any
 
     from ...image import Image, RawImage
+    from .compressor import CompressPump
     from .source import CHUNK_BYTES, Source, iter_chunks
     from .zeroscan import nonzero_blocks
 
@@ -108,12 +109,22 @@ def convert(
             if early is not None:
                 finish_raw(early)
                 return
-    _convert_general(
-        src_path, dst_path, src_fmt=src_fmt, out_fmt=out_fmt, options=opts,
-        compressed=compressed, backing=backing, backing_fmt=backing_fmt,
-        force_share=force_share, progress=progress or (lambda n: None),
-        sparse_bytes=sparse_bytes, cache=cache, snapshot=snapshot,
-    )
+    pump = None
+    if compressed and out_fmt == "qcow2" and backing is None and snapshot is None and (
+            progress is None):
+        # the source is read and compressed while the image code is imported
+        pump = start_compressed(src_path, dst_path, src_fmt, opts, force_share, sparse_bytes)
+    try:
+        _convert_general(
+            src_path, dst_path, src_fmt=src_fmt, out_fmt=out_fmt, options=opts,
+            compressed=compressed, backing=backing, backing_fmt=backing_fmt,
+            force_share=force_share, progress=progress or (lambda n: None),
+            sparse_bytes=sparse_bytes, cache=cache, snapshot=snapshot, early=pump,
+        )
+    finally:
+        if pump is not None:
+            pump.close()
+            pump.source.close()
 
 
 def _convert_general(
@@ -131,6 +142,7 @@ def _convert_general(
     sparse_bytes: int,
     cache: str,
     snapshot: tuple[str | None, str | None] | None,
+    early: CompressPump | None,
 ) -> None:
     from ...image import open_any
     from .qcow2out import convert_qcow2
@@ -148,7 +160,7 @@ def _convert_general(
             convert_qcow2(
                 src, dst_path, options=options, compressed=compressed,
                 backing=backing, backing_fmt=backing_fmt, progress=progress,
-                sparse_bytes=sparse_bytes, durable=cache != "unsafe",
+                sparse_bytes=sparse_bytes, durable=cache != "unsafe", early=early,
             )
     finally:
         img.close()

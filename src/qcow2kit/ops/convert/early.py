@@ -6,7 +6,9 @@ and the target's life until the pump is joined:
 - raw source -> plain qcow2 (`start_to_qcow2`): a layout planned from the size and the
   source's data ranges; planned.py writes the metadata after;
 - plain qcow2 source (ops.map_plain answers its extents: no backing file, snapshots,
-  compressed or zero clusters...) -> sparse raw file (`start_to_raw`, `finish_raw`).
+  compressed or zero clusters...) -> sparse raw file (`start_to_raw`, `finish_raw`);
+- raw source -> compressed qcow2 (`start_compressed`): reading and compressing start
+  early (compressor.py); qcow2out.py writes the results once the image exists.
 Anything else returns None before any byte was written, and the general path runs. Must not
 import numpy or qcow2kit.image; never writes to the source.
 """
@@ -18,6 +20,7 @@ import stat
 
 from ...format import constants as C
 from ...io.file import FileStorage
+from .compressor import CompressPump
 from .rawpump import Copy, Layout, RawPump, data_ranges, plan_layout, refcount_code
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
@@ -161,6 +164,36 @@ def start_to_raw(
     return Early(source, target, None, pump.start(), {})
 
 
+def start_compressed(
+    src_path: str,
+    dst_path: str,
+    src_fmt: str | None,
+    options: dict[str, Any],
+    force_share: bool,
+    sparse_bytes: int,
+) -> CompressPump | None:
+    """Start reading and compressing a raw source for convert -c, or None. The caller
+    closes the pump and then its source."""
+    cs = options.get("cluster_size", 65536)
+    ctype = options.get("compression_type", "zlib")
+    if (src_fmt not in (None, "raw") or not isinstance(cs, int) or cs & (cs - 1)
+            or not 512 <= cs <= 2 << 20 or ctype not in ("zlib", "zstd")
+            or not _regular_files(src_path, dst_path)):
+        return None
+    source = FileStorage(src_path, False, force_share=force_share)
+    try:
+        if src_fmt is None and os.pread(source.fd, 4, 0) == QCOW2_MAGIC:
+            source.close()
+            return None
+        size = -(-source.size() // 512) * 512
+        ranges = data_ranges(source.fd, size, cs) if sparse_bytes else [(0, size)] if size else []
+        code = C.COMPRESSION_ZSTD if ctype == "zstd" else C.COMPRESSION_ZLIB
+        return CompressPump(source, ranges, cs, code, bool(sparse_bytes)).start()
+    except BaseException:
+        source.close()
+        raise
+
+
 def finish_raw(early: Early) -> None:
     """Wait for the pump of a raw output; on failure remove the target."""
     try:
@@ -174,4 +207,5 @@ def finish_raw(early: Early) -> None:
         early.source.close()
 
 
-__all__ = ["Early", "QCOW2_OPTIONS", "finish_raw", "start_to_qcow2", "start_to_raw"]
+__all__ = ["Early", "QCOW2_OPTIONS", "finish_raw", "start_compressed", "start_to_qcow2",
+           "start_to_raw"]

@@ -17,18 +17,21 @@ Goes through public Image methods only, so every crash-safety rule of the write 
 
 from __future__ import annotations
 
-import os
-import threading
-import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...format import constants as C
 from ...image import Image
 from ...io.file import FileStorage
 from ..create import create
+from .compressor import (
+    COMPRESS_GROUP_BYTES,
+    COMPRESS_WORKERS,
+    Compressed,
+    CompressPump,
+    compress_group,
+)
 from .source import CHUNK_BYTES, ReadAhead, Source
 from .zeroscan import BoolArray, aligned_data_ranges, differs, nonzero_blocks, runs_of, union
 
@@ -43,14 +46,9 @@ Progress = Callable[[int], None]
 # data into 2 MiB syscalls)
 PLAIN_CHUNK_BYTES = 16 << 20
 PLAIN_READ_AHEAD = 1
-# compression threads (zlib and zstd release the GIL while they work)
-COMPRESS_WORKERS = max(4, 2 * (os.cpu_count() or 2))
-# input bytes per compression job
-COMPRESS_GROUP_BYTES = 256 << 10
-
-Compressed = list[tuple[int, memoryview, "bytes | None"]]
 CompressJobs = list["Future[Compressed]"]
-_local = threading.local()  # per compression thread: its zstd context
+# compressed clusters handed to Image.write_compressed_clusters at once (at least)
+WRITE_BATCH_CLUSTERS = 128
 
 
 def convert_qcow2(
@@ -64,9 +62,11 @@ def convert_qcow2(
     progress: Progress,
     sparse_bytes: int,
     durable: bool = False,
+    early: CompressPump | None = None,
 ) -> None:
     """Create dst as a qcow2 image of src's size (options as ops.create takes them) and
-    copy src's guest bytes into it."""
+    copy src's guest bytes into it. early: compressed output whose source is already being
+    read and compressed (the caller closes it)."""
     opts = dict(options)
     if backing is not None:
         opts["backing_file"] = backing
@@ -91,6 +91,8 @@ def convert_qcow2(
             finally:
                 if pool is not None:
                     pool.shutdown()
+        elif early is not None:
+            _copy_compressed_early(early, img, progress)
         elif compressed:
             _copy_compressed(src, img, ranges, progress, sparse_bytes)
         else:
@@ -151,6 +153,20 @@ def _copy_compressed(
     progress(src.size - done)
 
 
+def _copy_compressed_early(pump: CompressPump, img: Image, progress: Progress) -> None:
+    """Write what the pump compressed, WRITE_BATCH_CLUSTERS clusters or more at a time."""
+    batch: list[Compressed] = []
+    count = 0
+    for group in pump.results():
+        batch.append(group)
+        count += len(group)
+        if count >= WRITE_BATCH_CLUSTERS:
+            _write_compressed(img, batch)
+            progress(sum(len(g) for g in batch) * img.cluster_size)
+            batch, count = [], 0
+    _write_compressed(img, batch)
+
+
 def _copy_over_backing(
     src: Source,
     img: Image,
@@ -202,42 +218,6 @@ def _copy_over_backing(
     progress(src.size - done)
 
 
-def _compress_function(ctype: int) -> Callable[[bytes | memoryview], bytes]:
-    """format.compression.compress for this thread: the same bytes (zlib: raw deflate,
-    window bits 12, memLevel 9; zstd: level 3 with the content size), but one zstd context
-    per thread instead of one per cluster."""
-    if ctype != C.COMPRESSION_ZSTD:
-        def deflate(data: bytes | memoryview) -> bytes:
-            c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-            return c.compress(data) + c.flush()
-
-        return deflate
-    zstd = getattr(_local, "zstd", None)
-    if zstd is None:
-        import zstandard
-
-        zstd = _local.zstd = zstandard.ZstdCompressor()
-    out: Callable[[bytes | memoryview], bytes] = zstd.compress
-    return out
-
-
-def compress_group(data: bytes, guests: list[int], offsets: list[int], cs: int,
-                    ctype: int) -> Compressed:
-    """Compress the clusters of one pool job: (guest offset, data, compressed bytes, or
-    None where compressing does not shrink the cluster)."""
-    compress_one = _compress_function(ctype)
-    mv = memoryview(data)
-    out: Compressed = []
-    for guest, off in zip(guests, offsets, strict=True):
-        piece = mv[off : off + cs]
-        if len(piece) < cs:  # a disk may end inside its last cluster
-            packed = compress_one(bytes(piece) + bytes(cs - len(piece)))
-        else:
-            packed = compress_one(piece)
-        out.append((guest, piece, packed if len(packed) < cs else None))
-    return out
-
-
 def _submit_compressed(
     pool: ThreadPoolExecutor,
     mv: memoryview,
@@ -264,10 +244,15 @@ def _finish_compressed(img: Image, jobs: CompressJobs) -> None:
     """Write a chunk's clusters: compressed where that shrinks them, plain otherwise. A
     plain write may allocate after the compressed tail; packing then starts a new region
     (it only continues while allocations stay contiguous)."""
+    _write_compressed(img, [fut.result() for fut in jobs])
+
+
+def _write_compressed(img: Image, groups: list[Compressed]) -> None:
+    """Write compressed groups' clusters: packed where that shrinks them, plain otherwise."""
     items: list[tuple[int, bytes]] = []
     plain: list[tuple[int, memoryview]] = []
-    for fut in jobs:
-        for guest, data, packed in fut.result():
+    for group in groups:
+        for guest, data, packed in group:
             if packed is None:
                 plain.append((guest, data))
             else:
