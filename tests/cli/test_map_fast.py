@@ -3,7 +3,8 @@
 
 - on plain images of every cluster size and shape it answers, with exactly the text of the
   full path and of `qemu-img map` (JSON and human), also when every L2 table is its own batch
-  or runs are cut into chunks of 3 entries (the joins between batches and chunks);
+  or runs are cut into chunks of 3 entries (the joins between batches and chunks), and for
+  ranges (--start-offset, --max-length) around clusters, tables and the end of the disk;
 - on everything it does not handle it declines (and says why), and the command still prints
   the full path's answer;
 - the command really takes it: no numpy, no argparse in the process;
@@ -283,11 +284,40 @@ def test_command_falls_back_with_numpy(images: Callable[[str], Path]) -> None:
     assert out == qemu_img("map", "--output=json", path).stdout
 
 
-def test_offsets_take_the_full_path(images: Callable[[str], Path]) -> None:
+def test_offsets_take_the_fast_path(images: Callable[[str], Path]) -> None:
     path = str(images("sparse"))
-    out, numpy, _ = _probe("map", "--output=json", "--start-offset=300M", path)
-    assert numpy
-    assert out == qemu_img("map", "--output=json", "--start-offset=300M", path).stdout
+    argv = ["--output=json", "--start-offset=300M", "--max-length", "1000k"]
+    out, numpy, _ = _probe("map", *argv, path)
+    assert not numpy
+    assert out == qemu_img("map", *argv, path).stdout
+
+
+def _ranges(size: int) -> list[tuple[int, int | None]]:
+    """Ranges around clusters of every size, L2 tables, the middle and the end of the disk."""
+    ranges: list[tuple[int, int | None]] = [
+        (0, 0), (1, None), (511, 1000), (4095, 8193), (65535, 65537), (100_000, 3_000_000),
+        (size // 2 + 777, None), (size // 3, size // 3), (size - 1, None), (size, None),
+        (size + 4096, 100), (12345, 0)]
+    return [(start, length) for start, length in ranges if start >= 0]
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_ranges_same_as_full_path_and_qemu(images: Callable[[str], Path], name: str) -> None:
+    path = images(name)
+    size = int(layout(path)["size"])
+    for start, length in _ranges(size):
+        found = map_plain.plain_map(str(path), start=start, length=length)
+        assert not isinstance(found, str), found
+        full = map_path_extents(str(path), start=start, length=length)
+        assert found.json() == format_json(full), (start, length)
+        assert found.human() == format_human(full), (start, length)
+        if name in QEMU_ROUNDS_SIZE:
+            continue
+        extra = ["--start-offset", str(start)]
+        if length is not None:
+            extra += ["--max-length", str(length)]
+        assert found.json() == qemu_img("map", "--output=json", *extra, str(path)).stdout, \
+            (start, length)
 
 
 # ---- argument parsing without argparse ------------------------------------------------------

@@ -89,13 +89,12 @@ def run(args: argparse.Namespace) -> int:
     # (the default "0" is 0: parse_size would first compile its patterns, 4 ms of a run)
     start = 0 if args.start == "0" else parse_size(args.start, "start offset")
     length = parse_size(args.length, "max length") if args.length is not None else None
-    if start == 0 and length is None:
-        from ..ops.map_plain import plain_map
+    from ..ops.map_plain import plain_map
 
-        found = plain_map(args.filename, args.fmt, force_share=args.force_share,
-                          backing=args.backing)
-        if not isinstance(found, str):
-            return _print(args.output, found)
+    found = plain_map(args.filename, args.fmt, force_share=args.force_share,
+                      backing=args.backing, start=start, length=length)
+    if not isinstance(found, str):
+        return _print(args.output, found)
     from ..ops.map import map_path_extents
 
     entries = map_path_extents(args.filename, args.fmt, force_share=args.force_share, start=start,

@@ -7,7 +7,7 @@ module reads the header (metadata.header_io), the L1 table and the L2 tables as 
 C speed; Python then touches each extent once.
 
 Handles only what it can answer exactly as ops/map.py would: a qcow2 file (probed, or -f qcow2)
-opened read-only with the same locks, the whole disk (no start offset or length), no backing
+opened read-only with the same locks, the whole disk or a range of it, no backing
 file (or --no-backing), no external data file, standard L2 entries, no internal snapshots or
 persistent bitmaps (whose directories the full open reads and may reject), every visible L2
 entry plain data (aligned, inside the file) or unallocated (no compressed or zero clusters, no
@@ -67,8 +67,12 @@ class PlainExtents:
 
 
 def plain_map(path: str, fmt: str | None = None, *, force_share: bool = False,
-              backing: bool = True) -> PlainExtents | str:
-    """The extents of the whole disk of `path`, or why ops/map.py must answer instead."""
+              backing: bool = True, start: int = 0, length: int | None = None
+              ) -> PlainExtents | str:
+    """The extents of the disk of `path` (or of [start, start + length) inside it, as
+    ops/map.map_extents cuts them), or why ops/map.py must answer instead."""
+    if start < 0 or (length is not None and length < 0):
+        return "a negative start or length"
     try:
         if (fmt or probe_format(path)) != "qcow2":
             return "not a qcow2 file"
@@ -76,7 +80,7 @@ def plain_map(path: str, fmt: str | None = None, *, force_share: bool = False,
     except (Qcow2Error, OSError) as exc:
         return f"cannot open: {exc}"
     try:
-        return _walk(storage, backing)
+        return _walk(storage, backing, start, length)
     except (Qcow2Error, OSError) as exc:
         return f"error: {exc}"
     finally:
@@ -133,26 +137,32 @@ def _untagged_breaks(raw: bytes, cs: int) -> bytes | None:
 _FLAG_80 = bytes([0, 0x80]) + bytes(254)  # breaks' 1 as tagged_breaks' 0x80
 
 
-def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
+def _walk(storage: FileStorage, backing: bool, start: int, length: int | None
+          ) -> PlainExtents | str:
     header = read_header(storage)  # the checks Image's open makes of the header
     reason = _unusual(header, backing)
     if reason is not None:
         return reason
     size = header.size
+    end = size if length is None else min(size, start + length)
     name = storage.name
-    if size == 0:
-        return PlainExtents([0], [0], [_NOTHING], [-1], name)
+    if start >= end:  # nothing to map: qemu-img's one empty extent
+        return PlainExtents([start], [0], [_NOTHING], [-1], name)
     cs = header.cluster_size
     l2_entries = cs // 8
     span = cs * l2_entries
     file_size = storage.size()
-    needed = -(-size // span)  # header validation: l1_size >= needed, the table in the file
-    raw_l1 = bytearray(storage.pread(header.l1_table_offset, needed * 8))
+    # the L1 entries of [start, end) (header validation: the L1 table covers the disk and
+    # lies inside the file)
+    first_l1 = start // span
+    count = (end - 1) // span + 1 - first_l1
+    raw_l1 = bytearray(storage.pread(header.l1_table_offset + 8 * first_l1, count * 8))
     if not plain_entries(raw_l1, cs):
         return "L1 entries with reserved bits or unaligned L2 tables"
-    raw_l1[0::8] = bytes(needed)  # the offsets alone (no COPIED bit)
-    hits = flag_positions(Lanes.from_bytes(raw_l1).nonzero())
-    tables = [_U64.unpack_from(raw_l1, 8 * i)[0] for i in hits]
+    raw_l1[0::8] = bytes(count)  # the offsets alone (no COPIED bit)
+    in_range = flag_positions(Lanes.from_bytes(raw_l1).nonzero())
+    tables = [_U64.unpack_from(raw_l1, 8 * i)[0] for i in in_range]
+    hits = [first_l1 + i for i in in_range]
     if tables and max(tables) > file_size - cs:
         return "an L2 table past the end of the file"
 
@@ -165,7 +175,7 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
     unpack = _U64.unpack_from
     offset_bits = C.OFFSET_MASK & ~(cs - 1)
     other_bits = ~offset_bits & ~C.OFLAG_COPIED & ((1 << 64) - 1)  # all zero in a plain entry
-    pos = 0
+    pos = start
     k = 0
     while k < len(hits):
         # a batch: consecutive allocated L1 entries, so their tables are guest-contiguous
@@ -175,15 +185,16 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
         base = hits[k] * span
         if pos < base:
             _add(starts, lengths, offsets, pos, base - pos, -1)
-        bend = min(size, (hits[j - 1] + 1) * span)
-        raw = read_tables(storage, tables[k:j], cs)
-        units = -(-(bend - base) // cs)
-        if len(raw) > units * 8:
-            raw = raw[: units * 8]  # the entries past the end of the disk are never looked at
+            pos = base
+        bend = min(end, (hits[j - 1] + 1) * span)
+        # the entries of [pos, bend): the others are never looked at
+        u0 = (pos - base) // cs
+        units = -(-(bend - base) // cs) - u0
+        raw = read_tables(storage, tables[k:j], cs)[u0 * 8 : (u0 + units) * 8]
         view = memoryview(raw)
         for first in range(0, units, _CHUNK_ENTRIES):
             chunk = view[first * 8 : (first + _CHUNK_ENTRIES) * 8]
-            cbase = base + first * cs
+            cbase = base + (u0 + first) * cs
             # 0x80 where the next entry does not continue an entry: at once with the test
             # that every entry is plain with COPIED set exactly on the data entries (the
             # usual case); else the same flags after testing for plain entries alone
@@ -207,16 +218,22 @@ def _walk(storage: FileStorage, backing: bool) -> PlainExtents | str:
                 return "a data cluster past the end of the file"
             if top >= 0 and sparse_host:
                 return "a sparse host file: the metadata-preallocation heuristic needs refcounts"
-            _add(starts, lengths, offsets, cbase, sizes[0], hosts[0])  # may join the last one
+            if cbase < pos:  # a start inside the first cluster: the run begins at the start
+                cut = pos - cbase
+                bounds[0] = pos
+                sizes[0] -= cut
+                if hosts[0] >= 0:
+                    hosts[0] += cut
+            _add(starts, lengths, offsets, bounds[0], sizes[0], hosts[0])  # may join the last
             starts += bounds[1:]
             lengths += sizes[1:]
             offsets += hosts[1:]
         pos = bend
         k = j
-    if pos < size:
-        _add(starts, lengths, offsets, pos, size - pos, -1)
-    # the last cluster may reach past the end of the disk
-    lengths[-1] = min(lengths[-1], size - starts[-1])
+    if pos < end:
+        _add(starts, lengths, offsets, pos, end - pos, -1)
+    # the last cluster may reach past the end of the range
+    lengths[-1] = min(lengths[-1], end - starts[-1])
 
     if max(offsets) >= 0 and _refused_reftable(storage, header, file_size):
         return "refcount table entries that ops/map.py's refcount lookup refuses"
