@@ -20,12 +20,13 @@ import stat
 
 from ...format import constants as C
 from ...io.file import FileStorage
-from .compressor import CompressPump
 from .rawpump import Copy, Layout, RawPump, data_ranges, plan_layout, refcount_code
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
     from typing import Any
+
+    from .compressor import CompressPump
 
 QCOW2_MAGIC = b"QFI\xfb"  # as chain.probe_format probes (chain imports more)
 
@@ -188,6 +189,8 @@ def start_compressed(
         size = -(-source.size() // 512) * 512
         ranges = data_ranges(source.fd, size, cs) if sparse_bytes else [(0, size)] if size else []
         code = C.COMPRESSION_ZSTD if ctype == "zstd" else C.COMPRESSION_ZLIB
+        from .compressor import CompressPump
+
         return CompressPump(source, ranges, cs, code, bool(sparse_bytes)).start()
     except BaseException:
         source.close()

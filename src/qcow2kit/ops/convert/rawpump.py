@@ -182,9 +182,11 @@ class RawPump:
         self._zeros = bytes(self._chunk)
         self._chunks = _chunks(copies, self._chunk)
         self._lock = threading.Lock()
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        # buffers for the readers; None: one still to be made (by the reader, whose first
+        # reads then fault its pages in, not the starting thread)
+        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         for _ in range(PUMP_BUFFERS):
-            self._free.put(bytearray(self._chunk))
+            self._free.put(None)
         # read chunks (sequence number, guest offset, buffer, data pieces), None when a
         # reader is done
         self._ready: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
@@ -230,6 +232,8 @@ class RawPump:
             buf = self._free.get()  # a buffer first: the writer never waits for a
             if self._stop:          # chunk whose reader waits for a buffer
                 return
+            if buf is None:
+                buf = bytearray(self._chunk)
             with self._lock:
                 item = next(self._chunks, None)
             if item is None:
