@@ -126,7 +126,15 @@ def _refcount_past_the_end(p: Path) -> Path:
     return p
 
 
+def _dense_zero_alloc(p: Path) -> Path:
+    """A whole L2 table of preallocated zero clusters (offset, COPIED and the zero flag)."""
+    dense(p, "4k", 4 << 20)
+    qemu_io(p, "write -q -z 0 2M")
+    return p
+
+
 CLEAN["backing_file"] = _overlay
+CLEAN["dense_zero_alloc"] = _dense_zero_alloc
 CLEAN["trailing_zeros"] = _trailing_zeros
 CLEAN["refcount_past_the_end"] = _refcount_past_the_end
 
@@ -289,8 +297,19 @@ def _refblock_on_l1(p: Path) -> Path:
     return p
 
 
-DAMAGED.update(leak_appended=_leak_by_qemu, truncated=_truncated, l1_twice=_l1_twice,
-               refblock_on_l1=_refblock_on_l1)
+def _dense_copied_cleared(p: Path) -> Path:
+    """COPIED cleared in every entry of a whole L2 table of contiguous clusters."""
+    dense(p, "4k", 4 << 20)
+    l2 = next(e for e in layout(p)["l1"] if e) & 0x00FFFFFFFFFFFE00
+    table = bytearray(p.read_bytes()[l2 : l2 + 4096])
+    for i in range(0, 4096, 8):
+        table[i] &= 0x7F
+    _patch(p, l2, bytes(table))
+    return p
+
+
+DAMAGED.update(dense_copied_cleared=_dense_copied_cleared, leak_appended=_leak_by_qemu,
+               truncated=_truncated, l1_twice=_l1_twice, refblock_on_l1=_refblock_on_l1)
 
 
 def make(tmp_path: Path, table: dict[str, Maker], name: str) -> Path:

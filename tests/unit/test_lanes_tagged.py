@@ -85,3 +85,22 @@ def test_tagged_breaks_refuses_bad_arguments() -> None:
                                  (0xF000, 0, 0)):
         with pytest.raises(ValueError):
             lanes.tagged_breaks(key, zero_mask, step)
+
+
+def test_progression() -> None:
+    step = 4096
+    for n in (1, 2, 5, 512):
+        run = [TOP | (7 * step + i * step) for i in range(n)]
+        assert Lanes.from_bytes(pack(run)).progression(step)
+        if n == 1:
+            continue  # one entry is always a progression
+        assert not Lanes.from_bytes(pack(run)).progression(2 * step)
+        for k in range(n):
+            for delta in (1, step, -step, 1 << 62):
+                bad = list(run)
+                bad[k] = (bad[k] + delta) % (1 << 64)
+                assert not Lanes.from_bytes(pack(bad)).progression(step)
+    # the last entry would not fit: never a progression, even where the carries would agree
+    top = (1 << 64) - step
+    assert not Lanes.from_bytes(pack([top, 0])).progression(step)
+    assert Lanes.from_bytes(pack([top - step, top])).progression(step)

@@ -329,6 +329,8 @@ def _group_runs(data: memoryview | bytes, piece_entries: int, tables: list[int],
     to table tables[k]; they end entry `scanned` of all tables), added to exp and counted in
     state."""
     cs, aligned = state.cs, state.aligned
+    if piece_entries >= _WHOLE_MIN_ENTRIES and _whole_pieces(data, piece_entries, tables, scanned, exp, state):
+        return
     breaks = Lanes.from_bytes(data).tagged_breaks(aligned, _FLAGS_ZERO & ~aligned, cs)
     if breaks is None:
         raise _DeclinedError("L2 entry with reserved bits, compressed, or without COPIED")
@@ -365,6 +367,49 @@ def _group_runs(data: memoryview | bytes, piece_entries: int, tables: list[int],
     state.table, state.end = last_table, last_end
     state.allocated += allocated
     state.fragmented += fragmented
+
+
+def _whole_pieces(data: memoryview | bytes, piece_entries: int, tables: list[int], scanned: int,
+                  exp: _Expected, state: _Runs) -> bool:
+    """The usual pieces of a dense image, each one run of allocated clusters (COPIED | an
+    aligned offset, the next cluster in every entry), checked with a few operations each;
+    False (nothing counted) unless every piece is one, and the caller checks them entry by
+    entry instead."""
+    cs, aligned = state.cs, state.aligned
+    size = piece_entries * 8
+    limit = C.MAX_HOST_OFFSET - piece_entries * cs  # the last entry's offset stays in its field
+    hosts = []
+    for k in range(len(tables)):
+        part = data[k * size : (k + 1) * size]
+        first = int.from_bytes(part[:8], "big")
+        host = first & aligned
+        if first != C.OFLAG_COPIED | host or not host or host > limit:
+            return False
+        if not Lanes.from_bytes(part).progression(cs):
+            return False
+        hosts.append(host)
+    if not state.afford(len(hosts), scanned):
+        raise _DeclinedError("clusters too scattered: the full check is faster")
+    cb = cs.bit_length() - 1
+    width, one = exp.width, exp.one
+    ones = one * piece_entries
+    for host, table in zip(hosts, tables, strict=True):
+        if table == state.table and host != state.end:
+            state.fragmented += 1
+        state.table = table
+        state.end = host + piece_entries * cs
+        first = host >> cb
+        if first + piece_entries > exp.n:
+            raise _DeclinedError("data cluster past the end of the file")
+        exp.bytes[first * width : (first + piece_entries) * width] = ones
+        exp.top = max(exp.top, first + piece_entries)
+    state.allocated += len(hosts) * piece_entries
+    exp.total += len(hosts) * piece_entries
+    return True
+
+
+# pieces of at least this many entries are first tried as one run each
+_WHOLE_MIN_ENTRIES = 512
 
 
 def _read_into(storage: FileStorage, view: memoryview, offsets: list[int], cs: int) -> None:
