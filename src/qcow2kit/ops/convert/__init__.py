@@ -6,6 +6,8 @@ and hands it to the raw writer (rawout) or the qcow2 pipeline (qcow2out). The pi
   cases): the data is copied on two threads (for qcow2 output at a layout planned up
   front, whose metadata is written after), without numpy or the image code in the process
   (this module imports neither at start-up);
+- compressor.py: the compression jobs of -c; for a raw source, reading and compressing
+  start before the image code is imported;
 - source.py: `Source`, the chunked reader (zero ranges known without I/O), shared with
   compare;
 - zeroscan.py: zero-block and backing-difference detection over buffers;

@@ -5,10 +5,11 @@ Owns `plan_layout` (where header, refcount table, refcount blocks, L1, L2 tables
 data go in a fresh qcow2 image, from the source's size and data ranges alone: worst-case
 room for the metadata in front, data clusters packed in guest order behind it) and
 `RawPump`: a reader thread (preadv into a small pool of buffers, zero test of each block
-by comparison with a zero buffer) and a writer thread that either places each chunk's data
-clusters at the next host clusters of that layout and writes them with one pwritev (qcow2
-output: planned.py writes the metadata once the pump is joined), or writes each run of
-data blocks at its guest offset (raw output). The calling thread meanwhile does the rest.
+by bytes.find and comparison with a zero buffer: `data_pieces`) and a writer thread that
+either places each chunk's data clusters at the next host clusters of that layout and
+writes them with one pwritev (qcow2 output: planned.py writes the metadata once the pump
+is joined), or writes each run of data blocks at its guest offset (raw output). The
+calling thread meanwhile does the rest.
 
 Pure Python: must not import numpy, qcow2kit.image or anything that imports them. Only
 reads the source; the target's bytes are this module's (and the caller's, once joined).
