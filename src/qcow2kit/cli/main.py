@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Sequence
 
 from ..errors import Qcow2Error
 from .common import PROG, UsageError
@@ -20,6 +19,7 @@ from .common import PROG, UsageError
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
     from typing import Any
 
 # qcow2kit never calls BLAS, but numpy's OpenBLAS starts a pool of worker threads when numpy

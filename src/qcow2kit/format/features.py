@@ -1,11 +1,14 @@
-"""Feature bit sets and the feature-name table. Imports only the standard library."""
+"""Feature bit sets and the feature-name table. Imports nothing.
+
+The bit sets are plain int constants, not enum.IntFlag: importing enum costs the light
+commands start-up time, and with plain ints `bits & ~Incompatible.DIRTY` keeps every other
+bit (an IntFlag's complement would drop bits it does not name).
+"""
 
 from __future__ import annotations
 
-import enum
 
-
-class Incompatible(enum.IntFlag):
+class Incompatible:
     DIRTY = 1 << 0
     CORRUPT = 1 << 1
     EXTERNAL_DATA_FILE = 1 << 2
@@ -13,11 +16,11 @@ class Incompatible(enum.IntFlag):
     EXTENDED_L2 = 1 << 4
 
 
-class Compatible(enum.IntFlag):
+class Compatible:
     LAZY_REFCOUNTS = 1 << 0
 
 
-class Autoclear(enum.IntFlag):
+class Autoclear:
     BITMAPS = 1 << 0
     DATA_FILE_RAW = 1 << 1
 

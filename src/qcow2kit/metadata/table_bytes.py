@@ -10,11 +10,14 @@ numpy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from ..format import constants as C
-from ..format.header import Header
-from ..io.storage import Storage
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..format.header import Header
+    from ..io.storage import Storage
 
 
 def read_tables(storage: Storage, offsets: Sequence[int], size: int) -> bytes:
