@@ -82,3 +82,42 @@ def test_program_exits_with_its_output_flushed(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "qcow2kit", "info", str(tmp_path / "none")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("qcow2kit: ") and bad.stdout == ""
+
+
+# every verb with a fast path parses through cli/common.plain_command_line: the same lines
+# must give argparse's namespace (or be declined) whichever verb asks
+EVERY_VERB = [
+    ("info", ["-f=qcow2", "--output=json", "x"]),
+    ("check", ["--output=human", "-f", "qcow2", "-q", "x"]),
+    ("check", ["-f=raw", "x"]),
+    ("map", ["--start-offset=64k", "--max-length", "1M", "--output=json", "x"]),
+    ("map", ["--no-backing", "-f=raw", "-U", "x"]),
+    ("convert", ["-O", "qcow2", "-o", "cluster_size=4k", "-o", "lazy_refcounts=on", "a", "b"]),
+    ("convert", ["-f=raw", "-O=qcow2", "-c", "-S", "0", "a", "b"]),
+]
+EVERY_VERB_DECLINED = [
+    ("info", ["--output=", "x"]),
+    ("check", ["-r", "all", "x"]),
+    ("map", ["--start-offset", "-1", "x"]),
+    ("convert", ["a"]),
+    ("convert", ["a", "b", "c"]),
+    ("convert", ["-O", "vmdk", "a", "b"]),
+]
+
+
+@pytest.mark.parametrize(("verb", "rest"), EVERY_VERB, ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_every_fast_path_same_as_argparse(verb: str, rest: list[str]) -> None:
+    import importlib
+
+    fast = importlib.import_module(f"qcow2kit.cli.{verb}").fast_args(rest)
+    assert fast is not None
+    parsed = build_parser([verb]).parse_args([verb, *rest])
+    assert vars(fast) == vars(parsed)
+
+
+@pytest.mark.parametrize(("verb", "rest"), EVERY_VERB_DECLINED,
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_every_fast_path_declines(verb: str, rest: list[str]) -> None:
+    import importlib
+
+    assert importlib.import_module(f"qcow2kit.cli.{verb}").fast_args(rest) is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from types import SimpleNamespace
 
-from .common import UsageError, add_output
+from .common import UsageError, add_output, plain_command_line
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
@@ -38,37 +38,16 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-_FLAGS = {"-q": ("quiet", True), "-U": ("force_share", True), "--force-share": ("force_share", True),
-          "--output=json": ("output", "json"), "--output=human": ("output", "human")}
+_FLAGS = {"-q": ("quiet", True), "-U": ("force_share", True), "--force-share": ("force_share", True)}
 _VALUED = {"--output": ("output", ("human", "json")), "-f": ("fmt", None)}
 
 
 def fast_args(rest: list[str]) -> SimpleNamespace | None:
-    """What register()'s parser makes of `rest`, for plain command lines without repair
-    (each option spelled out in full with a valid value, one file name not starting with
-    '-'); None for anything else (help, -r, abbreviations, errors...), which argparse then
-    handles. Saves importing and running argparse: a good part of a small check's time."""
+    """Plain command lines without argparse (cli/common.plain_command_line); -r is never
+    plain (argparse handles repairs)."""
     args = SimpleNamespace(verb="check", repair=None, fmt=None, quiet=False, force_share=False,
                            output="human", filename=None, run=run)
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if token in _FLAGS:
-            setattr(args, *_FLAGS[token])
-        elif token in _VALUED:
-            dest, choices = _VALUED[token]
-            if i + 1 == len(rest) or rest[i + 1].startswith("-"):
-                return None
-            if choices is not None and rest[i + 1] not in choices:
-                return None
-            setattr(args, dest, rest[i + 1])
-            i += 1
-        elif token.startswith("-") or args.filename is not None:
-            return None
-        else:
-            args.filename = token
-        i += 1
-    return args if args.filename is not None else None
+    return plain_command_line(rest, args, ("filename",), _FLAGS, _VALUED)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,10 +13,12 @@ Sizes follow what qemu-img 7.2 accepts (measured, see tests/cli/test_sizes.py):
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
-if TYPE_CHECKING:  # only the verbs' register() functions use it, after importing argparse
+if TYPE_CHECKING:  # argparse: only the verbs' register() functions use it, after importing it
     import argparse
+    from collections.abc import Mapping
 
 PROG = "qcow2kit"
 INT64_MAX = (1 << 63) - 1
@@ -164,3 +166,46 @@ def add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", choices=("human", "json"), default="human", help="output format"
     )
+
+
+def plain_command_line(rest: list[str], args: SimpleNamespace, positionals: tuple[str, ...],
+                       flags: Mapping[str, tuple[str, object]],
+                       valued: Mapping[str, tuple[str, tuple[str, ...] | None]],
+                       repeated: tuple[str, ...] = ()) -> SimpleNamespace | None:
+    """What a verb's argparse parser makes of `rest`, for plain command lines only, else None
+    (argparse then handles them: help, abbreviations, errors, anything unusual). Plain means:
+    flags spelled out in full; each valued option spelled out in full, its value in the next
+    word or after '=', one of its choices (or, without choices, not starting with '-'); and
+    exactly as many words not starting with '-' as there are positionals. `args` holds the
+    defaults and is filled in; options named in `repeated` collect their values in a list.
+    Skipping argparse saves a small command a good part of its start-up."""
+    words: list[str] = []
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        key, eq, value = token.partition("=")
+        if token in flags:
+            setattr(args, *flags[token])
+        elif token in valued or (eq and key.startswith("-") and key in valued):
+            dest, choices = valued[key if eq else token]
+            if not eq:
+                if i + 1 == len(rest):
+                    return None
+                i += 1
+                value = rest[i]
+            if value not in choices if choices is not None else value.startswith("-"):
+                return None
+            if dest in repeated:
+                setattr(args, dest, [*(getattr(args, dest) or []), value])
+            else:
+                setattr(args, dest, value)
+        elif token.startswith("-") or len(words) == len(positionals):
+            return None
+        else:
+            words.append(token)
+        i += 1
+    if len(words) != len(positionals):
+        return None
+    for dest, word in zip(positionals, words, strict=True):
+        setattr(args, dest, word)
+    return args

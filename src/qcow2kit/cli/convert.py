@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from .common import UsageError, parse_options, parse_size
+from .common import UsageError, parse_options, parse_size, plain_command_line
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
@@ -59,42 +59,14 @@ _VALUED: dict[str, tuple[str, tuple[str, ...] | None]] = {
 
 
 def fast_args(rest: list[str]) -> SimpleNamespace | None:
-    """What register()'s parser makes of `rest`, for plain command lines only (each option
-    spelled out on its own with a valid value, two file names not starting with '-'); None
-    for anything else, which argparse then handles. Saves importing and running argparse:
-    start-up time, which a convert of a small disk mostly is."""
+    """Plain command lines without argparse (cli/common.plain_command_line): start-up time,
+    which a convert of a small disk mostly is."""
     args = SimpleNamespace(verb="convert", fmt=None, out_fmt="raw", compressed=False,
                            options=None, progress=False, backing=None, backing_fmt=None,
                            force_share=False, sparse="4k", cache="unsafe", quiet=False,
                            snapshot_param=None, snapshot_name=None, source=None, target=None,
                            run=run)
-    files: list[str] = []
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if token in _FLAGS:
-            setattr(args, *_FLAGS[token])
-        elif token in _VALUED:
-            dest, choices = _VALUED[token]
-            if i + 1 == len(rest):
-                return None
-            value = rest[i + 1]
-            if (value not in choices) if choices is not None else value.startswith("-"):
-                return None
-            if dest == "options":
-                args.options = [*(args.options or []), value]
-            else:
-                setattr(args, dest, value)
-            i += 1
-        elif token.startswith("-") or len(files) == 2:
-            return None
-        else:
-            files.append(token)
-        i += 1
-    if len(files) != 2:
-        return None
-    args.source, args.target = files
-    return args
+    return plain_command_line(rest, args, ("source", "target"), _FLAGS, _VALUED, repeated=("options",))
 
 
 def _snapshot(args: argparse.Namespace) -> tuple[str | None, str | None] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from types import SimpleNamespace
 
-from .common import add_output
+from .common import add_output, plain_command_line
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
@@ -33,35 +33,15 @@ def register(sub: Any) -> None:
 
 
 _FLAGS = {"--backing-chain": ("backing_chain", True), "-U": ("force_share", True),
-          "--force-share": ("force_share", True), "--output=json": ("output", "json"),
-          "--output=human": ("output", "human")}
+          "--force-share": ("force_share", True)}
 _VALUED = {"--output": ("output", ("human", "json")), "-f": ("fmt", ("qcow2", "raw"))}
 
 
 def fast_args(rest: list[str]) -> SimpleNamespace | None:
-    """What register()'s parser makes of `rest`, for plain command lines only (each option
-    spelled out in full with a valid value, one file name not starting with '-'); None for
-    anything else (help, abbreviations, errors...), which argparse then handles. Saves
-    importing and running argparse: a good part of the start-up of `info`."""
+    """Plain command lines without argparse (cli/common.plain_command_line)."""
     args = SimpleNamespace(verb="info", output="human", backing_chain=False, fmt=None,
                            force_share=False, filename=None, run=run)
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if token in _FLAGS:
-            setattr(args, *_FLAGS[token])
-        elif token in _VALUED:
-            dest, choices = _VALUED[token]
-            if i + 1 == len(rest) or rest[i + 1] not in choices:
-                return None
-            setattr(args, dest, rest[i + 1])
-            i += 1
-        elif token.startswith("-") or args.filename is not None:
-            return None
-        else:
-            args.filename = token
-        i += 1
-    return args if args.filename is not None else None
+    return plain_command_line(rest, args, ("filename",), _FLAGS, _VALUED)
 
 
 def _write(text: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from types import SimpleNamespace
 
-from .common import add_output, parse_size
+from .common import add_output, parse_size, plain_command_line
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
@@ -44,45 +44,20 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-_FLAGS = {"-U": ("force_share", True), "--force-share": ("force_share", True),
-          "--no-backing": ("backing", False), "--output=json": ("output", "json"),
-          "--output=human": ("output", "human")}
-_CHOICES = {"--output": ("output", ("human", "json")), "-f": ("fmt", ("qcow2", "raw"))}
-_VALUED = {"--start-offset": "start", "--max-length": "length"}
+_FLAGS: dict[str, tuple[str, object]] = {
+    "-U": ("force_share", True), "--force-share": ("force_share", True),
+    "--no-backing": ("backing", False)}
+# option -> (dest, allowed values or None for any value not starting with '-')
+_VALUED: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "--output": ("output", ("human", "json")), "-f": ("fmt", ("qcow2", "raw")),
+    "--start-offset": ("start", None), "--max-length": ("length", None)}
 
 
 def fast_args(rest: list[str]) -> SimpleNamespace | None:
-    """What register()'s parser makes of `rest`, for plain command lines only (each option
-    spelled out in full, choices valid, values not starting with '-', one file name not
-    starting with '-'); None for anything else (help, abbreviations, errors...), which
-    argparse then handles."""
+    """Plain command lines without argparse (cli/common.plain_command_line)."""
     args = SimpleNamespace(verb="map", output="human", fmt=None, force_share=False, start="0",
                            length=None, backing=True, filename=None, run=run)
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        key, eq, value = token.partition("=")
-        if token in _FLAGS:
-            setattr(args, *_FLAGS[token])
-        elif token in _CHOICES:
-            dest, choices = _CHOICES[token]
-            if i + 1 == len(rest) or rest[i + 1] not in choices:
-                return None
-            setattr(args, dest, rest[i + 1])
-            i += 1
-        elif token in _VALUED:
-            if i + 1 == len(rest) or rest[i + 1].startswith("-"):
-                return None
-            setattr(args, _VALUED[token], rest[i + 1])
-            i += 1
-        elif eq and key in _VALUED and not value.startswith("-"):
-            setattr(args, _VALUED[key], value)
-        elif token.startswith("-") or args.filename is not None:
-            return None
-        else:
-            args.filename = token
-        i += 1
-    return args if args.filename is not None else None
+    return plain_command_line(rest, args, ("filename",), _FLAGS, _VALUED)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -96,6 +96,23 @@ def _new_target(path: str) -> FileStorage:
     return target
 
 
+def _raw_source(src_path: str, src_fmt: str | None, force_share: bool, cs: int,
+                sparse_bytes: int) -> tuple[FileStorage, int, list[tuple[int, int]]] | None:
+    """The raw source opened read-only, its size in whole sectors and its data ranges (all
+    of it with -S 0); None (closed again) when a probed source turns out to be qcow2."""
+    source = FileStorage(src_path, False, force_share=force_share)
+    try:
+        if src_fmt is None and os.pread(source.fd, 4, 0) == QCOW2_MAGIC:
+            source.close()
+            return None
+        size = -(-source.size() // 512) * 512
+        ranges = data_ranges(source.fd, size, cs) if sparse_bytes else [(0, size)] if size else []
+    except BaseException:
+        source.close()
+        raise
+    return source, size, ranges
+
+
 def start_to_qcow2(
     src_path: str,
     dst_path: str,
@@ -111,13 +128,11 @@ def start_to_qcow2(
         return None
     cs = options.get("cluster_size", 65536)
     order = options.get("refcount_bits", 16).bit_length() - 1
-    source = FileStorage(src_path, False, force_share=force_share)
+    opened = _raw_source(src_path, src_fmt, force_share, cs, sparse_bytes)
+    if opened is None:
+        return None
+    source, size, ranges = opened
     try:
-        if src_fmt is None and os.pread(source.fd, 4, 0) == QCOW2_MAGIC:
-            source.close()
-            return None
-        size = -(-source.size() // 512) * 512
-        ranges = data_ranges(source.fd, size, cs) if sparse_bytes else [(0, size)] if size else []
         layout = plan_layout(size, cs.bit_length() - 1, order, ranges)
         if (not size or layout.l1_entries * 8 > C.MAX_L1_BYTES
                 or layout.reftable_clusters * cs > C.MAX_REFTABLE_BYTES):
@@ -181,13 +196,11 @@ def start_compressed(
             or not 512 <= cs <= 2 << 20 or ctype not in ("zlib", "zstd")
             or not _regular_files(src_path, dst_path)):
         return None
-    source = FileStorage(src_path, False, force_share=force_share)
+    opened = _raw_source(src_path, src_fmt, force_share, cs, sparse_bytes)
+    if opened is None:
+        return None
+    source, _, ranges = opened
     try:
-        if src_fmt is None and os.pread(source.fd, 4, 0) == QCOW2_MAGIC:
-            source.close()
-            return None
-        size = -(-source.size() // 512) * 512
-        ranges = data_ranges(source.fd, size, cs) if sparse_bytes else [(0, size)] if size else []
         code = C.COMPRESSION_ZSTD if ctype == "zstd" else C.COMPRESSION_ZLIB
         from .compressor import CompressPump
 
