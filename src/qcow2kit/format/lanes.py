@@ -73,14 +73,6 @@ class Lanes:
         """v in every lane (v < 2**bits)."""
         return _ones(self.n, self.bits) * v
 
-    def masked(self, mask: int) -> Lanes:
-        """Every entry ANDed with mask."""
-        return Lanes(self.n, self.bits, self.value & self.fill(mask))
-
-    def any(self, mask: int) -> bool:
-        """Whether some entry has some bit of mask set."""
-        return self.value & self.fill(mask) != 0
-
     def tagged(self, key: int, tag_mask: int, tag: int) -> bool:
         """Whether every entry's bits under tag_mask equal `tag` where its bits under `key`
         are not all zero, and are all zero where they are ("the COPIED flag is set exactly on
