@@ -5,6 +5,10 @@
   full path and of `qemu-img map` (JSON and human), also when every L2 table is its own batch
   or runs are cut into chunks of 3 entries (the joins between batches and chunks), and for
   ranges (--start-offset, --max-length) around clusters, tables and the end of the disk;
+  among them zero clusters: plain (no host cluster) and allocated (a host cluster whose offset
+  qemu-img prints), with and without the unmap that punches holes in the host file (where
+  ops/map.py's metadata-preallocation heuristic must be computed), mixed with data at every
+  cluster size, whole L2 tables of them, and preallocated images;
 - on everything it does not handle it declines (and says why), and the command still prints
   the full path's answer;
 - the command really takes it: no numpy, no argparse in the process;
@@ -95,6 +99,30 @@ def _copied_cleared(p: Path) -> Path:
     return p
 
 
+def _zero_mixed(cluster: str, size: int) -> Maker:
+    """Data, allocated zero clusters (write -z over data), plain zero clusters (write -z -u
+    over data, and over nothing), at odd places in an image of `size` bytes."""
+    def make(p: Path) -> Path:
+        _create(p, str(size), f"cluster_size={cluster}")
+        chunks = list(range(0, size, 16 * KIB))
+        rng = random.Random(size + len(cluster))
+        rng.shuffle(chunks)
+        cmds = [f"write -q -P {i % 250 + 1} {off} {16 * KIB}"
+                for i, off in enumerate(chunks[: len(chunks) * 3 // 4])]
+        for i, off in enumerate(chunks[: len(chunks) // 2]):
+            length = rng.choice([16 * KIB, 48 * KIB, 160 * KIB])
+            if off + length <= size:
+                cmds.append(f"write -q -z{' -u' if i % 3 == 0 else ''} {off} {length}")
+        qemu_io(p, *cmds)
+        return p
+    return make
+
+
+def _prealloc_zeroed(prealloc: str, *cmds: str) -> Maker:
+    """A preallocated image, then `cmds`: data clusters turned into allocated zero ones."""
+    return _written("8M", "64k", *cmds, opts=(f"preallocation={prealloc}",))
+
+
 def _v2(p: Path) -> Path:
     _create(p, "64M", "compat=0.10")
     qemu_io(p, "write -q 1M 3M", "write -q 40M 64k")
@@ -159,6 +187,25 @@ PLAIN: dict[str, Maker] = {
     "falloc": _written("8M", "64k", opts=("preallocation=falloc",)),
     "v2": _v2,
     "copied-cleared": _copied_cleared,
+    # zero clusters
+    "zero-plain-1t": _written("1T", "64k", "write -q -z 800G 1G"),  # whole L2 tables of them
+    "zero-alloc": _written("8M", "64k", "write -q -P 5 0 2M", "write -q -z 256k 128k",
+                           "write -q -z 1M 1M"),
+    "zero-unmapped": _written("16M", "64k", "write -q -P 3 0 8M", "write -q -z -u 1M 2M",
+                              "write -q -z 4M 1M", "write -q -z 12M 64k"),
+    "zero-whole-table-512": _written("1M", "512", "write -q -P 1 0 256k",
+                                     "write -q -z 32k 32k", "write -q -z -u 96k 32k",
+                                     "write -q -z 512k 64k"),
+    "zero-whole-table-64k": _written("1G", "64k", "write -q -P 1 500M 24M",
+                                     "write -q -z 0 512M", "write -q -z -u 520M 2M"),
+    "zero-mixed-512": _zero_mixed("512", 2 * MIB),
+    "zero-mixed-4k": _zero_mixed("4k", 3 * MIB),
+    "zero-mixed-64k": _zero_mixed("64k", 6 * MIB),
+    "zero-mixed-2m": _zero_mixed("2M", 24 * MIB),
+    "metadata-prealloc-zeroed": _prealloc_zeroed("metadata", "write -q -z 0 8M"),
+    "metadata-prealloc-unmapped": _prealloc_zeroed("metadata", "write -q -z -u 0 8M"),
+    "falloc-zeroed": _prealloc_zeroed("falloc", "write -q -P 9 1M 1M", "write -q -z 0 1536k",
+                                      "write -q -z -u 6M 1M"),
 }
 # qemu counts the disk in whole 512-byte sectors; ops/map.py (and so the fast path) maps the
 # header's size exactly
@@ -168,7 +215,10 @@ FALLBACK: dict[str, tuple[Maker, str]] = {
     # the human table stops at the first compressed extent, data after it is not listed
     "compressed-between-data": (_written("8M", "64k", "write -q 0 64k", "write -q -c 1M 64k",
                                          "write -q 2M 64k", "write -q -c 3M 64k"), "compressed"),
-    "zero-clusters": (_written("8M", "64k", "write -q 0 1M", "write -q -z 256k 128k"), "zero"),
+    # data clusters among the allocated zero ones of a sparse host file that looks
+    # preallocated: ops/map.py splits them by the file's holes
+    "metadata-prealloc-part-zeroed": (_prealloc_zeroed("metadata", "write -q -z 1M 2M"),
+                                      "sparse"),
     "backing": (_backing, "backing"),
     "extended-l2": (_written("8M", "64k", "write -q 0 1M", opts=("extended_l2=on",)),
                     "extended"),
@@ -230,6 +280,18 @@ def test_declines_what_it_does_not_handle(images: Callable[[str], Path], name: s
     reason = map_plain.plain_map(str(images(name)))
     assert isinstance(reason, str)
     assert FALLBACK[name][1] in reason
+
+
+def test_declines_zero_clusters_of_a_version_2_image(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """qemu refuses the zero flag in a version 2 image ("Zero cluster entry found in pre-v3
+    image"): the fast path leaves such an entry to the full path, whatever it answers."""
+    path = _v2(tmp_path / "v2.qcow2")
+    table = layout(path)["l1"][0] & 0x00FFFFFFFFFFFE00
+    _patch_u64(path, table + 8 * 20, _u64(path, table + 8 * 20) | 1)
+    reason = map_plain.plain_map(str(path))
+    assert isinstance(reason, str) and "version 2" in reason
+    assert _run(["map", "--output=json", str(path)], capsys) == (0, _full(path)[0], "")
 
 
 def test_no_backing_is_plain(images: Callable[[str], Path]) -> None:
@@ -318,6 +380,73 @@ def test_ranges_same_as_full_path_and_qemu(images: Callable[[str], Path], name: 
             extra += ["--max-length", str(length)]
         assert found.json() == qemu_img("map", "--output=json", *extra, str(path)).stdout, \
             (start, length)
+
+
+# ranges whose ends cut zero extents: inside an allocated zero cluster (its offset moves with
+# the start), inside plain ones, across the borders of zero and data extents
+ZERO_RANGES: dict[str, list[tuple[int, int | None]]] = {
+    "zero-alloc": [(256 * KIB + 1000, 100 * KIB), (300 * KIB, None), (1 * MIB + 12345, 5000),
+                   (200 * KIB, 3 * MIB), (2 * MIB - 1, 2)],
+    "zero-unmapped": [(1 * MIB + 777, 2 * MIB), (4 * MIB + 65536 + 3, 10), (3 * MIB - 5, 10),
+                      (12 * MIB + 1, 65535)],
+    "zero-plain-1t": [(800 * GIB + 1, 512 * MIB), (800 * GIB - 5, 10), (801 * GIB - 1, None)],
+    "metadata-prealloc-zeroed": [(65537, 3 * 65536), (0, 1)],
+    "falloc-zeroed": [(1536 * KIB - 1, 2), (1 * MIB + 3, 600 * KIB), (6 * MIB + 9, 2 * MIB)],
+}
+
+
+@pytest.mark.parametrize("name", ZERO_RANGES)
+def test_ranges_cutting_zero_extents(images: Callable[[str], Path], name: str) -> None:
+    path = images(name)
+    for start, length in ZERO_RANGES[name]:
+        found = map_plain.plain_map(str(path), start=start, length=length)
+        assert not isinstance(found, str), found
+        assert map_plain.ZERO in found.codes, (start, length)  # a zero extent is cut
+        full = map_path_extents(str(path), start=start, length=length)
+        assert found.json() == format_json(full), (start, length)
+        assert found.human() == format_human(full), (start, length)
+        extra = ["--start-offset", str(start)]
+        if length is not None:
+            extra += ["--max-length", str(length)]
+        assert found.json() == qemu_img("map", "--output=json", *extra, str(path)).stdout, \
+            (start, length)
+        assert found.human() == (qemu_img("map", *extra, str(path)).stdout, None)
+
+
+@pytest.mark.parametrize("name", ["zero-unmapped", "zero-mixed-4k", "metadata-prealloc-zeroed"])
+def test_command_takes_the_fast_path_with_zero_clusters(images: Callable[[str], Path],
+                                                        name: str) -> None:
+    path = str(images(name))
+    for output in (["--output=json"], []):
+        out, numpy, _ = _probe("map", *output, path)
+        assert not numpy
+        assert out == qemu_img("map", *output, path).stdout
+
+
+# images with data whose host file has holes, so that whether ops/map.py's (and qemu's)
+# metadata-preallocation heuristic holds needs the refcounts: the fast path computes it itself
+SPARSE_HOSTS = ["zero-unmapped", "metadata-prealloc-part-zeroed", "metadata-prealloc"]
+
+
+@pytest.mark.parametrize("name", SPARSE_HOSTS)
+def test_preallocation_heuristic_same_as_qemu(images: Callable[[str], Path], name: str) -> None:
+    from qcow2kit.io.file import FileStorage
+    from qcow2kit.metadata.header_io import read_header
+    from tests.helpers import qemu_map
+
+    path = str(images(name))
+    storage = FileStorage(path, False)
+    try:
+        header = read_header(storage)
+        size = storage.size()
+        assert map_plain.may_look_preallocated(storage, header.cluster_size, size)
+        holds = map_plain.looks_preallocated(storage, header, size)
+    finally:
+        storage.close()
+    # where it holds, qemu splits data clusters by the host file's holes: zero and data
+    assert holds == any(e["zero"] and e["data"] for e in qemu_map(path))
+    assert holds == (name != "zero-unmapped")
+    assert isinstance(map_plain.plain_map(path), str) == holds
 
 
 # ---- argument parsing without argparse ------------------------------------------------------
@@ -432,6 +561,12 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], bool]] = {
     "l2-unaligned": (_set_l2(1, lambda v: v + 512), False),
     "l2-data-past-eof": (_set_l2(2, lambda v: COPIED | 1 << 40), False),
     "l2-compressed-past-the-disk": (_set_l2(8191, lambda v: 1 << 62 | 12345), True),
+    "l2-zero-flag-on-data": (_set_l2(1, lambda v: v | 1), True),  # an allocated zero cluster
+    "l2-plain-zero": (_set_l2(6, lambda v: 1), True),
+    "l2-zero-with-copied-only": (_set_l2(7, lambda v: COPIED | 1), True),
+    "l2-zero-unaligned": (_set_l2(1, lambda v: v + 512 | 1), False),
+    "l2-zero-past-eof": (_set_l2(2, lambda v: COPIED | 1 << 40 | 1), False),
+    "l2-zero-reserved-bit": (_set_l2(2, lambda v: v | 3), False),
     "l2-garbage-past-the-disk": (_set_l2(1700, lambda v: (1 << 64) - 1), True),
     "l1-points-at-itself": (_l1_to_itself, True),
     "reftable-reserved-bit": (_set_reftable(lambda v: v | 1), False),
@@ -500,25 +635,30 @@ def test_errors_of_files_that_are_not_images(tmp_path: Path,
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 
+@pytest.mark.parametrize("zero_flags", [False, True])
 @pytest.mark.parametrize("cluster_bits", range(9, 22))
-def test_plain_entries_is_the_rule(cluster_bits: int) -> None:
+def test_plain_entries_is_the_rule(cluster_bits: int, zero_flags: bool) -> None:
     cs = 1 << cluster_bits
-    allowed = COPIED | (OFFSET_MASK & ~(cs - 1))
+    allowed = COPIED | (OFFSET_MASK & ~(cs - 1)) | (1 if zero_flags else 0)
     r = random.Random(cluster_bits)
     entries = []
     for _ in range(3000):
         e = r.getrandbits(47) << cluster_bits & OFFSET_MASK | (COPIED if r.random() < 0.5 else 0)
         if r.random() < 0.3:
+            e |= 1  # the zero flag
+        if r.random() < 0.3:
             e ^= 1 << r.randrange(64)  # one bit anywhere: often one the rule forbids
         entries.append(e)
     for e in entries:
-        assert map_plain.plain_entries(struct.pack(">Q", e), cs) == (e & ~allowed == 0), hex(e)
+        assert map_plain.plain_entries(struct.pack(">Q", e), cs, zero_flags) == (
+            e & ~allowed == 0), hex(e)
     good = [e for e in entries if e & ~allowed == 0]
     bad = [e for e in entries if e & ~allowed]
-    assert map_plain.plain_entries(struct.pack(f">{len(good)}Q", *good), cs)
+    assert map_plain.plain_entries(struct.pack(f">{len(good)}Q", *good), cs, zero_flags)
     for e in bad[:50]:
         mixed = good[:100] + [e] + good[100:200]
-        assert not map_plain.plain_entries(struct.pack(f">{len(mixed)}Q", *mixed), cs)
+        assert not map_plain.plain_entries(struct.pack(f">{len(mixed)}Q", *mixed), cs,
+                                           zero_flags)
 
 
 # ---- locks: the fast path opens the image as the full path does ----------------------------

@@ -1,5 +1,5 @@
-"""map's fast path: the extents of a plain qcow2 image (every visible cluster either a data
-cluster or unallocated, nothing underneath), found without numpy.
+"""map's fast path: the extents of a plain qcow2 image (every visible cluster a data
+cluster, a zero cluster or unallocated, nothing underneath), found without numpy.
 
 Why: `qemu-img map` of a 1 GiB image takes ~50 ms, and importing numpy alone ~45 ms. This
 module reads the header (metadata.header_io), the L1 table and the L2 tables as bytes
@@ -10,10 +10,14 @@ Handles only what it can answer exactly as ops/map.py would: a qcow2 file (probe
 opened read-only with the same locks, the whole disk or a range of it, no backing
 file (or --no-backing), no external data file, standard L2 entries, no internal snapshots or
 persistent bitmaps (whose directories the full open reads and may reject), every visible L2
-entry plain data (aligned, inside the file) or unallocated (no compressed or zero clusters, no
-reserved bits), aligned L1 entries and L2 tables inside the file, and a host file that is not
-sparse enough for ops/map.py's metadata-preallocation heuristic to matter (then its refcount
-table entries are checked the way that heuristic's lookup checks them). For anything else, and
+entry plain data (aligned, inside the file), unallocated, or (version 3) a zero cluster with or
+without a host cluster (aligned, inside the file); no compressed clusters, no reserved bits;
+aligned L1 entries and L2 tables inside the file, and, when data clusters are found, an image
+that does not look metadata-preallocated to ops/map.py's heuristic (which would split data
+clusters by the host file's holes; it never changes what a zero cluster answers): a host file
+that is not sparse enough for it to matter, or else refcounts read here that show it does not
+hold (its refcount table entries are checked the way that heuristic's lookup checks them).
+For anything else, and
 for any error, it returns the reason as a string and the caller runs ops/map.py, which gives
 the output or the error: so this module never prints, never raises a user-facing error of its
 own, and never writes. Must not import numpy, image.py or metadata.meta (start-up time).
@@ -42,14 +46,17 @@ _BATCH_ENTRIES = 1 << 15
 _CHUNK_ENTRIES = 1 << 12
 DATA = flag_code(0, True, False, True)  # a data cluster of the image itself
 UNALLOCATED = flag_code(0, False, True, False)  # nothing below: reads as zeros
+ZERO = flag_code(0, True, True, False)  # a zero cluster: reads as zeros, even with an offset
 _NOTHING = flag_code(0, False, False, False)  # qemu-img's one empty extent of an empty disk
 _U64 = struct.Struct(">Q")
 
 
 class PlainExtents:
     """The merged extents, as the columns map_format prints (all at depth 0, one file).
-    An extent with an offset (>= 0) is guest data stored at that host offset, one without
-    reads as zeros; ops/convert copies plain sources by exactly this promise."""
+    codes[i] is the extent's kind: DATA is guest data stored at offsets[i]; every other code
+    (UNALLOCATED, ZERO, the empty extent of an empty range) reads as zeros, and a ZERO
+    extent's offset (when >= 0) names a host cluster whose stale bytes must never be read as
+    the guest's. ops/convert copies plain sources by exactly this promise."""
 
     __slots__ = ("starts", "lengths", "codes", "offsets", "filename")
 
@@ -103,13 +110,15 @@ def _unusual(header: Header, backing: bool) -> str | None:
     return None
 
 
-def plain_entries(raw: bytes | bytearray, cs: int) -> bool:
+def plain_entries(raw: bytes | bytearray, cs: int, zero_flags: bool = False) -> bool:
     """Whether every big-endian u64 entry of `raw` has nothing set but bit 63 (COPIED) and an
-    offset aligned to cs below 2**56: the shape of a plain L2 entry (data or unallocated)
-    and of an L1 entry. Tested a byte column at a time (bytes.translate runs at C speed)."""
+    offset aligned to cs below 2**56 (and bit 0, the zero flag, with zero_flags): the shape
+    of a plain L2 entry (data, unallocated, or a zero cluster) and of an L1 entry. Tested a
+    byte column at a time (bytes.translate runs at C speed)."""
     if raw[0::8].translate(None, b"\x00\x80"):  # compressed, reserved bits 56..61
         return False
-    low = cs - 1  # the zero flag, reserved bits 1..8 and the offset's unaligned bits
+    # the zero flag (unless allowed), reserved bits 1..8 and the offset's unaligned bits
+    low = cs - 2 if zero_flags else cs - 1
     column = 7
     while low:
         bits = low & 0xFF
@@ -121,17 +130,29 @@ def plain_entries(raw: bytes | bytearray, cs: int) -> bool:
 
 
 # _KEEP[m]: the byte translation table that keeps the bits of m
-_KEEP = {m: bytes(b & m for b in range(256)) for m in (0x01, 0x03, 0x07, 0x0F, 0x1F, 0x3F, 0x7F, 0xFF)}
+_KEEP = {m: bytes(b & m for b in range(256))
+         for m in (0x01, 0x03, 0x07, 0x0F, 0x1F, 0x3F, 0x7F, 0xFF, 0xFE)}
 
 
-def _untagged_breaks(raw: bytes, cs: int) -> bytes | None:
+def _untagged_breaks(raw: bytes, cs: int, zero_flags: bool
+                     ) -> tuple[bytes, bytes | None] | None:
     """Lanes.tagged_breaks's flags for plain entries whatever their COPIED bits (a cluster
-    shared with a snapshot once, say), None if some entry is not plain."""
-    if not plain_entries(raw, cs):
+    shared with a snapshot once, say) and, with zero_flags, whatever their zero flags (then a
+    run also ends where the next entry's zero flag differs), with one byte per entry, 1 where
+    its zero flag is set (None: no zero flag); None if some entry is not plain."""
+    if not plain_entries(raw, cs, zero_flags):
         return None
+    n = len(raw) // 8
+    zeros = raw[7::8]  # column 7 holds the zero flag alone now (cs >= 512)
     offsets = bytearray(raw)
-    offsets[0::8] = bytes(len(raw) // 8)  # COPIED off: the host offsets alone
-    return Lanes.from_bytes(offsets).breaks(cs).translate(_FLAG_80)
+    offsets[0::8] = offsets[7::8] = bytes(n)  # COPIED and zero flags off: the offsets alone
+    breaks = Lanes.from_bytes(offsets).breaks(cs)
+    if not zeros.strip(b"\0"):
+        return breaks.translate(_FLAG_80), None
+    # 1 where entry i's zero flag differs from entry i + 1's (the last entry breaks anyway)
+    differ = int.from_bytes(zeros, "big") ^ int.from_bytes(zeros[1:] + b"\0", "big")
+    breaks = (int.from_bytes(breaks, "big") | differ).to_bytes(n, "big")
+    return breaks.translate(_FLAG_80), zeros
 
 
 _FLAG_80 = bytes([0, 0x80]) + bytes(254)  # breaks' 1 as tagged_breaks' 0x80
@@ -166,12 +187,15 @@ def _walk(storage: FileStorage, backing: bool, start: int, length: int | None
     if tables and max(tables) > file_size - cs:
         return "an L2 table past the end of the file"
 
-    sparse_host = _may_look_preallocated(storage, cs, file_size)
+    sparse_host = may_look_preallocated(storage, cs, file_size)
+    zero_flags = header.version >= 3  # (qemu refuses zero clusters in version 2 images)
     starts: list[int] = []
     lengths: list[int] = []
     offsets: list[int] = []
+    zero_runs: list[int] = []  # the indices of the zero extents, ascending
     per_batch = max(1, _BATCH_ENTRIES // l2_entries)
-    shift = header.cluster_bits - 3  # guest bytes from the batch's start -> entry bytes
+    cluster_bits = header.cluster_bits
+    shift = cluster_bits - 3  # guest bytes from the batch's start -> entry bytes
     unpack = _U64.unpack_from
     offset_bits = C.OFFSET_MASK & ~(cs - 1)
     other_bits = ~offset_bits & ~C.OFLAG_COPIED & ((1 << 64) - 1)  # all zero in a plain entry
@@ -184,7 +208,7 @@ def _walk(storage: FileStorage, backing: bool, start: int, length: int | None
             j += 1
         base = hits[k] * span
         if pos < base:
-            _add(starts, lengths, offsets, pos, base - pos, -1)
+            _add(starts, lengths, offsets, zero_runs, pos, base - pos, -1, False)
             pos = base
         bend = min(end, (hits[j - 1] + 1) * span)
         # the entries of [pos, bend): the others are never looked at
@@ -199,10 +223,13 @@ def _walk(storage: FileStorage, backing: bool, start: int, length: int | None
             # that every entry is plain with COPIED set exactly on the data entries (the
             # usual case); else the same flags after testing for plain entries alone
             flags = Lanes.from_bytes(chunk).tagged_breaks(offset_bits, other_bits, cs)
+            zeros = None
             if flags is None:
-                flags = _untagged_breaks(bytes(chunk), cs)
-                if flags is None:
-                    return "compressed or zero clusters, reserved bits or unaligned data clusters"
+                found = _untagged_breaks(bytes(chunk), cs, zero_flags)
+                if found is None:
+                    return ("compressed clusters, reserved bits, unaligned clusters or zero "
+                            "clusters of a version 2 image")
+                flags, zeros = found
             # runs of entries, each ending at a flag (the last one may end at the chunk's
             # end): their guest bounds, and what each first entry says (0: unallocated)
             pieces = flags.split(b"\x80")
@@ -215,37 +242,54 @@ def _walk(storage: FileStorage, backing: bool, start: int, length: int | None
             hosts = [unpack(chunk, (g - cbase) >> shift)[0] & C.OFFSET_MASK or -1 for g in bounds]
             top = max(hosts)
             if top >= file_size:
-                return "a data cluster past the end of the file"
-            if top >= 0 and sparse_host:
-                return "a sparse host file: the metadata-preallocation heuristic needs refcounts"
+                return "a data or zero cluster past the end of the file"
+            # whether each run is of zero clusters (None: none is)
+            zero = None if zeros is None else [zeros[(g - cbase) >> cluster_bits] for g in bounds]
+            if sparse_host and (top >= 0 if zero is None else any(
+                    h >= 0 and not z for h, z in zip(hosts, zero, strict=True))):
+                # data clusters in a sparse host file: the heuristic decides, once
+                if looks_preallocated(storage, header, file_size):
+                    return ("a sparse host file that looks metadata-preallocated (or whose "
+                            "refcounts are not read here)")
+                sparse_host = False
             if cbase < pos:  # a start inside the first cluster: the run begins at the start
                 cut = pos - cbase
                 bounds[0] = pos
                 sizes[0] -= cut
                 if hosts[0] >= 0:
                     hosts[0] += cut
-            _add(starts, lengths, offsets, bounds[0], sizes[0], hosts[0])  # may join the last
+            # the first run may join the last extent
+            _add(starts, lengths, offsets, zero_runs, bounds[0], sizes[0], hosts[0],
+                 zero is not None and zero[0] == 1)
+            if zero is not None:
+                first_index = len(starts) - 1
+                zero_runs += [first_index + i for i in flag_positions(bytes(zero), 1)]
             starts += bounds[1:]
             lengths += sizes[1:]
             offsets += hosts[1:]
         pos = bend
         k = j
     if pos < end:
-        _add(starts, lengths, offsets, pos, end - pos, -1)
+        _add(starts, lengths, offsets, zero_runs, pos, end - pos, -1, False)
     # the last cluster may reach past the end of the range
     lengths[-1] = min(lengths[-1], end - starts[-1])
 
-    if max(offsets) >= 0 and _refused_reftable(storage, header, file_size):
-        return "refcount table entries that ops/map.py's refcount lookup refuses"
     codes = [DATA if o >= 0 else UNALLOCATED for o in offsets]
+    for i in zero_runs:
+        codes[i] = ZERO
+    if (DATA in codes if zero_runs else max(offsets) >= 0) and _refused_reftable(
+            storage, header, file_size):
+        return "refcount table entries that ops/map.py's refcount lookup refuses"
     return PlainExtents(starts, lengths, codes, offsets, name)
 
 
-def _add(starts: list[int], lengths: list[int], offsets: list[int], a: int, length: int,
-         host: int) -> None:
-    """Append the extent of `length` bytes at a (host offset or -1), joined to the last one
-    when qemu-img would join them: both unallocated, or data contiguous in the file."""
-    if starts and starts[-1] + lengths[-1] == a:
+def _add(starts: list[int], lengths: list[int], offsets: list[int], zero_runs: list[int],
+         a: int, length: int, host: int, zero: bool) -> None:
+    """Append the extent of `length` bytes at a (host offset or -1; of zero clusters if
+    `zero`), joined to the last one when qemu-img would join them: the same kind (zero or
+    not), and both without an offset or contiguous in the file."""
+    if starts and starts[-1] + lengths[-1] == a and zero == (
+            bool(zero_runs) and zero_runs[-1] == len(starts) - 1):
         prev = offsets[-1]
         if (host < 0 and prev < 0) or (host >= 0 and prev >= 0 and prev + lengths[-1] == host):
             lengths[-1] += length
@@ -253,9 +297,11 @@ def _add(starts: list[int], lengths: list[int], offsets: list[int], a: int, leng
     starts.append(a)
     lengths.append(length)
     offsets.append(host)
+    if zero:
+        zero_runs.append(len(starts) - 1)
 
 
-def _may_look_preallocated(storage: FileStorage, cs: int, file_size: int) -> bool:
+def may_look_preallocated(storage: FileStorage, cs: int, file_size: int) -> bool:
     """Whether ops/map.py's metadata-preallocation heuristic could hold, which then splits
     data clusters by the host file's holes: it does when at least max(real * 10 // 9,
     real + 2) of the clusters before the end of the file have a nonzero refcount, `real`
@@ -265,6 +311,36 @@ def _may_look_preallocated(storage: FileStorage, cs: int, file_size: int) -> boo
     real_clusters = storage.allocated_bytes() // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     return -(-file_size // cs) >= threshold
+
+
+def looks_preallocated(storage: FileStorage, header: Header, file_size: int) -> bool:
+    """Whether ops/map.py's metadata-preallocation heuristic holds: at least the threshold of
+    may_look_preallocated of the clusters before the end of the file have a nonzero refcount
+    (counted in the refcount blocks as ops/map.py's get_range reads them). True as well
+    where this module does not read the refcounts exactly as that lookup: a refcount table
+    it refuses, refcounts narrower than a byte, a refcount block cut by the end of the file."""
+    if _refused_reftable(storage, header, file_size):
+        return True
+    cs = header.cluster_size
+    bits = header.refcount_bits
+    if bits < 8:
+        return True
+    end_cluster = -(-file_size // cs)
+    per_block = cs * 8 // bits
+    blocks = min(header.refcount_table_clusters * cs // 8, -(-end_cluster // per_block))
+    table = struct.unpack(f">{blocks}Q", storage.pread(header.refcount_table_offset, blocks * 8))
+    counted = 0
+    for index, entry in enumerate(table):
+        block = entry & ~C.REFT_RESERVED_MASK
+        if not block:
+            continue
+        raw = storage.pread(block, cs)
+        if len(raw) != cs:
+            return True
+        entries = min(per_block, end_cluster - index * per_block)
+        counted += Lanes.from_bytes(raw[: entries * bits // 8], bits).nonzero().count(1)
+    real_clusters = storage.allocated_bytes() // cs
+    return counted >= max(real_clusters * 10 // 9, real_clusters + 2)
 
 
 def _refused_reftable(storage: FileStorage, header: Header, file_size: int) -> bool:
@@ -281,4 +357,5 @@ def _refused_reftable(storage: FileStorage, header: Header, file_size: int) -> b
     return any(entry & low or entry >= limit for entry in struct.unpack(f">{blocks}Q", raw))
 
 
-__all__ = ["PlainExtents", "plain_map", "plain_entries", "DATA", "UNALLOCATED"]
+__all__ = ["PlainExtents", "plain_map", "plain_entries", "may_look_preallocated",
+           "looks_preallocated", "DATA", "UNALLOCATED", "ZERO"]

@@ -6,7 +6,9 @@ and the target's life until the pump is joined:
 - raw source -> plain qcow2 (`start_to_qcow2`): a layout planned from the size and the
   source's data ranges; planned.py writes the metadata after;
 - plain qcow2 source (ops.map_plain answers its extents: no backing file, snapshots,
-  compressed or zero clusters...) -> sparse raw file (`start_to_raw`, `finish_raw`);
+  compressed clusters...) -> sparse raw file (`start_to_raw`, `finish_raw`): only its DATA
+  extents are copied; unallocated ranges and zero clusters stay holes (an allocated zero
+  cluster's host bytes are stale and never read);
 - raw source -> compressed qcow2 (`start_compressed`): reading and compressing start
   early (compressor.py); qcow2out.py writes the results once the image exists.
 Anything else returns None before any byte was written, and the general path runs. Must not
@@ -153,7 +155,7 @@ def start_to_raw(
     """Start copying a plain qcow2 source into a sparse raw file, or None."""
     if src_fmt not in (None, "qcow2") or not sparse_bytes or not _regular_files(src_path, dst_path):
         return None
-    from ..map_plain import plain_map
+    from ..map_plain import DATA, plain_map
 
     extents = plain_map(src_path, src_fmt, force_share=force_share)
     if isinstance(extents, str):
@@ -172,9 +174,9 @@ def start_to_raw(
         raise
     copies: list[Copy] = [
         (guest, host, length)
-        for guest, length, host in zip(extents.starts, extents.lengths, extents.offsets,
-                                       strict=True)
-        if host >= 0
+        for guest, length, host, code in zip(extents.starts, extents.lengths,
+                                             extents.offsets, extents.codes, strict=True)
+        if code == DATA  # not ZERO: its host bytes (if any) are not the guest's
     ]
     pump = RawPump(source, target, copies, block=sparse_bytes, sparse=True)
     return Early(source, target, None, pump.start(), {})
