@@ -317,6 +317,84 @@ def test_plain_qcow2_to_raw_matches_qemu(tmp_path: Path, taken_raw: list[int], c
     assert _holes(ours) == _holes(ref)
 
 
+def _zeroed_qcow2(path: Path, cluster: str, *opts: str) -> None:
+    """Patterns, then allocated zero clusters (write -z over data, no unmap: the stale
+    pattern stays in the host clusters), plain zero clusters (write -z -u, and write -z over
+    nothing) at odd places."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o", ",".join((f"cluster_size={cluster}", *opts)),
+             str(path), "11M")
+    from tests.helpers import qemu_io
+
+    qemu_io(path, "write -q -P 0xab 0 3M", "write -q -P 0xcd 4M 2M", "write -q -z 64k 192k",
+            "write -q -z 1M 1M", "write -q -z -u 2560k 256k", "write -q -z 4608k 64k",
+            "write -q -z -u 6M 512k", "write -q -z 3M 512k", "write -q -P 0x11 8M 3M",
+            "write -q -z 8M 2M")
+
+
+@pytest.mark.parametrize(("cluster", "opts"), [
+    ("512", ()), ("4k", ()), ("64k", ()), ("2M", ()),
+    ("64k", ("preallocation=falloc",)),
+])
+def test_qcow2_with_zero_clusters_to_raw_matches_qemu(
+    tmp_path: Path, taken_raw: list[int], cluster: str, opts: tuple[str, ...]
+) -> None:
+    """Zero clusters, allocated or not, are holes in the output where qemu-img's are, and
+    never their host clusters' stale bytes."""
+    from qcow2kit.ops.map_plain import ZERO, plain_map
+
+    img = tmp_path / "src.qcow2"
+    _zeroed_qcow2(img, cluster, *opts)
+    extents = plain_map(str(img))
+    assert not isinstance(extents, str), extents
+    zero_hosts = [o for c, o in zip(extents.codes, extents.offsets, strict=True) if c == ZERO]
+    assert any(o >= 0 for o in zero_hosts), "no allocated zero cluster to test with"
+    ours = tmp_path / "ours.raw"
+    convert(str(img), str(ours), out_fmt="raw")
+    assert taken_raw == [1]
+    qemu_compare(img, ours)
+    ref = tmp_path / "ref.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(img), str(ref))
+    assert ours.read_bytes() == ref.read_bytes()
+    assert _holes(ours) == _holes(ref)
+
+
+@pytest.mark.parametrize("prealloc", ["metadata", "falloc"])
+def test_preallocated_qcow2_zeroed_to_raw(tmp_path: Path, taken_raw: list[int],
+                                          prealloc: str) -> None:
+    """A preallocated image whose clusters were all zeroed (allocated zero clusters, the
+    host file's content left as it was): an all-hole raw file."""
+    img = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"preallocation={prealloc}", str(img), "4M")
+    from tests.helpers import qemu_io
+
+    qemu_io(img, "write -q -P 0x5a 0 4M", "write -q -z 0 4M")
+    ours = tmp_path / "ours.raw"
+    convert(str(img), str(ours), out_fmt="raw")
+    assert taken_raw == [1]
+    qemu_compare(img, ours)
+    assert ours.read_bytes() == bytes(4 * MIB)
+    assert _holes(ours) == []
+
+
+def test_stale_bytes_of_allocated_zero_clusters_are_never_copied(
+    tmp_path: Path, taken_raw: list[int]
+) -> None:
+    """A pattern, then write -z without unmap over it: the host clusters still hold the
+    pattern (checked in the file), the guest reads zeros, and so does the output."""
+    img = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "2M")
+    from tests.helpers import qemu_io
+
+    qemu_io(img, "write -q -P 0xee 0 2M", "write -q -z 0 1M", "write -q -z 1536k 64k")
+    assert (b"\xee" * 65536) * 16 in img.read_bytes()  # the stale pattern is still there
+    ours = tmp_path / "ours.raw"
+    convert(str(img), str(ours), out_fmt="raw")
+    assert taken_raw == [1]
+    expected = bytes(MIB) + b"\xee" * (512 << 10) + bytes(64 << 10) + b"\xee" * (448 << 10)
+    assert ours.read_bytes() == expected
+    qemu_compare(img, ours)
+
+
 def test_qcow2_sources_that_are_not_plain_take_the_general_path(
     tmp_path: Path, taken_raw: list[int]
 ) -> None:
