@@ -64,8 +64,11 @@ class L2Map:
         data_file: bool,
         before_l2_write: Callable[[int], None],
         cache_tables: int = 64,
+        zero_flags: bool = True,
     ) -> None:
         self.storage = storage
+        # version 2 has no zero flag: QEMU refuses to read through an entry that sets it
+        self.zero_flags = zero_flags
         self.geom = geom
         self.data_file = data_file
         self.l1_offset = l1_offset
@@ -175,6 +178,8 @@ class L2Map:
             else plain & (host != 0)
         if bitmap is None:
             zero = fields.zero
+            if not self.zero_flags and zero.any():
+                raise CorruptionError("Zero cluster entry found in pre-v3 image")
             kind = np.where(
                 is_comp, Kind.COMPRESSED,
                 np.where(zero, Kind.ZERO, np.where(allocated, Kind.DATA, Kind.UNALLOCATED)),

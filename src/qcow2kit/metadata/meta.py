@@ -74,6 +74,7 @@ class Metadata:
             data_file=header.has_data_file,
             before_l2_write=self._before_l2_write,
             cache_tables=l2_cache_tables,
+            zero_flags=header.version >= 3,
         )
         self.snapshots = self._read_snapshots()
         self.pending_free: list[tuple[I64, I64]] = []

@@ -245,7 +245,7 @@ def load_view(meta: Metadata, index: int) -> Snapshot:
     meta.l2 = L2Map(
         meta.storage, meta.geom, snap.l1_table_offset, snap.l1_size,
         data_file=meta.header.has_data_file, before_l2_write=_no_writes,
-        cache_tables=meta.l2.cache.capacity,
+        cache_tables=meta.l2.cache.capacity, zero_flags=meta.l2.zero_flags,
     )
     meta.header = meta.header.replace(size=size, l1_size=snap.l1_size,
                           l1_table_offset=snap.l1_table_offset)
