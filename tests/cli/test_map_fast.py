@@ -187,6 +187,7 @@ PLAIN: dict[str, Maker] = {
     "falloc": _written("8M", "64k", opts=("preallocation=falloc",)),
     "v2": _v2,
     "copied-cleared": _copied_cleared,
+    "backing": _backing,  # through the chain (tests/cli/test_map_fast_chain.py)
     # zero clusters
     "zero-plain-1t": _written("1T", "64k", "write -q -z 800G 1G"),  # whole L2 tables of them
     "zero-alloc": _written("8M", "64k", "write -q -P 5 0 2M", "write -q -z 256k 128k",
@@ -219,7 +220,6 @@ FALLBACK: dict[str, tuple[Maker, str]] = {
     # preallocated: ops/map.py splits them by the file's holes
     "metadata-prealloc-part-zeroed": (_prealloc_zeroed("metadata", "write -q -z 1M 2M"),
                                       "sparse"),
-    "backing": (_backing, "backing"),
     "extended-l2": (_written("8M", "64k", "write -q 0 1M", opts=("extended_l2=on",)),
                     "extended"),
     "data-file": (_data_file, "data file"),

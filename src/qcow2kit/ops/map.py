@@ -19,8 +19,6 @@ answers everything else and is the reference that fast path must agree with. Lik
 
 from __future__ import annotations
 
-import errno
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +29,7 @@ from ..format import constants as C
 from ..format.entries import decode_l2
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
+from .map_chain import host_segments
 from .map_format import flag_code, human_text, json_text
 
 I64 = npt.NDArray[np.int64]
@@ -75,30 +74,6 @@ def disk_size(img: Image | RawImage) -> int:
     if isinstance(img, RawImage):
         return -(-img.virtual_size // 512) * 512
     return img.virtual_size
-
-
-def host_segments(fd: int, start: int, end: int) -> list[tuple[int, int, bool]]:
-    """(start, end, is_data) pieces of a host byte range by SEEK_DATA / SEEK_HOLE; bytes
-    past the end of the file count as a hole."""
-    out: list[tuple[int, int, bool]] = []
-    pos = start
-    while pos < end:
-        try:
-            d = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                return [(start, end, True)]
-            d = end
-        if d > pos:
-            stop = min(d, end)
-            out.append((pos, stop, False))
-            pos = stop
-            continue
-        h = os.lseek(fd, pos, os.SEEK_HOLE)
-        stop = min(max(h, pos + 1), end)
-        out.append((pos, stop, True))
-        pos = stop
-    return out
 
 
 # the most consecutive L2 entries (units) classified at once: bounds the temporaries of a

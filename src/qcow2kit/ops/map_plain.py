@@ -52,16 +52,18 @@ _U64 = struct.Struct(">Q")
 
 
 class PlainExtents:
-    """The merged extents, as the columns map_format prints (all at depth 0, one file).
-    codes[i] is the extent's kind: DATA is guest data stored at offsets[i]; every other code
-    (UNALLOCATED, ZERO, the empty extent of an empty range) reads as zeros, and a ZERO
-    extent's offset (when >= 0) names a host cluster whose stale bytes must never be read as
-    the guest's. ops/convert copies plain sources by exactly this promise."""
+    """The merged extents, as the columns map_format prints: one file name for all of them
+    (an image without a backing chain, all at depth 0), or each extent's own (a chain,
+    mapped by ops/map_chain.py). Without a chain, codes[i] is the extent's kind: DATA is
+    guest data stored at offsets[i]; every other code (UNALLOCATED, ZERO, the empty extent
+    of an empty range) reads as zeros, and a ZERO extent's offset (when >= 0) names a host
+    cluster whose stale bytes must never be read as the guest's. ops/convert copies plain
+    sources (plain_map with chain=False) by exactly this promise."""
 
     __slots__ = ("starts", "lengths", "codes", "offsets", "filename")
 
     def __init__(self, starts: list[int], lengths: list[int], codes: list[int],
-                 offsets: list[int], filename: str) -> None:
+                 offsets: list[int], filename: str | list[str]) -> None:
         self.starts, self.lengths, self.codes = starts, lengths, codes
         self.offsets, self.filename = offsets, filename
 
@@ -69,17 +71,24 @@ class PlainExtents:
         return json_text(self.starts, self.lengths, self.codes, self.offsets)
 
     def human(self) -> tuple[str, str | None]:
+        names = self.filename
         return human_text(self.starts, self.lengths, self.codes, self.offsets,
-                          [self.filename] * len(self.starts))
+                          [names] * len(self.starts) if isinstance(names, str) else names)
 
 
 def plain_map(path: str, fmt: str | None = None, *, force_share: bool = False,
-              backing: bool = True, start: int = 0, length: int | None = None
-              ) -> PlainExtents | str:
+              backing: bool = True, start: int = 0, length: int | None = None,
+              chain: bool = True) -> PlainExtents | str:
     """The extents of the disk of `path` (or of [start, start + length) inside it, as
-    ops/map.map_extents cuts them), or why ops/map.py must answer instead."""
+    ops/map.map_extents cuts them), or why ops/map.py must answer instead. An image with a
+    backing file is mapped through its chain (ops/map_chain.py) unless chain=False, which
+    declines it (or backing=False, which maps the image alone)."""
     if start < 0 or (length is not None and length < 0):
         return "a negative start or length"
+    if backing and chain:
+        from .map_chain import chain_map  # (it builds on this module)
+
+        return chain_map(path, fmt, force_share, start, length)
     try:
         if (fmt or probe_format(path)) != "qcow2":
             return "not a qcow2 file"
@@ -94,8 +103,10 @@ def plain_map(path: str, fmt: str | None = None, *, force_share: bool = False,
         storage.close()
 
 
-def _unusual(header: Header, backing: bool) -> str | None:
+def unusual(header: Header, backing: bool) -> str | None:
     """Why the image is not plain by its header alone (None: it may be)."""
+    if header.refcount_table_clusters == 0 or header.refcount_table_offset == 0:
+        return "no refcount table"  # (the full open refuses it)
     if header.has_data_file:
         return "external data file"
     if header.extended_l2:
@@ -161,7 +172,7 @@ _FLAG_80 = bytes([0, 0x80]) + bytes(254)  # breaks' 1 as tagged_breaks' 0x80
 def _walk(storage: FileStorage, backing: bool, start: int, length: int | None
           ) -> PlainExtents | str:
     header = read_header(storage)  # the checks Image's open makes of the header
-    reason = _unusual(header, backing)
+    reason = unusual(header, backing)
     if reason is not None:
         return reason
     size = header.size
@@ -169,6 +180,15 @@ def _walk(storage: FileStorage, backing: bool, start: int, length: int | None
     name = storage.name
     if start >= end:  # nothing to map: qemu-img's one empty extent
         return PlainExtents([start], [0], [_NOTHING], [-1], name)
+    return walk_layer(storage, header, start, end)
+
+
+def walk_layer(storage: FileStorage, header: Header, start: int, end: int
+               ) -> PlainExtents | str:
+    """The extents of [start, end) (start < end <= the disk's size) of the image in
+    `storage`, whose header `header` passed unusual(): a layer of map's fast path, its
+    unallocated ranges UNALLOCATED whatever lies below them."""
+    name = storage.name
     cs = header.cluster_size
     l2_entries = cs // 8
     span = cs * l2_entries
@@ -357,5 +377,5 @@ def _refused_reftable(storage: FileStorage, header: Header, file_size: int) -> b
     return any(entry & low or entry >= limit for entry in struct.unpack(f">{blocks}Q", raw))
 
 
-__all__ = ["PlainExtents", "plain_map", "plain_entries", "may_look_preallocated",
+__all__ = ["PlainExtents", "plain_map", "unusual", "walk_layer", "plain_entries", "may_look_preallocated",
            "looks_preallocated", "DATA", "UNALLOCATED", "ZERO"]

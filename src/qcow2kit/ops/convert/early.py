@@ -157,7 +157,8 @@ def start_to_raw(
         return None
     from ..map_plain import DATA, plain_map
 
-    extents = plain_map(src_path, src_fmt, force_share=force_share)
+    # chain=False: an image with a backing file declines (its data is not all here)
+    extents = plain_map(src_path, src_fmt, force_share=force_share, chain=False)
     if isinstance(extents, str):
         return None  # not plain (or not qcow2): the general path
     source = FileStorage(src_path, False, force_share=force_share)
