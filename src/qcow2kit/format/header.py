@@ -18,9 +18,10 @@ from .extensions import (
     Extension,
     encode_extensions,
     feature_names,
+    feature_table_bytes,
     parse_extensions,
 )
-from .features import KNOWN_AUTOCLEAR, KNOWN_INCOMPATIBLE, Autoclear, Incompatible
+from .features import KNOWN_AUTOCLEAR, KNOWN_INCOMPATIBLE, Autoclear, Compatible, Incompatible
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
@@ -379,3 +380,51 @@ class Header:
         if off + len(name) > self.cluster_size:
             raise FormatError("header, extensions and backing file name do not fit in cluster 0")
         return self.replace(backing_file_offset=off, backing_file_size=len(name))
+
+
+def new_header(
+    *, version: int, cluster_bits: int, size: int, l1_size: int, l1_table_offset: int,
+    refcount_table_offset: int, refcount_table_clusters: int, refcount_order: int,
+    compression_type: int = C.COMPRESSION_ZLIB, lazy_refcounts: bool = False,
+    extended_l2: bool = False, backing_file: str | None = None, backing_fmt: str | None = None,
+    data_file: str | None = None, data_file_raw: bool = False,
+) -> Header:
+    """The header of a new image as QEMU 7.2 writes it for these options: feature bits and
+    extensions (backing format, data file, the feature-name table above 4 KiB clusters in
+    version 3, dropped when cluster 0 is too small for it) and the backing name laid out.
+    The one place create's rules live (ops/create and convert's planned images use it)."""
+    incompat = compatible = autoclear = 0
+    exts: list[Extension] = []
+    if backing_fmt is not None and backing_file is not None:
+        exts.append(Extension(C.EXT_BACKING_FORMAT, backing_fmt.encode()))
+    if data_file is not None:
+        incompat |= Incompatible.EXTERNAL_DATA_FILE
+        exts.append(Extension(C.EXT_DATA_FILE, data_file.encode()))
+        if data_file_raw:
+            autoclear |= Autoclear.DATA_FILE_RAW
+    if version == 3 and cluster_bits > 12:
+        # QEMU 7.2 writes the optional feature-name table only above 4 KiB clusters
+        exts.append(Extension(C.EXT_FEATURE_TABLE, feature_table_bytes()))
+    if extended_l2:
+        incompat |= Incompatible.EXTENDED_L2
+    if compression_type != C.COMPRESSION_ZLIB:
+        incompat |= Incompatible.COMPRESSION_TYPE
+    if lazy_refcounts:
+        compatible |= Compatible.LAZY_REFCOUNTS
+    fields = dict(
+        version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cluster_bits,
+        size=size, crypt_method=0, l1_size=l1_size,
+        l1_table_offset=l1_table_offset if l1_size else 0,
+        refcount_table_offset=refcount_table_offset,
+        refcount_table_clusters=refcount_table_clusters, nb_snapshots=0, snapshots_offset=0,
+        incompatible_features=incompat, compatible_features=compatible,
+        autoclear_features=autoclear, refcount_order=refcount_order,
+        header_length=C.V3_HEADER_LENGTH if version == 3 else C.V2_HEADER_LENGTH,
+        compression_type=compression_type, backing_file=backing_file,
+    )
+    try:
+        return Header(extensions=tuple(exts), **fields).relayout()  # type: ignore[arg-type]
+    except FormatError:
+        # like QEMU: the optional feature-name table is left out when cluster 0 is too small
+        kept = tuple(x for x in exts if x.type != C.EXT_FEATURE_TABLE)
+        return Header(extensions=kept, **fields).relayout()  # type: ignore[arg-type]

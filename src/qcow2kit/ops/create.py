@@ -13,10 +13,8 @@ import numpy as np
 
 from ..errors import FormatError, InvalidArgumentError, UnsupportedFeatureError
 from ..format import constants as C
-from ..format.extensions import Extension, feature_table_bytes
-from ..format.features import Autoclear, Compatible, Incompatible
 from ..format.geometry import Geometry
-from ..format.header import Header
+from ..format.header import new_header
 from ..format.tables import encode_refblock, encode_table, refcount_dtype
 from ..image import open_any
 from ..io.file import FileStorage
@@ -141,54 +139,14 @@ def create(
     l2_off = l1_off + l1_clusters * cluster_size
     data_off = l2_off + n_l2 * cluster_size
 
-    incompat = 0
-    compatible = 0
-    autoclear = 0
-    exts: list[Extension] = []
-    if backing_fmt is not None and backing_file is not None:
-        exts.append(Extension(C.EXT_BACKING_FORMAT, backing_fmt.encode()))
-    if data_file is not None:
-        incompat |= Incompatible.EXTERNAL_DATA_FILE
-        exts.append(Extension(C.EXT_DATA_FILE, data_file.encode()))
-        if data_file_raw:
-            autoclear |= Autoclear.DATA_FILE_RAW
-    if version == 3 and cluster_size > 4096:
-        # QEMU 7.2 writes the optional feature-name table only above 4 KiB clusters
-        exts.append(Extension(C.EXT_FEATURE_TABLE, feature_table_bytes()))
-    if extended_l2:
-        incompat |= Incompatible.EXTENDED_L2
-    ctype = C.COMPRESSION_ZLIB if compression_type == "zlib" else C.COMPRESSION_ZSTD
-    if ctype != C.COMPRESSION_ZLIB:
-        incompat |= Incompatible.COMPRESSION_TYPE
-    if lazy_refcounts:
-        compatible |= Compatible.LAZY_REFCOUNTS
-    header_fields = dict(
-        version=version,
-        backing_file_offset=0,
-        backing_file_size=0,
-        cluster_bits=cluster_bits,
-        size=size,
-        crypt_method=0,
-        l1_size=l1_entries,
-        l1_table_offset=l1_off if l1_entries else 0,
-        refcount_table_offset=reftable_off,
-        refcount_table_clusters=n_reftable,
-        nb_snapshots=0,
-        snapshots_offset=0,
-        incompatible_features=incompat,
-        compatible_features=compatible,
-        autoclear_features=autoclear,
-        refcount_order=order,
-        header_length=C.V3_HEADER_LENGTH if version == 3 else C.V2_HEADER_LENGTH,
-        compression_type=ctype,
-        backing_file=backing_file,
+    header = new_header(
+        version=version, cluster_bits=cluster_bits, size=size, l1_size=l1_entries,
+        l1_table_offset=l1_off, refcount_table_offset=reftable_off,
+        refcount_table_clusters=n_reftable, refcount_order=order,
+        compression_type=C.COMPRESSION_ZLIB if compression_type == "zlib" else C.COMPRESSION_ZSTD,
+        lazy_refcounts=lazy_refcounts, extended_l2=extended_l2, backing_file=backing_file,
+        backing_fmt=backing_fmt, data_file=data_file, data_file_raw=data_file_raw,
     )
-    try:
-        header = Header(extensions=tuple(exts), **header_fields).relayout()  # type: ignore[arg-type]
-    except FormatError:
-        # like QEMU: the optional feature-name table is left out when cluster 0 is too small
-        exts = [x for x in exts if x.type != C.EXT_FEATURE_TABLE]
-        header = Header(extensions=tuple(exts), **header_fields).relayout()  # type: ignore[arg-type]
 
     total = 1 + n_reftable + n_blocks + l1_clusters + n_l2 + n_data
     refcounts = np.zeros(n_blocks * e, dtype=refcount_dtype(order))

@@ -17,11 +17,8 @@ import sys
 from array import array
 from typing import Any
 
-from ...errors import FormatError
 from ...format import constants as C
-from ...format.extensions import Extension, feature_table_bytes
-from ...format.features import Compatible, Incompatible
-from ...format.header import Header
+from ...format.header import Header, new_header
 from ...io.file import FileStorage
 from .early import Early
 from .rawpump import Layout, Run, refcount_code
@@ -46,33 +43,17 @@ def finish(early: Early) -> None:
 
 def fresh_header(layout: Layout, options: dict[str, Any]) -> Header:
     """The header ops.create writes for a version 3 image of this layout without backing
-    file, data file or extended L2 entries (`options` as create takes them)."""
-    exts: list[Extension] = []
-    if layout.cluster_size > 4096:
-        # QEMU 7.2 writes the optional feature-name table only above 4 KiB clusters
-        exts.append(Extension(C.EXT_FEATURE_TABLE, feature_table_bytes()))
-    zstd = options.get("compression_type", "zlib") == "zstd"
-    fields: dict[str, Any] = dict(
-        version=3, backing_file_offset=0, backing_file_size=0,
-        cluster_bits=layout.cluster_bits, size=layout.size, crypt_method=0,
-        l1_size=layout.l1_entries,
-        l1_table_offset=layout.l1_cluster * layout.cluster_size if layout.l1_entries else 0,
+    file, data file or extended L2 entries (`options` as create takes them): both build it
+    with format.header.new_header."""
+    return new_header(
+        version=3, cluster_bits=layout.cluster_bits, size=layout.size,
+        l1_size=layout.l1_entries, l1_table_offset=layout.l1_cluster * layout.cluster_size,
         refcount_table_offset=layout.cluster_size,
-        refcount_table_clusters=layout.reftable_clusters,
-        nb_snapshots=0, snapshots_offset=0,
-        incompatible_features=int(Incompatible.COMPRESSION_TYPE) if zstd else 0,
-        compatible_features=(int(Compatible.LAZY_REFCOUNTS)
-                             if options.get("lazy_refcounts", False) else 0),
-        autoclear_features=0, refcount_order=layout.refcount_order,
-        header_length=C.V3_HEADER_LENGTH,
-        compression_type=C.COMPRESSION_ZSTD if zstd else C.COMPRESSION_ZLIB,
-        backing_file=None,
+        refcount_table_clusters=layout.reftable_clusters, refcount_order=layout.refcount_order,
+        compression_type=(C.COMPRESSION_ZSTD if options.get("compression_type", "zlib") == "zstd"
+                          else C.COMPRESSION_ZLIB),
+        lazy_refcounts=bool(options.get("lazy_refcounts", False)),
     )
-    try:
-        return Header(extensions=tuple(exts), **fields).relayout()
-    except FormatError:
-        # like create: the feature-name table is left out when cluster 0 is too small
-        return Header(extensions=(), **fields).relayout()
 
 
 def _big_endian(table: array[int]) -> bytes:
