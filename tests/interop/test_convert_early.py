@@ -437,3 +437,51 @@ def test_raw_output_error_in_the_middle(tmp_path: Path, monkeypatch: pytest.Monk
     assert info.value.errno == errno.ENOSPC
     assert _threads() == before
     assert not out.exists()
+
+
+def test_a_crash_before_the_header_leaves_no_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planned image's header is its last write and nothing before it touches cluster 0:
+    a convert that dies at any earlier write leaves a file qemu-img does not take for a qcow2
+    image (never a half-made one that looks valid). The writes are recorded and the file as
+    it stood just before the header write is rebuilt and shown to qemu-img."""
+    from qcow2kit.io.file import FileStorage
+
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.qcow2"
+    _source(src, 3 << 20, seed=7)
+    writes: list[tuple[int, bytes]] = []
+    real_pwritev, real_pwrite = os.pwritev, FileStorage.pwrite
+    target_fds: set[int] = set()
+
+    def pwritev(fd: int, buffers: Any, offset: int) -> int:
+        if fd in target_fds:
+            writes.append((offset, b"".join(bytes(b) for b in buffers)))
+        return real_pwritev(fd, buffers, offset)
+
+    def pwrite(self: FileStorage, offset: int, data: Any) -> None:
+        if self.name == str(dst):
+            target_fds.add(self.fd)
+            writes.append((offset, bytes(data)))
+        real_pwrite(self, offset, data)
+
+    real_init = FileStorage.__init__
+
+    def init(self: FileStorage, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        if self.name == str(dst):
+            target_fds.add(self.fd)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(FileStorage, "pwrite", pwrite)
+    monkeypatch.setattr(FileStorage, "__init__", init)
+    assert main(["convert", "-f", "raw", "-O", "qcow2", str(src), str(dst)]) == 0
+    qemu_compare(dst, src)
+    assert writes and writes[-1][0] == 0, "the header is not the last write"
+    cluster = 65536
+    assert all(offset >= cluster for offset, _ in writes[:-1]), "cluster 0 written before the header"
+    crashed = tmp_path / "crashed.qcow2"
+    with open(crashed, "wb") as f:
+        for offset, data in writes[:-1]:
+            f.seek(offset)
+            f.write(data)
+    info = qemu_img("info", "--output=json", str(crashed)).stdout
+    assert '"format": "raw"' in info
