@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 from ...format import constants as C
 from ...io.file import FileStorage
-from .rawpump import Copy, Layout, RawPump, data_ranges, plan_layout, refcount_code
+from .rawpump import Copy, Layout, RawPump, Run, data_ranges, plan_layout, refcount_code
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
@@ -213,11 +214,12 @@ def start_compressed(
         raise
 
 
-def finish_raw(early: Early) -> None:
-    """Wait for the pump of a raw output; on failure remove the target."""
+def finish_with(early: Early, complete: Callable[[list[Run]], None]) -> None:
+    """Wait for the pump, then `complete` the target with the data runs it placed; on any
+    failure remove the target. The source is closed either way."""
     try:
         try:
-            early.pump.join()
+            complete(early.pump.join())
         except BaseException:
             early.fail()
             raise
@@ -226,5 +228,10 @@ def finish_raw(early: Early) -> None:
         early.source.close()
 
 
-__all__ = ["Early", "QCOW2_OPTIONS", "finish_raw", "start_compressed", "start_to_qcow2",
+def finish_raw(early: Early) -> None:
+    """Wait for the pump of a raw output (the data is all there is)."""
+    finish_with(early, lambda runs: None)
+
+
+__all__ = ["Early", "QCOW2_OPTIONS", "finish_raw", "finish_with", "start_compressed", "start_to_qcow2",
            "start_to_raw"]

@@ -15,30 +15,24 @@ from __future__ import annotations
 
 import sys
 from array import array
-from typing import Any
 
 from ...format import constants as C
 from ...format.header import Header, new_header
 from ...io.file import FileStorage
-from .early import Early
+from .early import Early, finish_with
 from .rawpump import Layout, Run, refcount_code
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def finish(early: Early) -> None:
     """Wait for the pump and write the image's metadata; on failure remove the target."""
     layout = early.layout
     assert layout is not None
-    try:
-        try:
-            header = fresh_header(layout, early.options)
-            runs = early.pump.join()
-            write_metadata(early.target, layout, header, runs)
-        except BaseException:
-            early.fail()
-            raise
-        early.target.close()
-    finally:
-        early.source.close()
+    finish_with(early, lambda runs: write_metadata(
+        early.target, layout, fresh_header(layout, early.options), runs))
 
 
 def fresh_header(layout: Layout, options: dict[str, Any]) -> Header:
