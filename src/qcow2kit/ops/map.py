@@ -31,6 +31,7 @@ from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
 from .map_chain import host_segments
 from .map_format import flag_code, human_text, json_text
+from .map_plain import l1_batches
 
 I64 = npt.NDArray[np.int64]
 B = npt.NDArray[np.bool_]
@@ -245,12 +246,7 @@ class _Mapper:
         hit = (np.flatnonzero(l2_offsets[first : last + 1]) + first).tolist()
         per_batch = max(1, _BATCH_UNITS // (g.l2_entries * g.subclusters))
         pos = start
-        k = 0
-        while k < len(hit):
-            # a batch: consecutive allocated L1 entries, so its units are guest-contiguous
-            j = k + 1
-            while j < len(hit) and j - k < per_batch and hit[j] == hit[j - 1] + 1:
-                j += 1
+        for k, j in l1_batches(hit, per_batch):
             base = hit[k] * span
             if pos < base:
                 self._unallocated(img, pos, base, -1, depth)
@@ -258,7 +254,6 @@ class _Mapper:
             bend = min(end, hit[j - 1] * span + span)
             self._tables(img, hit[k:j], pos, bend, depth)
             pos = bend
-            k = j
         if pos < end:
             self._unallocated(img, pos, end, -1, depth)
 

@@ -39,6 +39,10 @@ from ..metadata.header_io import read_header
 from ..metadata.table_bytes import read_tables
 from .map_format import flag_code, human_text, json_text
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 # L2 tables read at once: up to this many entries (256 KiB), consecutive in the guest
 _BATCH_ENTRIES = 1 << 15
 # entries split into runs at once: Python ints of 32 KiB stay in the CPU cache and in the
@@ -119,6 +123,19 @@ def unusual(header: Header, backing: bool) -> str | None:
             and header.bitmaps is not None:
         return "persistent bitmaps"
     return None
+
+
+def l1_batches(hits: list[int], per_batch: int) -> Iterator[tuple[int, int]]:
+    """[k, j) slices of `hits` (ascending allocated L1 indices) holding consecutive indices,
+    at most per_batch each: their L2 tables map one guest-contiguous range (ops/map.py
+    batches its tables the same way)."""
+    k = 0
+    while k < len(hits):
+        j = k + 1
+        while j < len(hits) and j - k < per_batch and hits[j] == hits[j - 1] + 1:
+            j += 1
+        yield k, j
+        k = j
 
 
 def plain_entries(raw: bytes | bytearray, cs: int, zero_flags: bool = False) -> bool:
@@ -220,12 +237,7 @@ def walk_layer(storage: FileStorage, header: Header, start: int, end: int
     offset_bits = C.OFFSET_MASK & ~(cs - 1)
     other_bits = ~offset_bits & ~C.OFLAG_COPIED & ((1 << 64) - 1)  # all zero in a plain entry
     pos = start
-    k = 0
-    while k < len(hits):
-        # a batch: consecutive allocated L1 entries, so their tables are guest-contiguous
-        j = k + 1
-        while j < len(hits) and j - k < per_batch and hits[j] == hits[j - 1] + 1:
-            j += 1
+    for k, j in l1_batches(hits, per_batch):
         base = hits[k] * span
         if pos < base:
             _add(starts, lengths, offsets, zero_runs, pos, base - pos, -1, False)
@@ -288,7 +300,6 @@ def walk_layer(storage: FileStorage, header: Header, start: int, end: int
             lengths += sizes[1:]
             offsets += hosts[1:]
         pos = bend
-        k = j
     if pos < end:
         _add(starts, lengths, offsets, zero_runs, pos, end - pos, -1, False)
     # the last cluster may reach past the end of the range
