@@ -66,13 +66,6 @@ class Lanes:
             raise ValueError(f"{len(raw)} bytes are not whole {bits}-bit entries")
         return cls(len(raw) // width, bits, int.from_bytes(raw, "big"))
 
-    def to_bytes(self) -> bytes:
-        return self.value.to_bytes(self.n * self.bits // 8, "big")
-
-    def fill(self, v: int) -> int:
-        """v in every lane (v < 2**bits)."""
-        return _ones(self.n, self.bits) * v
-
     def tagged(self, key: int, tag_mask: int, tag: int) -> bool:
         """Whether every entry's bits under tag_mask equal `tag` where its bits under `key`
         are not all zero, and are all zero where they are ("the COPIED flag is set exactly on
