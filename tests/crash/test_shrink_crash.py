@@ -111,3 +111,36 @@ def test_crash_grow_moves_l1(tmp_path: Path) -> None:
     n = check_crash_states(initial, storage.log, tmp_path / "states",
                            verify=_verifier(tmp_path, expect), reorder_samples=2, max_states=120)
     assert n > 5
+
+
+def test_crash_after_the_early_discard(tmp_path: Path) -> None:
+    """`qcow2kit resize --shrink` first punches the cropped data (ops/shrink_discard, as
+    qemu-img's shrink does), then shrinks: a power cut anywhere in that sequence, including
+    between the punches and the shrink's first write, leaves a consistent image with the
+    data below the new end intact."""
+    from qcow2kit.io.file import FileStorage
+    from qcow2kit.ops.shrink_discard import EarlyDiscard, cropped_runs
+
+    img = tmp_path / "e.qcow2"
+    (tmp_path / "states").mkdir()
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "6M")
+    qemu_io(img, "write -P 0x61 3M 3M", "write -P 0x62 0 3M")  # the cropped tail first in the file
+    new_size = M + 512
+    raw = tmp_path / "before.raw"
+    qemu_img("convert", "-O", "raw", str(img), str(raw))
+    expect = raw.read_bytes()[:new_size]
+    reader = FileStorage(str(img))
+    runs = cropped_runs(reader, new_size)
+    reader.close()
+    assert sum(length for _, length in runs) == 5 * M - 4096
+    initial = img.read_bytes()
+    storage = RecordingStorage.from_file(img)
+    EarlyDiscard(storage, runs).start().wait()
+    assert [op[0] for op in storage.log][: len(runs)] == ["punch"] * len(runs)
+    with Image(storage) as image:
+        image.resize(new_size, shrink=True)
+    n = check_crash_states(
+        initial, storage.log, tmp_path / "states", verify=_verifier(tmp_path, expect),
+        reorder_samples=3, max_states=250,
+    )
+    assert n > 5

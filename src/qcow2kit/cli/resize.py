@@ -1,16 +1,28 @@
 """qcow2kit resize [--shrink] [--preallocation=MODE] [--compact] [-q] FILE [+|-]SIZE
 
 Owns the command-line side of a resize: the size grammar (absolute or relative), qemu-img's
-refusal of an unannounced shrink and its wording. Never changes an image it refused to resize.
+refusal of an unannounced shrink and its wording, and when a shrink's early discard
+(ops/shrink_discard.py) runs: started right after the file is opened and locked, before the
+heavy modules load, and waited for before the shrink writes anything. Never changes an image
+it refused to resize.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Any
+from types import SimpleNamespace
 
-from .common import INT64_MAX, PROG, SIZE_HELP, UsageError, parse_option_size
+from ..errors import ResizeError
+from ..io.file import FileStorage
+from .common import INT64_MAX, PROG, SIZE_HELP, UsageError, parse_option_size, plain_command_line
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+    from ..image import Image
+    from ..ops.shrink_discard import EarlyDiscard
 
 SHRINK_REFUSAL = (
     "Use the --shrink option to perform a shrink operation.\n"
@@ -57,31 +69,84 @@ def _as_int64(value: int) -> int:
     return value - (1 << 64) if value > INT64_MAX else value
 
 
-def run(args: argparse.Namespace) -> int:
-    import qcow2kit
+_FLAGS = {"--shrink": ("shrink", True), "--compact": ("compact", True), "-q": ("quiet", True)}
+_VALUED = {"--preallocation": ("preallocation", ("off", "metadata", "falloc", "full")),
+           "-f": ("fmt", None)}
 
+
+def fast_args(rest: list[str]) -> SimpleNamespace | None:
+    """Plain command lines without argparse (cli/common.plain_command_line); the last word is
+    the size, as for argparse after cli.main's _resize_argv."""
+    if len(rest) < 2 or rest[-1] in ("-h", "--help"):
+        return None
+    args = SimpleNamespace(verb="resize", shrink=False, preallocation="off", compact=False,
+                           fmt="qcow2", quiet=False, filename=None, size=rest[-1], run=run)
+    return plain_command_line(rest[:-1], args, ("filename",), _FLAGS, _VALUED)
+
+
+def _new_size(current: int, sign: int, amount: int) -> int:
+    return _as_int64(current + sign * amount if sign else amount)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.fmt != "qcow2":
         raise UsageError(f"resizing '{args.fmt}' images is not supported (only qcow2)")
     text: str = args.size
     sign = {"+": 1, "-": -1}.get(text[:1], 0)
     amount = parse_option_size("size", text[1:] if sign else text)  # before opening, as qemu-img
-    with qcow2kit.open(args.filename, "r+") as img:
-        current = img.virtual_size
-        new_size = _as_int64(current + sign * amount if sign else amount)
-        if new_size <= 0:
-            raise UsageError("New image size must be positive")
-        if new_size < current and not args.shrink:
-            for line in SHRINK_REFUSAL.split("\n"):
-                print(f"{PROG}: {line}", file=sys.stderr)
-            return 1
+    storage = FileStorage(args.filename, True)  # opened and locked as qcow2kit.open(..., "r+")
+    discard = None
+    try:
+        if args.shrink and args.preallocation == "off":
+            discard = _early_discard(storage, sign, amount)
+        from ..image import Image
+
+        img = Image(storage)
+    except BaseException:
+        if discard is not None:
+            discard.wait()
+        storage.close()
+        raise
+    with img:
         try:
-            img.resize(new_size, shrink=args.shrink, preallocation=args.preallocation)
-        except qcow2kit.ResizeError as exc:
-            for line in str(exc).split("\n"):
-                print(f"{PROG}: {line}", file=sys.stderr)
-            return 1
-        if args.compact:
-            img.compact()
-    if not args.quiet:
+            code = _resize(img, args, sign, amount, discard)
+        finally:
+            if discard is not None:
+                discard.wait()  # before the file is closed
+    if code == 0 and not args.quiet:
         print("Image resized.")
+    return code
+
+
+def _early_discard(storage: FileStorage, sign: int, amount: int) -> EarlyDiscard | None:
+    from ..metadata.header_io import read_header
+    from ..ops import shrink_discard
+
+    try:
+        current = read_header(storage).size
+    except Exception:  # opening the image reports it
+        return None
+    return shrink_discard.start(storage, _new_size(current, sign, amount))
+
+
+def _resize(img: Image, args: argparse.Namespace, sign: int, amount: int,
+            discard: EarlyDiscard | None) -> int:
+    current = img.virtual_size
+    new_size = _new_size(current, sign, amount)
+    if new_size <= 0:
+        raise UsageError("New image size must be positive")
+    if new_size < current and not args.shrink:
+        for line in SHRINK_REFUSAL.split("\n"):
+            print(f"{PROG}: {line}", file=sys.stderr)
+        return 1
+    if discard is not None:
+        discard.wait()  # nothing is written while its holes are being punched
+    try:
+        img.resize(new_size, shrink=args.shrink, preallocation=args.preallocation)
+    except ResizeError as exc:
+        for line in str(exc).split("\n"):
+            print(f"{PROG}: {line}", file=sys.stderr)
+        return 1
+    if args.compact:
+        img.compact()
     return 0

@@ -78,11 +78,17 @@ def prove_clean(path: str, *, force_share: bool = False) -> CleanResult | None:
     except Exception:  # the full check opens it again and reports the error in its words
         return None
     try:
+        return prove(storage)
+    finally:
+        storage.close()
+
+
+def prove(storage: FileStorage) -> CleanResult | None:
+    """prove_clean over a storage already open (and locked); reads only."""
+    try:
         return _prove(storage)
     except Exception:  # _DeclinedError, or anything unexpected: the full check decides
         return None
-    finally:
-        storage.close()
 
 
 class _Expected:
@@ -388,4 +394,4 @@ def _read_into(storage: FileStorage, view: memoryview, offsets: list[int], cs: i
         i = j
 
 
-__all__ = ["CleanResult", "prove_clean"]
+__all__ = ["CleanResult", "prove", "prove_clean"]
