@@ -168,3 +168,27 @@ def test_a_bug_in_compare_is_not_a_verdict(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(ops_compare, "compare", broken)
     assert main(["compare", str(a), str(a)]) == 70
     assert "internal error: ValueError: planted bug" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", [["info"], ["check"], ["map", "--output=json"]])
+def test_closed_standard_output_is_a_user_error(tmp_path: Path, verb: list[str]) -> None:
+    """`qcow2kit info f >&-`: Python starts with sys.stdout None; the output cannot be written,
+    which is reported like a write to a full disk (exit 1, one line), not as a bug."""
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    res = subprocess.run([sys.executable, "-m", "qcow2kit", *verb, str(img)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: os.close(1))
+    assert res.returncode == 1
+    assert res.stderr == "qcow2kit: cannot write the output: standard output is closed\n"
+
+
+def test_closed_standard_output_does_not_matter_when_quiet(tmp_path: Path) -> None:
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    res = subprocess.run([sys.executable, "-m", "qcow2kit", "resize", "-q", str(img), "2M"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: os.close(1))
+    assert (res.returncode, res.stderr) == (0, "")
+    with qcow2kit.open(str(img)) as image:
+        assert image.virtual_size == 2 << 20

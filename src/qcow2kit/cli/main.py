@@ -9,6 +9,7 @@ only imported when a command needs it (cli/parser.py): start-up time.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -108,12 +109,38 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+class _ClosedOutput:
+    """Stands for a standard stream the process was started without (Python leaves it None,
+    and every print would then fail as a bug): writing output fails as an OSError, which
+    _run reports as a user-visible error (exit 1), like a write to a full disk. Messages to a
+    closed standard error are dropped (quiet=True): there is nowhere to show them."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    @property
+    def buffer(self) -> _ClosedOutput:
+        return self
+
+    def write(self, data: str | bytes) -> int:
+        if self.quiet:
+            return len(data)
+        raise OSError(errno.EBADF, "cannot write the output: standard output is closed")
+
+    def flush(self) -> None:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the exit code. Called without arguments (the `qcow2kit` program,
     `python -m qcow2kit`), the process ends here once the command is done (see _exit_now);
     called with a list (tests, other Python code), it returns."""
     if argv is not None:
         return _run(list(argv))
+    if sys.stdout is None:  # started with standard output closed (`qcow2kit info f >&-`)
+        sys.stdout = _ClosedOutput()
+    if sys.stderr is None:
+        sys.stderr = _ClosedOutput(quiet=True)
     code = _run(sys.argv[1:])
     _exit_now(code)
     return code
