@@ -16,7 +16,7 @@ import pytest
 
 from qcow2kit.cli.main import main
 from tests.conftest import QEMU_IO, qemu_img
-from tests.interop.test_check import make_case
+from tests.interop.check_cases import make_case
 
 
 def ours(*args: str) -> subprocess.CompletedProcess[str]:

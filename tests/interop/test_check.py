@@ -8,9 +8,8 @@ diagnostics on stderr; the human output too, for a few cases. The API's check co
 leaks of a case; a huge sparse image is checked fast; a byte copy gets the same verdict.
 
 The cases are in check_cases.py (the poking helpers and base images in check_poke.py), the
-runs of both tools in check_runs.py. The cases are shared with test_repair.py: it (and
-tests/cli/test_cli_check.py) imports CASES, Poke, make_case, run_ours and run_qemu from
-here.
+runs of both tools in check_runs.py. test_repair.py and tests/cli/test_cli_check.py use the
+same cases and runs.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import pytest
 
 from tests.conftest import qemu_img, qemu_io
 from tests.interop.check_cases import CASES, make_case
-from tests.interop.check_poke import Poke as Poke  # re-exported for test_repair.py
 from tests.interop.check_runs import run_ours, run_ours_process, run_qemu
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import qemu_check, qemu_img
-from tests.interop.test_check import CASES, Poke, make_case, run_ours, run_qemu
+from tests.interop.check_cases import CASES, make_case
+from tests.interop.check_poke import Poke
+from tests.interop.check_runs import run_ours, run_qemu
 
 # cases where QEMU 7.2's rebuild fails ("ERROR writing refblock", its overlap check refuses
 # to reuse the cluster of the invalid refcount block); ours must leave a clean image
