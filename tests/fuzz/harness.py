@@ -1,4 +1,4 @@
-"""Fuzzing harness shared by tests/fuzz and fuzz/long_run.py.
+"""Fuzzing harness shared by tests/fuzz and fuzz/long_run.py: the entry point both import.
 
 Seed images are made valid by qemu-img / qemu-io (several option sets, data, snapshots,
 compressed clusters, a backing file, a bitmap, an external data file). The seeds are parsed
@@ -8,6 +8,13 @@ compressed data. A mutation picks a region, a position in it and an operation; t
 image is then put through every public operation. The contract: each operation either
 succeeds or raises `qcow2kit.Qcow2Error`; read-only operations leave every file byte-for-byte
 unchanged (content hash and mtime); nothing hangs (a per-example alarm).
+
+The parts live in their own modules, and are re-exported here:
+- seed_images.py: the seeds (Seed, SEED_NAMES, build_seeds);
+- regions.py: the independent reading of a seed (Region, find_regions);
+- mutations.py: the mutations (Mutation, N_OPS, mutate);
+- this module: running one input against the contract (run_input, guard, time_limit,
+  file_state, FuzzFailure, FuzzTimeout).
 """
 
 from __future__ import annotations
@@ -15,21 +22,42 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import random
 import shutil
 import signal
-import struct
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import qcow2kit
 from qcow2kit import Qcow2Error
+from tests.fuzz.mutations import N_OPS, Mutation, mutate
+from tests.fuzz.regions import HEADER_FIELDS, OFFSET_MASK, Region, find_regions
+from tests.fuzz.seed_images import QEMU_IMG, QEMU_IO, SEED_NAMES, Seed, build_seeds
 
-QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
-QEMU_IO = shutil.which("qemu-io") or "qemu-io"
+__all__ = [
+    "CHUNK",
+    "EXAMPLE_TIMEOUT_S",
+    "FULL_READ_LIMIT",
+    "HEADER_FIELDS",
+    "N_OPS",
+    "OFFSET_MASK",
+    "QEMU_IMG",
+    "QEMU_IO",
+    "SEED_NAMES",
+    "FuzzFailure",
+    "FuzzTimeout",
+    "Mutation",
+    "Region",
+    "Seed",
+    "build_seeds",
+    "file_state",
+    "find_regions",
+    "guard",
+    "mutate",
+    "run_input",
+    "time_limit",
+]
 
 EXAMPLE_TIMEOUT_S = 20.0
 FULL_READ_LIMIT = 8 << 20
@@ -42,316 +70,6 @@ class FuzzTimeout(BaseException):
 
 class FuzzFailure(AssertionError):  # noqa: N818 - reads better in reports
     pass
-
-
-# ---- seeds ----------------------------------------------------------------------------
-
-
-@dataclass
-class Seed:
-    name: str
-    image: bytes
-    aux: dict[str, bytes] = field(default_factory=dict)  # other files next to the image
-    regions: list[Region] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Region:
-    """`count` items of `width` bytes at `offset`, `stride` apart (width 0: a byte blob)."""
-
-    kind: str
-    offset: int
-    count: int
-    width: int
-    stride: int = 0
-
-
-def _run(argv: list[str], cwd: Path) -> None:
-    res = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
-    if res.returncode != 0 or "failed" in res.stdout:
-        raise RuntimeError(f"{argv} failed: {res.stdout}{res.stderr}")
-
-
-def _img(cwd: Path, *args: str) -> None:
-    _run([QEMU_IMG, *args], cwd)
-
-
-def _io(cwd: Path, path: str, *cmds: str, extra: tuple[str, ...] = ()) -> None:
-    argv = [QEMU_IO, "-f", "qcow2", *extra]
-    for c in cmds:
-        argv += ["-c", c]
-    argv.append(path)
-    _run(argv, cwd)
-
-
-_WRITES = (
-    "write -P 0x11 0 4k",
-    "write -P 0x22 8k 12k",
-    "write -P 0x33 1M 4k",
-    "write -z 64k 8k",
-    "write -P 0x44 3M 512",
-)
-
-
-def _build(name: str, d: Path) -> tuple[str, list[str]]:
-    """Make one seed in directory d; return (image file name, aux file names)."""
-    img = "seed.qcow2"
-    if name == "v3-4k-snap":
-        _img(d, "create", "-f", "qcow2", "-o", "cluster_size=4096", img, "4M")
-        _io(d, img, *_WRITES)
-        _img(d, "snapshot", "-c", "snap1", img)
-        _io(d, img, "write -P 0x55 0 4k", "write -P 0x66 2M 8k")
-        return img, []
-    if name == "v2-512-snap":
-        _img(d, "create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=512", img, "1M")
-        _io(d, img, "write -P 0x11 0 4k", "write -P 0x22 100k 3k", "write -P 0x33 1020k 4k")
-        _img(d, "snapshot", "-c", "s", img)
-        _io(d, img, "write -P 0x44 0 1k")
-        return img, []
-    if name == "v3-refbits1-lazy":
-        _img(d, "create", "-f", "qcow2", "-o",
-             "cluster_size=4096,refcount_bits=1,lazy_refcounts=on", img, "4M")
-        _io(d, img, *_WRITES)
-        return img, []
-    if name == "v3-refbits64":
-        _img(d, "create", "-f", "qcow2", "-o", "cluster_size=1024,refcount_bits=64", img, "2M")
-        _io(d, img, "write -P 0x11 0 4k", "write -P 0x22 700k 9k", "write -z 1M 64k")
-        return img, []
-    if name == "extl2":
-        _img(d, "create", "-f", "qcow2", "-o", "cluster_size=16k,extended_l2=on", img, "4M")
-        _io(d, img, "write -P 0x11 0 512", "write -P 0x22 20k 1k", "write -z 40k 2k",
-            "write -P 0x33 1M 64k", "write -P 0x44 3M 16k")
-        return img, []
-    if name in ("compressed-zlib", "compressed-zstd"):
-        raw = d / "src.raw"
-        with open(raw, "wb") as f:
-            f.truncate(2 << 20)
-            for i, off in enumerate((0, 4096, 65536, 1 << 20, (2 << 20) - 8192)):
-                f.seek(off)
-                f.write(bytes([i + 1]) * 3000 + random.Random(i).randbytes(200) + b"abc" * 300)
-        ctype = "zstd" if name.endswith("zstd") else "zlib"
-        _img(d, "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
-             f"cluster_size=4096,compression_type={ctype}", "src.raw", img)
-        raw.unlink()
-        _io(d, img, "write -P 0x77 4k 1k")
-        return img, []
-    if name == "backing":
-        _img(d, "create", "-f", "qcow2", "-o", "cluster_size=4096", "base.qcow2", "4M")
-        _io(d, "base.qcow2", "write -P 0xa1 0 64k", "write -P 0xa2 2M 8k")
-        _img(d, "create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2",
-             "-F", "qcow2", img, "4M")
-        _io(d, img, "write -P 0x11 4k 4k", "write -P 0x22 2M 1k", "write -z 32k 4k")
-        return img, ["base.qcow2"]
-    if name == "backing-raw":
-        with open(d / "base.raw", "wb") as f:
-            f.write(b"\xb1" * 8192)
-            f.truncate(1 << 20)
-        _img(d, "create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.raw",
-             "-F", "raw", img, "2M")
-        _io(d, img, "write -P 0x11 1k 2k", "write -P 0x22 1536k 1k")
-        return img, ["base.raw"]
-    if name == "bitmap":
-        _img(d, "create", "-f", "qcow2", "-o", "cluster_size=4096", img, "4M")
-        _img(d, "bitmap", "--add", img, "b0")
-        _img(d, "bitmap", "--add", "-g", "64k", img, "b1")
-        _io(d, img, *_WRITES)
-        return img, []
-    if name == "datafile":
-        _img(d, "create", "-f", "qcow2", "-o", "cluster_size=4096,data_file=data.raw", img, "2M")
-        _io(d, img, "write -P 0x11 0 4k", "write -P 0x22 1M 6k")
-        return img, ["data.raw"]
-    raise ValueError(name)
-
-
-SEED_NAMES = (
-    "v3-4k-snap",
-    "v2-512-snap",
-    "v3-refbits1-lazy",
-    "v3-refbits64",
-    "extl2",
-    "compressed-zlib",
-    "compressed-zstd",
-    "backing",
-    "backing-raw",
-    "bitmap",
-    "datafile",
-)
-
-
-def build_seeds(root: Path, names: tuple[str, ...] = SEED_NAMES) -> list[Seed]:
-    seeds = []
-    for name in names:
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        img, aux = _build(name, d)
-        seed = Seed(name, (d / img).read_bytes(), {a: (d / a).read_bytes() for a in aux})
-        seed.regions = find_regions(seed.image)
-        seeds.append(seed)
-    return seeds
-
-
-# ---- regions: an independent reading of the seed --------------------------------------
-
-HEADER_FIELDS = (  # (offset, width) of every v2 / v3 header field
-    (4, 4), (8, 8), (16, 4), (20, 4), (24, 8), (32, 4), (36, 4), (40, 8), (48, 8), (56, 4),
-    (60, 4), (64, 8), (72, 8), (80, 8), (88, 8), (96, 4), (100, 4), (104, 1),
-)
-OFFSET_MASK = 0x00FFFFFFFFFFFE00
-
-
-def find_regions(buf: bytes) -> list[Region]:
-    u32 = lambda off: struct.unpack_from(">I", buf, off)[0]  # noqa: E731
-    u64 = lambda off: struct.unpack_from(">Q", buf, off)[0]  # noqa: E731
-    version = u32(4)
-    cbits = u32(20)
-    cs = 1 << cbits
-    regions: list[Region] = []
-    nfields = len(HEADER_FIELDS) if version == 3 else 12
-    for off, width in HEADER_FIELDS[:nfields]:
-        regions.append(Region("header", off, 1, width))
-    hlen = u32(100) if version == 3 else 72
-    bf_off = u64(8)
-    ext_end = bf_off if bf_off else cs
-    pos = hlen
-    bitmap_dir: tuple[int, int] | None = None
-    while pos + 8 <= ext_end:
-        etype, elen = u32(pos), u32(pos + 4)
-        regions.append(Region("ext-type", pos, 1, 4))
-        regions.append(Region("ext-len", pos + 4, 1, 4))
-        if etype == 0:
-            break
-        if elen:
-            regions.append(Region("ext-data", pos + 8, elen, 1, 1))
-        if etype == 0x23852875 and elen == 24:
-            bitmap_dir = (u64(pos + 24), u64(pos + 16))
-            for fo, fw in ((0, 4), (4, 4), (8, 8), (16, 8)):
-                regions.append(Region("bitmaps-ext", pos + 8 + fo, 1, fw))
-        pos += 8 + ((elen + 7) & ~7)
-    if bf_off:
-        regions.append(Region("backing-name", bf_off, max(1, u32(16)), 1, 1))
-    l1_size, l1_off = u32(36), u64(40)
-    ext_l2 = version == 3 and bool(u64(72) & 16)
-    l2_width = 16 if ext_l2 else 8
-    if l1_size:
-        regions.append(Region("l1", l1_off, l1_size, 8, 8))
-    seen_l2: set[int] = set()
-
-    def add_l2_of(l1_offset: int, n: int, kind: str) -> None:
-        for i in range(n):
-            e = u64(l1_offset + 8 * i) & OFFSET_MASK
-            if e and e + cs <= len(buf) and e not in seen_l2:
-                seen_l2.add(e)
-                regions.append(Region(kind, e, cs // l2_width, 8, l2_width))
-                if ext_l2:
-                    regions.append(Region("l2-bitmap", e + 8, cs // 16, 8, 16))
-                for j in range(cs // l2_width):
-                    ent = u64(e + j * l2_width)
-                    if ent >> 62 & 1:
-                        x = 62 - (cbits - 8)
-                        coff = ent & ((1 << x) - 1)
-                        nsec = ((ent >> x) & ((1 << (cbits - 8)) - 1)) + 1
-                        length = nsec * 512 - (coff & 511)
-                        if coff + length <= len(buf):
-                            regions.append(Region("compressed", coff, length, 1, 1))
-
-    add_l2_of(l1_off, l1_size, "l2")
-    rt_off, rt_clusters = u64(48), u32(56)
-    regions.append(Region("reftable", rt_off, rt_clusters * cs // 8, 8, 8))
-    for i in range(rt_clusters * cs // 8):
-        rb = u64(rt_off + 8 * i) & ~0x1FF
-        if rb and rb + cs <= len(buf):
-            regions.append(Region("refblock", rb, cs, 1, 1))
-    nb_snap, snap_off = u32(60), u64(64)
-    pos = snap_off
-    for _ in range(nb_snap):
-        for fo, fw in ((0, 8), (8, 4), (12, 2), (14, 2), (32, 4), (36, 4)):
-            regions.append(Region("snapshot", pos + fo, 1, fw))
-        sl1_off, sl1_size = u64(pos), u32(pos + 8)
-        id_len, name_len, extra = struct.unpack_from(">HH", buf, pos + 12) + (u32(pos + 36),)
-        if extra:
-            regions.append(Region("snapshot-extra", pos + 40, extra, 1, 1))
-        if sl1_size:
-            regions.append(Region("snapshot-l1", sl1_off, sl1_size, 8, 8))
-            add_l2_of(sl1_off, sl1_size, "snapshot-l2")
-        end = pos + 40 + extra + id_len + name_len
-        pos = end + (-end % 8)
-    if bitmap_dir is not None:
-        doff, dsize = bitmap_dir
-        regions.append(Region("bitmap-dir", doff, dsize, 1, 1))
-        for fo, fw in ((0, 8), (8, 4), (12, 4), (16, 1), (17, 1), (18, 2), (20, 4)):
-            regions.append(Region("bitmap-dir-entry", doff + fo, 1, fw))
-        tbl_off, tbl_size = u64(doff), u32(doff + 8)
-        if tbl_size:
-            regions.append(Region("bitmap-table", tbl_off, tbl_size, 8, 8))
-    regions.append(Region("cluster0", 0, min(cs, len(buf)), 1, 1))
-    regions.append(Region("file", 0, len(buf), 1, 1))
-    return [r for r in regions if r.count > 0 and r.offset + max(r.width, 1) <= len(buf)]
-
-
-# ---- mutations ----------------------------------------------------------------------
-
-# (region kind selector, region selector, position, operation, random value): the kind is
-# chosen first so that the many header fields do not crowd out tables and snapshots
-Mutation = tuple[int, int, int, int, int]
-N_OPS = 16
-
-
-def _interesting(orig: int, width: int, op: int, rnd: int, file_size: int, cs: int) -> int:
-    bits = 8 * width
-    top = (1 << bits) - 1
-    choices = (
-        0,
-        1,
-        top,
-        1 << (bits - 1),
-        orig + 1,
-        orig - 1,
-        orig ^ (1 << (rnd % bits)),
-        rnd,
-        orig + cs,
-        file_size,
-        file_size - cs + (rnd % 8) * 8,
-        orig * 2 + 1,
-        orig | (1 << 63) if bits == 64 else orig * 4,
-        orig | (1 << 62) if bits == 64 else orig >> 1,
-        (1 << 56) - cs if bits == 64 else 1 << (rnd % bits),
-        orig | 1,
-    )
-    return choices[op % len(choices)] & top
-
-
-def mutate(seed: Seed, mutations: list[Mutation]) -> bytes:
-    buf = bytearray(seed.image)
-    cs = 1 << struct.unpack_from(">I", seed.image, 20)[0]
-    kinds = sorted({r.kind for r in seed.regions})
-    for kind_sel, sel, position, op, rnd in mutations:
-        kind = kinds[kind_sel % len(kinds)]
-        of_kind = [r for r in seed.regions if r.kind == kind]
-        region = of_kind[sel % len(of_kind)]
-        index = position % region.count
-        if region.width <= 1:
-            off = region.offset + index
-            if off >= len(buf):
-                continue
-            if op % 4 == 0:
-                buf[off] = rnd & 0xFF
-            elif op % 4 == 1:
-                buf[off] ^= 1 << (rnd % 8)
-            elif op % 4 == 2:
-                n = 1 + rnd % 16
-                buf[off : off + n] = bytes(min(n, len(buf) - off))
-            else:
-                n = 1 + rnd % 16
-                buf[off : off + n] = b"\xff" * min(n, len(buf) - off)
-            continue
-        off = region.offset + index * region.stride
-        w = region.width
-        if off + w > len(buf):
-            continue
-        orig = int.from_bytes(buf[off : off + w], "big")
-        new = _interesting(orig, w, op, rnd, len(buf), cs)
-        buf[off : off + w] = new.to_bytes(w, "big")
-    return bytes(buf)
 
 
 # ---- running one input ---------------------------------------------------------------
