@@ -1,4 +1,4 @@
-"""Crash ordering of the write path (DESIGN.md section 3).
+"""Crash ordering of the write path (DESIGN.md section 3): power cuts.
 
 Each test records the storage operations of a write / discard / write_zeroes workload with
 RecordingStorage, then rebuilds every image a power cut could leave (every prefix of the log,
@@ -8,156 +8,33 @@ plus sampled subsets of the unflushed writes of each flush epoch) and requires:
 - in prefix states (writes landed in order) every touched sector reads one of the values it
   held at some point (old data, any written data, or zeros where zeroed / discarded);
 - internal snapshots keep their content throughout.
+Covered here: allocation (L2 tables, refcount blocks, refcount table growth), copy on write
+with internal snapshots, overwritten compressed clusters, lazy refcounts, compat 0.10 with a
+backing file, seeded random workloads, and an external data file. The driver (History,
+Workload, run_crash_test) is in crash_workload.py; I/O errors during writes are in
+test_write_io_errors.py, the crash harness's own tests in test_crash_harness.py.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import qcow2kit
-from qcow2kit.errors import Qcow2Error
 from qcow2kit.image import Image
 from qcow2kit.testing import (
-    DiskModel,
-    FaultyStorage,
     RecordingStorage,
     check_crash_states,
-    count_states,
     crash_images,
-    is_prefix_label,
 )
 from qcow2kit.testing.faults import is_dirty, qemu_check_json
-from tests.helpers import assert_clean, pattern, qemu_compare, qemu_img, qemu_io, to_raw
-
-SECTOR = 512
-# QK_CRASH_MAX=0 checks every state (slow); the default keeps the crash suite fast
-_MAX_ENV = int(os.environ.get("QK_CRASH_MAX", "-1"))
-MAX_STATES = 120 if _MAX_ENV < 0 else (_MAX_ENV or 10**9)
-
-
-class History:
-    """Every value each guest sector held during a workload (the model's history)."""
-
-    def __init__(self, before: bytes) -> None:
-        self.before = np.frombuffer(before, dtype=np.uint8).reshape(-1, SECTOR)
-        self.touched = np.zeros(len(self.before), dtype=bool)
-        self.values: dict[int, set[bytes]] = {}
-
-    def record(self, model: DiskModel, offset: int, length: int) -> None:
-        first, last = offset // SECTOR, -(-(offset + length) // SECTOR)
-        for s in range(first, last):
-            if not self.touched[s]:
-                self.touched[s] = True
-                self.values[s] = {self.before[s].tobytes()}
-            self.values[s].add(model.read(s * SECTOR, SECTOR))
-
-    def verify(self, image: bytes, strict: bool) -> None:
-        got = np.frombuffer(image, dtype=np.uint8).reshape(-1, SECTOR)
-        assert got.shape == self.before.shape
-        bad = np.flatnonzero(~self.touched & (got != self.before).any(axis=1))
-        assert not len(bad), f"untouched guest sector {int(bad[0])} changed"
-        if strict:
-            for s in np.flatnonzero(self.touched).tolist():
-                assert got[s].tobytes() in self.values[s], f"guest sector {s} holds a value never written"
-
-
-class Workload:
-    """Runs operations on an Image and its model at once, recording the history."""
-
-    def __init__(self, img: Image, model: DiskModel, history: History) -> None:
-        self.img, self.model, self.history = img, model, history
-        self.seed = 1000
-
-    def write(self, offset: int, length: int) -> None:
-        self.seed += 1
-        data = pattern(self.seed, length)
-        self.img.write(offset, data)
-        self.model.write(offset, data)
-        self.history.record(self.model, offset, length)
-
-    def zero(self, offset: int, length: int, unmap: bool = False) -> None:
-        # zeroing only part of a cluster rewrites the rest of it too: record the whole span
-        self.img.write_zeroes(offset, length, unmap=unmap)
-        self.model.write_zeroes(offset, length)
-        self.history.record(self.model, offset, length)
-
-    def discard(self, offset: int, length: int) -> None:
-        self.img.discard(offset, length)
-        self.model.discard(offset, length)
-        self.history.record(self.model, offset, length)
-
-    def flush(self) -> None:
-        self.img.flush()
-
-
-def run_crash_test(
-    tmp_path: Path,
-    image: Path,
-    work: Callable[[Workload], None],
-    *,
-    reorder_samples: int = 3,
-    max_states: int = MAX_STATES,
-    snapshots: dict[str, bytes] | None = None,
-    expect_events: tuple[str, ...] = (),
-    min_states: int = 10,
-    backing: bytes | None = None,
-) -> RecordingStorage:
-    """Record `work` on `image`, check the final image against the model, then every crash
-    state."""
-    before = to_raw(image, tmp_path / "before.raw")
-    storage = RecordingStorage.from_file(image)
-    img = Image(storage)
-    storage.restart()  # only the workload is recorded
-    model = DiskModel(len(before), backing)
-    model.data[:] = before
-    history = History(before)
-    work(Workload(img, model, history))
-    img.close()
-    # the finished image is clean and equal to the model
-    final = tmp_path / "final.qcow2"
-    final.write_bytes(storage.contents())
-    assert_clean(final)
-    (tmp_path / "model.raw").write_bytes(model.raw())
-    qemu_compare(final, tmp_path / "model.raw")
-    events = {e[1] for e in storage.log if e[0] == "event"}
-    for name in expect_events:
-        assert name in events, f"workload never hit event {name}: {sorted(events)}"
-
-    def verify_state(path: str, label: str) -> None:
-        got = to_raw(path, tmp_path / "state.raw")
-        history.verify(got, strict=is_prefix_label(label))
-        for name, content in (snapshots or {}).items():
-            assert to_raw(path, tmp_path / "snap.raw", snapshot=name) == content, (
-                f"snapshot {name} changed"
-            )
-
-    total = count_states(storage.log, reorder_samples=reorder_samples, drop_one=True)
-    assert total >= min_states, f"only {total} crash states: the workload is too small"
-    checked = check_crash_states(
-        storage.initial,
-        storage.log,
-        tmp_path,
-        verify_state=verify_state,
-        reorder_samples=reorder_samples,
-        max_states=max_states,
-        drop_one=True,
-    )
-    assert checked == min(total, max_states)
-    return storage
-
-
-def _prefill(path: Path, size: int, step: int) -> None:
-    """Data written (and flushed) by QEMU before the workload: every other `step` bytes."""
-    cmds = [f"write -P {0x10 + i % 200} {off} {step // 2}" for i, off in enumerate(range(0, size, step))]
-    qemu_io(path, *cmds)
+from tests.crash.crash_workload import MAX_STATES, Workload, run_crash_test
+from tests.crash.crash_workload import prefill as _prefill
+from tests.helpers import assert_clean, pattern, qemu_img, qemu_io, to_raw
 
 
 # ---- allocation: L2 tables, refcount blocks, refcount table growth --------------------------
@@ -310,139 +187,6 @@ def test_v2_with_backing(tmp_path: Path) -> None:
 
     run_crash_test(tmp_path, path, work, backing=base.read_bytes())
 
-
-# ---- I/O errors: the image stays consistent ---------------------------------------------------
-def _error_workload(img: Image) -> None:
-    img.write(1000, b"\x01" * 9000)
-    img.write(3 << 20, b"\x02" * 70000)
-    img.flush()
-    img.discard(0, 8192)
-    img.write_zeroes(1 << 20, 16384)
-    img.write(5000, b"\x03" * 100)
-
-
-@pytest.mark.parametrize("sticky", [False, True], ids=["transient", "dead-disk"])
-@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
-def test_write_errors_leave_consistent_image(tmp_path: Path, error: int, sticky: bool) -> None:
-    """ENOSPC/EIO at every single write: the error propagates as OSError with its errno,
-    and whatever reached the storage passes qemu-img check (leaks allowed)."""
-    path = tmp_path / "disk.qcow2"
-    qcow2kit.create(str(path), 8 << 20, cluster_size=512, refcount_bits=16)
-    initial = path.read_bytes()
-    probe = FaultyStorage(initial)
-    img = Image(probe)
-    _error_workload(img)
-    img.close()
-    total = probe.writes
-    assert total > 10
-    step = max(1, total // 40)
-    state = tmp_path / "state.qcow2"
-    for n in range(1, total + 1, step):
-        storage = FaultyStorage(initial, fail_write_at=n, error=error, sticky=sticky)
-        img = Image(storage)
-        with pytest.raises(OSError) as info:
-            _error_workload(img)
-            img.close()
-        assert info.value.errno == error
-        assert storage.failed
-        try:
-            img.close()  # transient: a retry may succeed; a dead disk fails again
-        except (OSError, Qcow2Error):
-            pass
-        state.write_bytes(bytes(storage.buf))
-        out = qemu_check_json(str(state))
-        assert out.get("corruptions", 0) == 0 and out.get("check-errors", 1) == 0, (n, out)
-
-
-def test_error_at_named_event(tmp_path: Path) -> None:
-    """A failure just before an L2 write (event l2_update) leaves the image consistent."""
-    path = tmp_path / "disk.qcow2"
-    qcow2kit.create(str(path), 8 << 20, cluster_size=4096)
-    initial = path.read_bytes()
-    storage = FaultyStorage(initial, fail_event="l2_update", error=errno.EIO)
-    img = Image(storage)
-    with pytest.raises(OSError) as info:
-        _error_workload(img)
-    assert info.value.errno == errno.EIO
-    assert "l2_update" in storage.events
-    img.close()  # transient: the retried flush writes the table
-    state = tmp_path / "state.qcow2"
-    state.write_bytes(bytes(storage.buf))
-    out = qemu_check_json(str(state))
-    assert out.get("corruptions", 0) == 0 and out.get("check-errors", 1) == 0, out
-
-
-EVENTS = (
-    "l2_update", "l1_update", "refblock_update", "refblock_alloc_write",
-    "refblock_alloc_hookup", "reftable_grow", "header_update",
-)
-
-
-def _growth_ops() -> list[tuple[str, int, int]]:
-    ops = [("write", 1000, 3000), ("flush", 0, 0)]
-    ops += [("write", (1 << 20) + i * (128 << 10) + 7, 128 << 10) for i in range(20)]
-    ops += [("discard", 0, 4096), ("zero", 200 << 10, 3000), ("write", 600, 100)]
-    return ops
-
-
-def _apply_op(img: Image | DiskModel, op: tuple[str, int, int]) -> None:
-    kind, off, n = op
-    if kind == "write":
-        img.write(off, pattern(off ^ n, n))
-    elif kind == "discard":
-        img.discard(off, n)
-    elif kind == "zero":
-        img.write_zeroes(off, n)
-    elif isinstance(img, Image):
-        img.flush()
-
-
-@pytest.mark.parametrize("event", EVENTS)
-def test_transient_error_at_event_then_retry(tmp_path: Path, event: str) -> None:
-    """EIO just before a metadata write of each kind (512 B clusters, 64-bit refcounts, so
-    refcount blocks and the refcount table grow): the operation fails with EIO; retrying it
-    succeeds, the data reads back as if nothing failed, and QEMU finds no corruption."""
-    path = tmp_path / "disk.qcow2"
-    size = 8 << 20
-    qcow2kit.create(str(path), size, cluster_size=512, refcount_bits=64)
-    initial = path.read_bytes()
-    ops = _growth_ops()
-    probe = FaultyStorage(initial)
-    img = Image(probe)
-    for op in ops:
-        _apply_op(img, op)
-    img.close()
-    hits = probe.events.count(event)
-    assert hits, f"workload never reaches {event}"
-    for at in sorted({1, (hits + 1) // 2, hits}):
-        storage = FaultyStorage(initial, fail_event=event, fail_event_at=at, error=errno.EIO)
-        img = Image(storage)
-        model = DiskModel(size)
-        failures = 0
-        for op in ops:
-            try:
-                _apply_op(img, op)
-            except OSError as exc:
-                assert exc.errno == errno.EIO
-                failures += 1
-                _apply_op(img, op)  # the retry
-            _apply_op(model, op)
-        try:
-            img.flush()
-        except OSError:
-            failures += 1
-            img.flush()
-        img.close()  # a failed close() would lose what it could not write: flush first
-        assert failures == 1 and storage.failed, (event, at, failures)
-        state = tmp_path / "state.qcow2"
-        state.write_bytes(bytes(storage.buf))
-        out = qemu_check_json(str(state))
-        assert out.get("corruptions", 0) == 0 and out.get("check-errors", 1) == 0, (event, at, out)
-        raw = tmp_path / "model.raw"
-        raw.write_bytes(model.raw())
-        qemu_compare(state, raw)
-
-
 # ---- random workloads on random images ----------------------------------------------------
 _RANDOM_SETUPS = [
     ("cluster_size=512,refcount_bits=64", None),
@@ -508,84 +252,6 @@ def test_random_workload_crash(tmp_path: Path, setup: int, seed: int) -> None:
     run_crash_test(tmp_path, path, work, snapshots=snapshots, max_states=min(MAX_STATES, 60),
                    min_states=3, backing=base_data)
 
-
-# ---- the harness itself ------------------------------------------------------------------------
-def test_harness_crash_images() -> None:
-    st = RecordingStorage(b"\0" * 8)
-    st.event("header_update")
-    st.pwrite(0, b"A")
-    st.pwrite(1, b"B")
-    st.flush()
-    st.event("l2_update")
-    st.pwrite(2, b"C")
-    st.event("l1_update")
-    st.pwrite(3, b"D")
-    st.pwrite(4, b"E" * 1024)
-    st.truncate(6)
-    states = dict(crash_images(st.initial, st.log))
-    images = list(states.values())
-    # every prefix: initial, A, AB, ABC, ABCD, ABCDE..., truncated
-    assert images[0] == b"\0" * 8
-    assert images[1] == b"A" + b"\0" * 7
-    assert images[2] == b"AB" + b"\0" * 6
-    assert images[3] == b"ABC" + b"\0" * 5
-    assert images[-1] == b"ABCDEE"
-    assert len(images) == 7
-    assert count_states(st.log) == 7
-    assert any("(l1_update)" in label for label in states)
-    # drop-one: the l2_update write (C) lost while D and the rest landed
-    drops = {k: v for k, v in crash_images(st.initial, st.log, drop_one=True) if "lost op" in k}
-    assert list(drops.values()) == [b"AB\0DEE"]
-    # reorder samples never lose writes from before the last flush
-    for label, image in crash_images(st.initial, st.log, reorder_samples=20, seed=3):
-        if "sample" in label and label.startswith("epoch 1 "):
-            assert image[:2] == b"AB", label
-    # max_states keeps the first and the full prefix
-    few = list(crash_images(st.initial, st.log, reorder_samples=20, drop_one=True, max_states=4))
-    assert len(few) == 4
-    labels = [k for k, _ in few]
-    assert "prefix 0/" in labels[0] or any(k.startswith("prefix 0/") for k in labels)
-    assert any(k.startswith(f"prefix {len(st.ops)}/") for k in labels)
-
-
-def test_harness_faulty_storage() -> None:
-    fs = FaultyStorage(b"\0" * 16, fail_write_at=2, error=errno.ENOSPC)
-    fs.pwrite(0, b"a")
-    with pytest.raises(OSError) as info:
-        fs.pwrite(1, b"b")
-    assert info.value.errno == errno.ENOSPC and fs.failed
-    fs.pwrite(2, b"c")  # transient: the next write works
-    assert bytes(fs.buf[:3]) == b"a\0c"
-    dead = FaultyStorage(b"", fail_event="l1_update", sticky=True, error=errno.EIO)
-    dead.event("l2_update")
-    with pytest.raises(OSError):
-        dead.event("l1_update")
-    with pytest.raises(OSError):
-        dead.pwrite(0, b"x")  # a dead disk stays dead
-    with pytest.raises(OSError):
-        dead.flush()
-    dead.arm(sticky=False, fail_event=None)
-    dead.pwrite(0, b"x")
-    assert dead.events == ["l2_update", "l1_update"]
-
-
-def test_harness_detects_misordering(tmp_path: Path) -> None:
-    """The checker must fail on a log that points L1 at an L2 table before the table's
-    refcount exists: a hand-made bad ordering."""
-    path = tmp_path / "disk.qcow2"
-    qcow2kit.create(str(path), 4 << 20, cluster_size=4096)
-    good = RecordingStorage.from_file(path)
-    img = Image(good)
-    good.restart()
-    img.write(0, b"x" * 4096)
-    img.close()
-    # move every refcount-block write of the log to the end: references before refcounts
-    ops = [e for e in good.log if e[0] != "flush"]
-    ref_writes = [e for e in ops if e[0] == "write" and e[1] == 2 * 4096]
-    assert ref_writes, "expected a refcount block write at cluster 2"
-    bad_log = [e for e in ops if e not in ref_writes] + ref_writes
-    with pytest.raises(AssertionError, match="corruption|check error"):
-        check_crash_states(good.initial, bad_log, tmp_path, reorder_samples=0)
 
 
 @pytest.mark.parametrize("xl2", [False, True], ids=["std", "xl2"])
