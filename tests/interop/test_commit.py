@@ -97,7 +97,32 @@ def three(d: Path) -> None:
     qemu_io(d / "top.qcow2", "write -P 3 1050k 4k", "write -P 4 6M 64k")
 
 
+def snapshot_base(d: Path) -> None:
+    """The base shares its clusters with an internal snapshot (refcount 2): the copy must not
+    write them in place, or the snapshot would change."""
+    chain2(d)
+    qemu_img("snapshot", "-c", "s", str(d / "base.qcow2"))
+    qemu_io(d / "base.qcow2", "write -P 8 2M 64k")
+
+
+def windows(d: Path) -> None:
+    """Bigger than the in-place windows (64 MiB), pieces that cross a window's end, a base
+    partly allocated, partly compressed and partly shared with a snapshot, so that in-place
+    writes and ordinary writes alternate."""
+    qemu_img("create", "-f", "qcow2", str(d / "base.qcow2"), "160M")
+    qemu_io(d / "base.qcow2", "write -P 1 0 40M", "write -c -P 2 40M 1M", "write -P 3 60M 70M")
+    qemu_img("snapshot", "-c", "s", str(d / "base.qcow2"))
+    qemu_io(d / "base.qcow2", "write -P 4 100M 8M")
+    qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", "-o",
+             "cluster_size=16k", str(d / "top.qcow2"))
+    qemu_io(d / "top.qcow2", *[f"write -P {5 + i % 50} {off}k 1040k"
+                                for i, off in enumerate(range(0, 160 * 1024 - 1040, 2880))],
+            "write -z 63M 2M", "write -P 99 131008k 1M")
+
+
 CASES["snapshot_top"] = (with_snapshot, [], ["base.qcow2", "top.qcow2"])
+CASES["snapshot_base"] = (snapshot_base, [], ["base.qcow2", "top.qcow2"])
+CASES["windows"] = (windows, [], ["base.qcow2", "top.qcow2"])
 CASES["three_into_mid"] = (three, [], ["root.raw", "base.qcow2", "mid.qcow2", "top.qcow2"])
 CASES["three_b_base"] = (three, ["-b", "base.qcow2"],
                          ["root.raw", "base.qcow2", "mid.qcow2", "top.qcow2"])
@@ -122,6 +147,11 @@ def test_commit_like_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         assert (a / "top.qcow2").read_bytes() == (b / "top.qcow2").read_bytes()
     qemu_img("convert", "-O", "raw", str(b / "top.qcow2"), str(tmp_path / "w.raw"))
     assert (tmp_path / "w.raw").read_bytes() == view  # the overlay's disk never changes
+    if case in ("snapshot_base", "windows"):  # the base's snapshot is left as it was
+        for d in (a, b):
+            qemu_img("convert", "-l", "snapshot.name=s", "-O", "raw", str(d / "base.qcow2"),
+                     str(d / "s.raw"))
+        assert (a / "s.raw").read_bytes() == (b / "s.raw").read_bytes()
 
 
 def test_progress_and_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -3,10 +3,9 @@ its base, as `qemu-img commit` 7.2 does (QEMU's active commit, a mirror job), th
 overlay unless asked to keep it.
 
 Owns: finding the base in the backing chain (by the stored name or the same file), the
-ranges to copy (everything allocated above the base, in the mirror's granularity: the base's
-cluster size between 4 KiB and 64 KiB), the choice per piece between copying the bytes and
-writing zero clusters (a piece that reads as zeros, is not data, and covers whole base
-clusters), and the emptying of the overlay. Crash safety: the base only ever gains bytes the
+ranges to copy (everything allocated above the base; ops/commit_copy.py cuts them into the
+mirror's pieces, decides between bytes and zero clusters, and moves the bytes), and the
+emptying of the overlay. Crash safety: the base only ever gains bytes the
 overlay already showed (ordinary writes, each crash-safe), and is flushed and closed before
 the overlay is emptied, so an interruption leaves both images consistent and the overlay's
 disk unchanged. Never writes to the images between the overlay and the base.
@@ -14,7 +13,6 @@ disk unchanged. Never writes to the images between the overlay and the base.
 
 from __future__ import annotations
 
-import bisect
 import os
 import struct
 from collections.abc import Callable
@@ -22,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CorruptionError, InvalidArgumentError, Qcow2Error
+from ..errors import InvalidArgumentError, Qcow2Error
 from ..format import constants as C
 from ..format.features import Incompatible
 from ..format.geometry import Geometry
@@ -30,10 +28,10 @@ from ..format.tables import encode_refblock, refcount_dtype
 from ..image import Image, RawImage, open_any
 from ..io.file import FileStorage
 from ..io.storage import Storage
-from ..metadata import header_io, mapping
+from ..metadata import header_io
 from ..metadata.l2map import Kind
+from .commit_copy import copy_into
 
-MAX_IO_BYTES = 1 << 20
 Progress = Callable[[float], None]
 
 
@@ -109,19 +107,6 @@ def _allocated_above(chain: list[Image | RawImage], base_index: int,
     return _merge(spans), _merge(zeros)
 
 
-def _chunks(ranges: list[tuple[int, int]], granularity: int, size: int) -> list[tuple[int, int]]:
-    """The ranges widened to whole granularity chunks (the mirror's dirty bitmap), merged."""
-    out: list[tuple[int, int]] = []
-    for a, b in ranges:
-        lo = a // granularity * granularity
-        hi = min(size, -(-b // granularity) * granularity)
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
 def commit(
     path: str,
     *,
@@ -152,7 +137,8 @@ def commit(
         allocated, zeros = _allocated_above(chain, index, size)
         target = open_any(base_path, base_fmt, writable=True, backing=True)
         try:
-            copied, zeroed = _copy(top, target, allocated, zeros, size, progress)
+            copied, zeroed = copy_into(top, target, allocated, zeros, size, progress,
+                                       drop_cache=not drop)
         finally:
             target.close()
     finally:
@@ -228,146 +214,5 @@ def make_completely_empty(storage: Storage) -> None:
     storage.truncate((3 + l1_clusters) * cs)
 
 
-def _zero_clusters(img: Image, offset: int, length: int) -> None:
-    """Whole clusters become zero clusters with their host clusters freed, as QEMU's zero
-    write with MAY_UNMAP: unlike Image.write_zeroes (which leaves a range without an L2
-    table alone when there is no backing file), the L2 table is allocated so the base shows
-    zero clusters where the overlay had them. v2 images have no zero flag: as in QEMU, they
-    discard without a backing file and write zero bytes with one."""
-    if img.header.version < 3:
-        img.write_zeroes(offset, length, unmap=True)
-        return
-    img.meta.check_writable()
-    if img.meta.lazy:
-        img.meta.set_dirty_bit()
-    img.bitmaps.mark(offset, length)
-    try:
-        for pos, end in mapping.l2_chunks(img.meta.geom, offset, length):
-            mapping.clear_clusters(img.meta, pos, end, "zero_unmap", has_backing=True)
-        img.meta.release_pending()
-    except CorruptionError as exc:
-        raise img.meta.mark_corrupt(str(exc)) from None
-
-
-class FastReader:
-    """Guest bytes of an image that does not change while it is read: straight from the
-    file where a range lies in one run of data clusters (the mapping looked up once for the
-    whole disk, one copy of the bytes), through img.read anywhere else."""
-
-    def __init__(self, img: Image | RawImage) -> None:
-        self.img = img
-        self.runs = img.runs(0, img.virtual_size) if isinstance(img, Image) and \
-            img.virtual_size else []
-        self.starts = [r.guest_offset for r in self.runs]
-
-    def read(self, pos: int, length: int) -> bytes:
-        img = self.img
-        if isinstance(img, RawImage):
-            return img.read(pos, length)
-        i = bisect.bisect_right(self.starts, pos) - 1
-        if i >= 0:
-            run = self.runs[i]
-            if run.kind == Kind.DATA and pos + length <= run.end:
-                storage = img.data_storage or img.storage
-                return storage.pread(run.host_offset + pos - run.guest_offset, length)
-        return img.read(pos, length)
-
-
-def _write_in_place(img: Image, pos: int, data: bytes) -> bool:
-    """Overwrite a range that is one run of data clusters the image alone owns (refcount 1)
-    straight in the file, as the write path would (no metadata changes, so no ordering to
-    keep); False (nothing written) for any other range, which then takes the write path."""
-    meta = img.meta
-    if img.header.has_data_file or meta.corrupt or not meta.writable:
-        return False
-    runs = img.runs(pos, len(data))
-    if len(runs) != 1 or runs[0].kind != Kind.DATA:
-        return False
-    cs = img.cluster_size
-    host = runs[0].host_offset
-    first, last = host // cs, (host + len(data) - 1) // cs
-    if not (meta.refcounts.get_range(first, last - first + 1) == 1).all():
-        return False
-    clusters = np.arange(first, last + 1, dtype=np.int64) * cs
-    try:
-        mapping.check_in_place(meta, clusters, "data cluster")
-    except CorruptionError as exc:
-        raise meta.mark_corrupt(str(exc)) from None
-    img.bitmaps.mark(pos, len(data))
-    img.storage.pwrite(host, data)
-    meta.note_data_written(new_clusters=False)
-    return True
-
-
-def _copy(top: Image, target: Image | RawImage, allocated: list[tuple[int, int]],
-          zeros: list[tuple[int, int]], size: int, progress: Progress | None) -> tuple[int, int]:
-    from .map import map_image
-
-    # the mirror grows a shorter base to the overlay's size
-    if isinstance(target, Image):
-        bcs = target.cluster_size
-        if target.virtual_size < size:
-            target.resize(size)
-    else:
-        bcs = 512
-        if target.storage.size() < size:
-            target.storage.truncate(size)
-    granularity = min(65536, max(4096, bcs))
-    chunks = _chunks(allocated, granularity, size)
-    total = sum(b - a for a, b in chunks) or 1
-    done = copied = zeroed = 0
-    reader = FastReader(top)
-    z = 0
-    for a, b in chunks:
-        while z < len(zeros) and zeros[z][1] <= a:
-            z += 1
-        # QEMU's status walk decides only where some image above the base has zero
-        # clusters; elsewhere every piece is copied
-        entries = map_image(top, a, b - a) if z < len(zeros) and zeros[z][0] < b else []
-        k = 0
-        pos = a
-        while pos < b:
-            zero = False
-            if not entries:
-                io = min(b - pos, MAX_IO_BYTES)
-            else:
-                while entries[k].start + entries[k].length <= pos:
-                    k += 1
-                e = entries[k]
-                io = min(e.start + e.length - pos, b - pos, MAX_IO_BYTES)
-                io -= io % granularity
-                if io < granularity:
-                    io = min(granularity, b - pos)
-                elif e.zero and not e.data and pos % bcs == 0 and io % bcs == 0:
-                    zero = True
-            if zero and isinstance(target, Image):
-                _zero_clusters(target, pos, io)
-                zeroed += io
-            elif zero:
-                # a raw base gets a hole, as QEMU's zero write with MAY_UNMAP; punching is
-                # best effort, so the bytes are checked and written where it did not work
-                target.storage.punch_hole(pos, io)
-                if any(target.storage.pread(pos, io)):
-                    target.storage.pwrite(pos, bytes(io))
-                zeroed += io
-            elif isinstance(target, Image):
-                data = reader.read(pos, io)
-                if not _write_in_place(target, pos, data):
-                    target.write(pos, data)
-                copied += io
-            else:
-                target.storage.pwrite(pos, reader.read(pos, io))
-                copied += io
-            pos += io
-            done += io
-            if progress is not None:
-                progress(min(99.99, done * 100.0 / total))
-    if isinstance(target, Image):
-        target.flush()
-    else:
-        target.storage.flush()
-    return copied, zeroed
-
-
-__all__ = ["CommitError", "CommitResult", "commit", "find_base", "FastReader",
-           "make_completely_empty", "empty_image"]
+__all__ = ["CommitError", "CommitResult", "commit", "find_base", "make_completely_empty",
+           "empty_image"]
