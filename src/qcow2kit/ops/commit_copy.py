@@ -24,13 +24,15 @@ import bisect
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from ..errors import CorruptionError
 from ..image import Image, RawImage
 from ..io.file import FileStorage
+from ..io.storage import Storage
 from ..metadata import mapping
 from ..metadata.l2map import Kind
 
@@ -42,6 +44,7 @@ WINDOW_BYTES = 64 << 20
 # pieces read ahead of the writes
 READ_AHEAD = 4
 Progress = Callable[[float], None]
+T = TypeVar("T")
 
 
 class FastReader:
@@ -152,30 +155,50 @@ class InPlace:
         return True
 
 
-class _ReadAhead:
-    """Reads the pieces, in order, on a background thread, at most READ_AHEAD ahead of
-    next(); an error is raised by the next() that reaches it."""
+class Writeback:
+    """Starts the write-back of a file every WRITEBACK_BYTES written to it (see
+    FileStorage.start_writeback); nothing for other storages."""
 
-    def __init__(self, reader: FastReader, pieces: list[tuple[int, int]]) -> None:
-        self.results: queue.Queue[bytes | BaseException] = queue.Queue(READ_AHEAD)
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage if isinstance(storage, FileStorage) else None
+        self.pending = 0
+
+    def wrote(self, length: int) -> None:
+        self.pending += length
+        if self.pending >= WRITEBACK_BYTES and self.storage is not None:
+            self.storage.start_writeback()
+            self.pending = 0
+
+
+class ReadAhead(Generic[T]):
+    """Runs `produce` on a background thread, at most READ_AHEAD items ahead of the
+    consumer, which iterates this object; an error in `produce` is raised where the
+    consumer reaches it. close() (also on leaving a `with` block) stops the thread early."""
+
+    def __init__(self, produce: Iterator[T]) -> None:
+        self.results: queue.Queue[tuple[bool, T | BaseException | None]] = queue.Queue(READ_AHEAD)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(reader, pieces), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(produce,), daemon=True)
         self.thread.start()
 
-    def _run(self, reader: FastReader, pieces: list[tuple[int, int]]) -> None:
+    def _run(self, produce: Iterator[T]) -> None:
         try:
-            for pos, length in pieces:
+            for item in produce:
                 if self.stop.is_set():
                     return
-                self.results.put(reader.read(pos, length))
-        except BaseException as exc:  # handed to the writer, which reports it
-            self.results.put(exc)
+                self.results.put((True, item))
+            self.results.put((False, None))
+        except BaseException as exc:  # handed to the consumer, which reports it
+            self.results.put((False, exc))
 
-    def next(self) -> bytes:
-        item = self.results.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            more, item = self.results.get()
+            if not more:
+                if isinstance(item, BaseException):
+                    raise item
+                return
+            yield item  # type: ignore[misc]
 
     def close(self) -> None:
         self.stop.set()
@@ -185,6 +208,12 @@ class _ReadAhead:
             except queue.Empty:
                 pass
         self.thread.join()
+
+    def __enter__(self) -> ReadAhead[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def chunks(ranges: list[tuple[int, int]], granularity: int, size: int) -> list[tuple[int, int]]:
@@ -276,11 +305,11 @@ def copy_into(top: Image, target: Image | RawImage, allocated: list[tuple[int, i
     total = sum(io for _, io, _ in pieces) or 1
     done = copied = zeroed = 0
     in_place = InPlace(target) if isinstance(target, Image) else None
-    storage = (target.data_storage or target.storage) if isinstance(target, Image) else target.storage
-    unflushed = 0
-    ahead = _ReadAhead(FastReader(top, drop_cache=drop_cache),
-                       [(pos, io) for pos, io, zero in pieces if not zero])
-    try:
+    writeback = Writeback((target.data_storage or target.storage) if isinstance(target, Image)
+                          else target.storage)
+    reader = FastReader(top, drop_cache=drop_cache)
+    with ReadAhead(reader.read(pos, io) for pos, io, zero in pieces if not zero) as ahead:
+        data_pieces = iter(ahead)
         for pos, io, zero in pieces:
             if zero and isinstance(target, Image):
                 zero_clusters(target, pos, io)
@@ -296,23 +325,18 @@ def copy_into(top: Image, target: Image | RawImage, allocated: list[tuple[int, i
                 zeroed += io
             elif isinstance(target, Image):
                 assert in_place is not None
-                data = ahead.next()
+                data = next(data_pieces)
                 if not in_place.write(pos, data):
                     target.write(pos, data)
                     in_place.changed()
                 copied += io
             else:
-                target.storage.pwrite(pos, ahead.next())
+                target.storage.pwrite(pos, next(data_pieces))
                 copied += io
             done += io
-            unflushed += io
-            if unflushed >= WRITEBACK_BYTES and isinstance(storage, FileStorage):
-                storage.start_writeback()
-                unflushed = 0
+            writeback.wrote(io)
             if progress is not None:
                 progress(min(99.99, done * 100.0 / total))
-    finally:
-        ahead.close()
     if isinstance(target, Image):
         target.flush()
     else:
@@ -320,4 +344,5 @@ def copy_into(top: Image, target: Image | RawImage, allocated: list[tuple[int, i
     return copied, zeroed
 
 
-__all__ = ["FastReader", "InPlace", "chunks", "copy_into", "zero_clusters", "MAX_IO_BYTES"]
+__all__ = ["FastReader", "InPlace", "ReadAhead", "Writeback", "chunks", "copy_into", "zero_clusters",
+           "MAX_IO_BYTES"]

@@ -19,7 +19,7 @@ Never writes to either backing file.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from ..format.extensions import Extension, feature_table_bytes
 from ..format.header import Header
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
-from .commit_copy import FastReader
+from .commit_copy import FastReader, ReadAhead, Writeback
 
 SECTOR = 512
 IO_BUF_BYTES = 2 << 20
@@ -231,14 +231,40 @@ def _ranges(top: Image, new: Image | RawImage | None) -> list[tuple[int, int]]:
 
 
 def _copy(top: Image, new: Image | RawImage | None, progress: Progress | None) -> None:
-    old = top.backing
-    old_size = _disk_size(old) if old is not None else 0
-    new_size = _disk_size(new) if new is not None else 0
     ranges = _ranges(top, new)
-    old_reader = FastReader(old) if old is not None else None
-    new_reader = FastReader(new) if new is not None else None
     total = sum(b - a for a, b in ranges) or 1
     done = 0
+    # the backing files are read and compared on a thread, a few pieces ahead of the writes.
+    # The writes read the old backing too (to complete partial clusters) through top's own
+    # objects, so the thread reads it through a second opening of its own
+    old = top.backing
+    old_view = open_any(old.filename, old.format_name, force_share=True) if old is not None else None
+    try:
+        writeback = Writeback(top.data_storage or top.storage)
+        with ReadAhead(_differences(old_view, new, ranges)) as pieces:
+            for pos, n, differ in pieces:
+                if differ is not None:
+                    _write_differences(top, pos, *differ)
+                    writeback.wrote(n)
+                done += n
+                if progress is not None:
+                    progress(min(99.99, done * 100.0 / total))
+    finally:
+        if old_view is not None:
+            old_view.close()
+    top.flush()
+
+
+def _differences(old: Image | RawImage | None, new: Image | RawImage | None,
+                 ranges: list[tuple[int, int]]
+                 ) -> Iterator[tuple[int, int, tuple[bytes, bytes, bool, int] | None]]:
+    """(offset, length, None) for every piece where the old and the new backing read the
+    same, else (offset, length, (old bytes, new bytes, old past its end, old size)). Reads
+    only the backing files, which nothing writes during a rebase."""
+    old_size = _disk_size(old) if old is not None else 0
+    new_size = _disk_size(new) if new is not None else 0
+    old_reader = FastReader(old) if old is not None else None
+    new_reader = FastReader(new) if new is not None else None
     for a, b in ranges:
         pos = a
         while pos < b:
@@ -251,13 +277,8 @@ def _copy(top: Image, new: Image | RawImage | None, progress: Progress | None) -
             buf_old = bytes(n) if old_zero or old_reader is None else old_reader.read(pos, n)
             buf_new = (new_reader.read(pos, n) if new_reader is not None and pos < new_size
                        else bytes(n))
-            if buf_old != buf_new:
-                _write_differences(top, pos, buf_old, buf_new, old_zero, old_size)
+            yield pos, n, (None if buf_old == buf_new else (buf_old, buf_new, old_zero, old_size))
             pos += n
-            done += n
-            if progress is not None:
-                progress(min(99.99, done * 100.0 / total))
-    top.flush()
 
 
 def _write_differences(top: Image, pos: int, old: bytes, new: bytes, old_zero: bool,
