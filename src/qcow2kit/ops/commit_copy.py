@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import bisect
 import os
-import queue
-import threading
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable
 
 import numpy as np
 
@@ -35,16 +32,14 @@ from ..io.file import FileStorage
 from ..io.storage import Storage
 from ..metadata import mapping
 from ..metadata.l2map import Kind
+from .readahead import ReadAhead
 
 MAX_IO_BYTES = 1 << 20
 # the base's write-back is started every this many bytes written
 WRITEBACK_BYTES = 16 << 20
 # the base's mapping is looked up this much at a time for in-place writes
 WINDOW_BYTES = 64 << 20
-# pieces read ahead of the writes
-READ_AHEAD = 4
 Progress = Callable[[float], None]
-T = TypeVar("T")
 
 
 class FastReader:
@@ -168,52 +163,6 @@ class Writeback:
         if self.pending >= WRITEBACK_BYTES and self.storage is not None:
             self.storage.start_writeback()
             self.pending = 0
-
-
-class ReadAhead(Generic[T]):
-    """Runs `produce` on a background thread, at most READ_AHEAD items ahead of the
-    consumer, which iterates this object; an error in `produce` is raised where the
-    consumer reaches it. close() (also on leaving a `with` block) stops the thread early."""
-
-    def __init__(self, produce: Iterator[T]) -> None:
-        self.results: queue.Queue[tuple[bool, T | BaseException | None]] = queue.Queue(READ_AHEAD)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(produce,), daemon=True)
-        self.thread.start()
-
-    def _run(self, produce: Iterator[T]) -> None:
-        try:
-            for item in produce:
-                if self.stop.is_set():
-                    return
-                self.results.put((True, item))
-            self.results.put((False, None))
-        except BaseException as exc:  # handed to the consumer, which reports it
-            self.results.put((False, exc))
-
-    def __iter__(self) -> Iterator[T]:
-        while True:
-            more, item = self.results.get()
-            if not more:
-                if isinstance(item, BaseException):
-                    raise item
-                return
-            yield item  # type: ignore[misc]
-
-    def close(self) -> None:
-        self.stop.set()
-        while self.thread.is_alive():
-            try:  # unblock a put() waiting for room
-                self.results.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self.thread.join()
-
-    def __enter__(self) -> ReadAhead[T]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def chunks(ranges: list[tuple[int, int]], granularity: int, size: int) -> list[tuple[int, int]]:
@@ -344,5 +293,5 @@ def copy_into(top: Image, target: Image | RawImage, allocated: list[tuple[int, i
     return copied, zeroed
 
 
-__all__ = ["FastReader", "InPlace", "ReadAhead", "Writeback", "chunks", "copy_into", "zero_clusters",
+__all__ = ["FastReader", "InPlace", "Writeback", "chunks", "copy_into", "zero_clusters",
            "MAX_IO_BYTES"]

@@ -1,15 +1,18 @@
 """compare: do two virtual disks read the same? Like `qemu-img compare`: ranges both images
 map as zeros are not read; a size difference is allowed when the extra part reads as
-zeros; the first mismatch is reported at its 512-byte sector boundary."""
+zeros; the first mismatch is reported at its 512-byte sector boundary. The second image is
+read on a thread while the first is read and compared (ops/readahead.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..image import open_any
 from .convert import CHUNK_BYTES, Source
+from .readahead import READ_AHEAD, ReadAhead
 
 SECTOR = 512
 
@@ -26,16 +29,27 @@ class CompareResult:
         return self.size_a != self.size_b
 
 
-def _first_diff(a: memoryview, b: memoryview | None) -> int:
-    """Index of the first differing byte (b None: of the first non-zero byte), or -1."""
-    x = np.frombuffer(a, dtype=np.uint8)
-    if b is None:
-        nz = np.flatnonzero(x)
-    else:
-        if a == b:
+def _first_diff(a: bytearray, b: bytearray | None, n: int) -> int:
+    """Index of the first byte of a[:n] that differs from b[:n] (b None: that is not zero), or
+    -1. Whole buffers are compared as bytearrays (one memcmp; comparing memoryviews goes
+    element by element, forty times slower); numpy finds where, once they differ."""
+    if n == len(a) and (b is None or n == len(b)):
+        if a == (_zeros(n) if b is None else b):
             return -1
-        nz = np.flatnonzero(x != np.frombuffer(b, dtype=np.uint8))
+    x = np.frombuffer(a, dtype=np.uint8, count=n)
+    y = np.zeros(n, dtype=np.uint8) if b is None else np.frombuffer(b, dtype=np.uint8, count=n)
+    nz = np.flatnonzero(x != y)
     return int(nz[0]) if len(nz) else -1
+
+
+_ZERO_BUFFERS: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    if n not in _ZERO_BUFFERS:
+        _ZERO_BUFFERS.clear()
+        _ZERO_BUFFERS[n] = bytes(n)
+    return _ZERO_BUFFERS[n]
 
 
 def _boundaries(*lists: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
@@ -57,39 +71,42 @@ def _boundaries(*lists: list[tuple[int, int, bool]]) -> list[tuple[int, int, boo
     return out
 
 
+def _pieces(segments: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
+    """(offset, length) of the CHUNK_BYTES pieces of the segments not known to be zero."""
+    return [(pos, min(CHUNK_BYTES, hi - pos))
+            for lo, hi, zero in segments if not zero for pos in range(lo, hi, CHUNK_BYTES)]
+
+
+def _read_pieces(source: Source, pieces: list[tuple[int, int]]) -> Iterator[bytearray]:
+    """The pieces' bytes, each in one of READ_AHEAD + 2 rotating buffers: the consumer
+    holds one, READ_AHEAD wait in the queue, one is being filled (see ReadAhead)."""
+    pool = [bytearray(CHUNK_BYTES) for _ in range(min(len(pieces), READ_AHEAD + 2))]
+    for k, (pos, n) in enumerate(pieces):
+        buf = pool[k % len(pool)]
+        source.read_into(memoryview(buf)[:n], pos)
+        yield buf
+
+
 def compare_sources(sa: Source, sb: Source) -> CompareResult:
+    """The second image is read on a thread, a few pieces ahead, while this one reads the
+    first and compares."""
     common = min(sa.size, sb.size)
-    buf_a, buf_b = bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)
+    buf_a = bytearray(CHUNK_BYTES)
     if common:
-        for lo, hi, zero in _boundaries(sa.segments(0, common), sb.segments(0, common)):
-            if zero:
-                continue
-            pos = lo
-            while pos < hi:
-                n = min(CHUNK_BYTES, hi - pos)
-                ma, mb = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
-                sa.read_into(ma, pos)
-                sb.read_into(mb, pos)
-                d = _first_diff(ma, mb)
+        pieces = _pieces(_boundaries(sa.segments(0, common), sb.segments(0, common)))
+        with ReadAhead(_read_pieces(sb, pieces)) as other:
+            for (pos, n), buf_b in zip(pieces, other, strict=True):
+                sa.read_into(memoryview(buf_a)[:n], pos)
+                d = _first_diff(buf_a, buf_b, n)
                 if d >= 0:
-                    off = (pos + d) // SECTOR * SECTOR
-                    return CompareResult(False, off, sa.size, sb.size)
-                pos += n
+                    return CompareResult(False, (pos + d) // SECTOR * SECTOR, sa.size, sb.size)
     longer = sa if sa.size > sb.size else sb
     if longer.size > common:
-        for lo, hi, zero in longer.segments(common, longer.size):
-            if zero:
-                continue
-            pos = lo
-            while pos < hi:
-                n = min(CHUNK_BYTES, hi - pos)
-                ma = memoryview(buf_a)[:n]
-                longer.read_into(ma, pos)
-                d = _first_diff(ma, None)
-                if d >= 0:
-                    off = (pos + d) // SECTOR * SECTOR
-                    return CompareResult(False, off, sa.size, sb.size)
-                pos += n
+        for pos, n in _pieces(longer.segments(common, longer.size)):
+            longer.read_into(memoryview(buf_a)[:n], pos)
+            d = _first_diff(buf_a, None, n)
+            if d >= 0:
+                return CompareResult(False, (pos + d) // SECTOR * SECTOR, sa.size, sb.size)
     return CompareResult(True, None, sa.size, sb.size)
 
 

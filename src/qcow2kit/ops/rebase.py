@@ -30,7 +30,8 @@ from ..format.extensions import Extension, feature_table_bytes
 from ..format.header import Header
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
-from .commit_copy import FastReader, ReadAhead, Writeback
+from .commit_copy import FastReader, Writeback
+from .readahead import ReadAhead
 
 SECTOR = 512
 IO_BUF_BYTES = 2 << 20
