@@ -269,7 +269,7 @@ def copy_into(top: Image, target: Image | RawImage, allocated: list[tuple[int, i
                 # a raw base gets a hole, as QEMU's zero write with MAY_UNMAP; punching is
                 # best effort, so the bytes are checked and written where it did not work
                 target.storage.punch_hole(pos, io)
-                if any(target.storage.pread(pos, io)):
+                if target.storage.pread(pos, io) != bytes(io):
                     target.storage.pwrite(pos, bytes(io))
                 zeroed += io
             elif isinstance(target, Image):
