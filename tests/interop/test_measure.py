@@ -141,3 +141,53 @@ def test_python_api(sources: dict[str, Path]) -> None:
         want["required"], want["fully-allocated"], want["bitmaps"])
     with pytest.raises(qcow2kit.InvalidArgumentError):
         qcow2kit.measure(size=1 << 20, out_format="qcow2", refcount_bits=3)
+
+
+# ---- the numpy-free path (ops/measure.measure_light) ------------------------------------------
+@pytest.fixture(scope="module")
+def light_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Plain qcow2 images (and a chain of them) that the light path answers."""
+    d = tmp_path_factory.mktemp("measure-light")
+    flat = d / "flat.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=16k", str(flat), str((5 << 20) + 512))
+    qemu_io(flat, "write -P 1 0 40k", "write -P 2 1M 3k", "write -z 2M 64k",
+            "write -P 3 2112k 16k", "write -P 4 5M 512")
+    over = d / "over.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", "flat.qcow2", str(over), "6M")
+    qemu_io(over, "write -P 5 8k 4k", "write -z 1M 64k", "write -P 6 5632k 100k")
+    return {"flat": flat, "over": over}
+
+
+@pytest.mark.parametrize("opts", [*TARGET_OPTIONS, None])
+@pytest.mark.parametrize("name", ["flat", "over"])
+def test_light_path_like_qemu(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                              light_sources: dict[str, Path], name: str, opts: str | None) -> None:
+    from qcow2kit.ops import measure as ops_measure
+
+    answered: list[object] = []
+    real = ops_measure.measure_light
+
+    def spy(*args: object) -> object:
+        answered.append(real(*args))  # type: ignore[arg-type]
+        return answered[-1]
+
+    monkeypatch.setattr(ops_measure, "measure_light", spy)
+    args = ["-O", "qcow2", "-o", opts] if opts else ["-O", "raw"]
+    same(capsys, "--output=json", *args, str(light_sources[name]))
+    assert answered and answered[0] is not None, "the light path declined"
+
+
+@pytest.mark.parametrize("opts", TARGET_OPTIONS)
+def test_light_path_equals_the_full_path(monkeypatch: pytest.MonkeyPatch,
+                                         light_sources: dict[str, Path],
+                                         sources: dict[str, Path], opts: str) -> None:
+    from qcow2kit.cli.measure import typed_options
+    from qcow2kit.ops import measure as ops_measure
+
+    options = typed_options([opts], "qcow2")
+    for path in [*light_sources.values(), *sources.values()]:
+        light = ops_measure.measure(str(path), out_format="qcow2", **options)
+        with monkeypatch.context() as m:
+            m.setattr(ops_measure, "measure_light", lambda *a: None)
+            full = ops_measure.measure(str(path), out_format="qcow2", **options)
+        assert light == full, (path.name, opts)
