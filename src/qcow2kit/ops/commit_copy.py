@@ -32,7 +32,7 @@ from ..io.file import FileStorage
 from ..io.storage import Storage
 from ..metadata import mapping
 from ..metadata.l2map import Kind
-from .readahead import ReadAhead
+from .prefetch import Prefetch
 
 MAX_IO_BYTES = 1 << 20
 # the base's write-back is started every this many bytes written
@@ -257,7 +257,7 @@ def copy_into(top: Image, target: Image | RawImage, allocated: list[tuple[int, i
     writeback = Writeback((target.data_storage or target.storage) if isinstance(target, Image)
                           else target.storage)
     reader = FastReader(top, drop_cache=drop_cache)
-    with ReadAhead(reader.read(pos, io) for pos, io, zero in pieces if not zero) as ahead:
+    with Prefetch(reader.read(pos, io) for pos, io, zero in pieces if not zero) as ahead:
         data_pieces = iter(ahead)
         for pos, io, zero in pieces:
             if zero and isinstance(target, Image):

@@ -1,18 +1,17 @@
 """compare: do two virtual disks read the same? Like `qemu-img compare`: ranges both images
 map as zeros are not read; a size difference is allowed when the extra part reads as
 zeros; the first mismatch is reported at its 512-byte sector boundary. The second image is
-read on a thread while the first is read and compared (ops/readahead.py)."""
+read on a thread while the first is read and compared (convert/source.ReadAhead)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..image import open_any
 from .convert import CHUNK_BYTES, Source
-from .readahead import READ_AHEAD, ReadAhead
+from .convert.source import ReadAhead
 
 SECTOR = 512
 
@@ -29,12 +28,16 @@ class CompareResult:
         return self.size_a != self.size_b
 
 
-def _first_diff(a: bytearray, b: bytearray | None, n: int) -> int:
-    """Index of the first byte of a[:n] that differs from b[:n] (b None: that is not zero), or
+def _first_diff(a: bytearray, b: memoryview | None, n: int) -> int:
+    """Index of the first byte of a[:n] that differs from b (b None: that is not zero), or
     -1. Whole buffers are compared as bytearrays (one memcmp; comparing memoryviews goes
     element by element, forty times slower); numpy finds where, once they differ."""
-    if n == len(a) and (b is None or n == len(b)):
-        if a == (_zeros(n) if b is None else b):
+    if n == len(a):
+        if b is None:
+            whole: object = _zeros(n)
+        else:  # the buffer behind the view, when the view is all of it
+            whole = b.obj if isinstance(b.obj, bytearray) and len(b.obj) == n else None
+        if whole is not None and a == whole:
             return -1
     x = np.frombuffer(a, dtype=np.uint8, count=n)
     y = np.zeros(n, dtype=np.uint8) if b is None else np.frombuffer(b, dtype=np.uint8, count=n)
@@ -71,43 +74,35 @@ def _boundaries(*lists: list[tuple[int, int, bool]]) -> list[tuple[int, int, boo
     return out
 
 
-def _pieces(segments: list[tuple[int, int, bool]]) -> list[tuple[int, int]]:
-    """(offset, length) of the CHUNK_BYTES pieces of the segments not known to be zero."""
-    return [(pos, min(CHUNK_BYTES, hi - pos))
-            for lo, hi, zero in segments if not zero for pos in range(lo, hi, CHUNK_BYTES)]
-
-
-def _read_pieces(source: Source, pieces: list[tuple[int, int]]) -> Iterator[bytearray]:
-    """The pieces' bytes, each in one of READ_AHEAD + 2 rotating buffers: the consumer
-    holds one, READ_AHEAD wait in the queue, one is being filled (see ReadAhead)."""
-    pool = [bytearray(CHUNK_BYTES) for _ in range(min(len(pieces), READ_AHEAD + 2))]
-    for k, (pos, n) in enumerate(pieces):
-        buf = pool[k % len(pool)]
-        source.read_into(memoryview(buf)[:n], pos)
-        yield buf
-
-
 def compare_sources(sa: Source, sb: Source) -> CompareResult:
-    """The second image is read on a thread, a few pieces ahead, while this one reads the
-    first and compares."""
+    """The second image is read on a thread, a few chunks ahead (convert/source.ReadAhead),
+    while this one reads the first and compares."""
     common = min(sa.size, sb.size)
     buf_a = bytearray(CHUNK_BYTES)
     if common:
-        pieces = _pieces(_boundaries(sa.segments(0, common), sb.segments(0, common)))
-        with ReadAhead(_read_pieces(sb, pieces)) as other:
-            for (pos, n), buf_b in zip(pieces, other, strict=True):
+        ranges = [(lo, hi) for lo, hi, zero in _boundaries(sa.segments(0, common),
+                                                          sb.segments(0, common)) if not zero]
+        with ReadAhead(sb, ranges, CHUNK_BYTES, _no_scan) as other:
+            for pos, mb, _ in other:
+                n = len(mb)
                 sa.read_into(memoryview(buf_a)[:n], pos)
-                d = _first_diff(buf_a, buf_b, n)
+                d = _first_diff(buf_a, mb, n)
                 if d >= 0:
                     return CompareResult(False, (pos + d) // SECTOR * SECTOR, sa.size, sb.size)
     longer = sa if sa.size > sb.size else sb
     if longer.size > common:
-        for pos, n in _pieces(longer.segments(common, longer.size)):
-            longer.read_into(memoryview(buf_a)[:n], pos)
-            d = _first_diff(buf_a, None, n)
-            if d >= 0:
-                return CompareResult(False, (pos + d) // SECTOR * SECTOR, sa.size, sb.size)
+        for lo, hi, zero in longer.segments(common, longer.size):
+            for pos in range(lo, hi, CHUNK_BYTES) if not zero else ():
+                n = min(CHUNK_BYTES, hi - pos)
+                longer.read_into(memoryview(buf_a)[:n], pos)
+                d = _first_diff(buf_a, None, n)
+                if d >= 0:
+                    return CompareResult(False, (pos + d) // SECTOR * SECTOR, sa.size, sb.size)
     return CompareResult(True, None, sa.size, sb.size)
+
+
+def _no_scan(view: memoryview) -> None:
+    return None
 
 
 def compare(

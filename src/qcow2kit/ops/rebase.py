@@ -31,7 +31,7 @@ from ..format.header import Header
 from ..image import Image, RawImage, open_any
 from ..metadata.l2map import Kind
 from .commit_copy import FastReader, Writeback
-from .readahead import ReadAhead
+from .prefetch import Prefetch
 
 SECTOR = 512
 IO_BUF_BYTES = 2 << 20
@@ -242,7 +242,7 @@ def _copy(top: Image, new: Image | RawImage | None, progress: Progress | None) -
     old_view = open_any(old.filename, old.format_name, force_share=True) if old is not None else None
     try:
         writeback = Writeback(top.data_storage or top.storage)
-        with ReadAhead(_differences(old_view, new, ranges)) as pieces:
+        with Prefetch(_differences(old_view, new, ranges)) as pieces:
             for pos, n, differ in pieces:
                 if differ is not None:
                     _write_differences(top, pos, *differ)

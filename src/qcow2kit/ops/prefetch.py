@@ -1,6 +1,7 @@
-"""readahead: ReadAhead, an iterator's items produced on a background thread a few items
+"""prefetch: Prefetch, an iterator's items produced on a background thread a few items
 ahead of their consumer. Used where reading and the work on what was read can overlap
-(commit, rebase, compare): os.pread and the buffer copies release the interpreter.
+(commit, rebase): os.pread and the buffer copies release the interpreter. (convert and
+compare read a Source's chunks into recycled buffers with convert/source.ReadAhead.)
 
 Owns only the thread, the bounded queue and the hand-over of an error to the consumer;
 knows nothing of images.
@@ -14,17 +15,17 @@ from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 # items produced ahead of the consumer
-READ_AHEAD = 4
+PREFETCH = 4
 T = TypeVar("T")
 
 
-class ReadAhead(Generic[T]):
-    """Runs `produce` on a background thread, at most READ_AHEAD items ahead of the
+class Prefetch(Generic[T]):
+    """Runs `produce` on a background thread, at most PREFETCH items ahead of the
     consumer, which iterates this object; an error in `produce` is raised where the
     consumer reaches it. close() (also on leaving a `with` block) stops the thread early."""
 
     def __init__(self, produce: Iterator[T]) -> None:
-        self.results: queue.Queue[tuple[bool, T | BaseException | None]] = queue.Queue(READ_AHEAD)
+        self.results: queue.Queue[tuple[bool, T | BaseException | None]] = queue.Queue(PREFETCH)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(produce,), daemon=True)
         self.thread.start()
@@ -61,11 +62,11 @@ class ReadAhead(Generic[T]):
             if not self.thread.is_alive():
                 return
 
-    def __enter__(self) -> ReadAhead[T]:
+    def __enter__(self) -> Prefetch[T]:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-__all__ = ["ReadAhead", "READ_AHEAD"]
+__all__ = ["Prefetch", "PREFETCH"]
