@@ -1,7 +1,7 @@
 """compare over many pieces against qemu-img compare: the second image is read on a thread a
-few pieces ahead into rotating buffers (ops/compare.py, ops/readahead.py), so the verdict and
-the first mismatch must not depend on which buffer a piece landed in, on where the mismatch
-lies among the pieces, or on the read-ahead being stopped early."""
+few pieces ahead into recycled buffers (ops/compare.py over convert/source.ReadAhead), so the
+verdict and the first mismatch must not depend on which buffer a piece landed in, on where
+the mismatch lies among the pieces, or on the read-ahead being stopped early."""
 
 from __future__ import annotations
 
