@@ -10,6 +10,7 @@ opens anything for writing and never changes a file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import InvalidArgumentError, UnsupportedFeatureError
@@ -229,19 +230,17 @@ def _measure_source(path: str, out_format: str, fmt: str | None, snapshot: str |
             view_snapshot(img, ident, name)
         if t is None:
             return Measurement(ssize, ssize)
-        cs = t.cluster_size
-        virtual = _round_up(ssize, cs)
-        if t.backing or t.preallocation in ("falloc", "full"):
-            data = virtual
-        else:
-            entries = map_image(img, 0, ssize) if ssize else []
-            data = _data_clusters([(e.start, e.length, e.data, e.zero) for e in entries], cs) * cs
-        full = prealloc_bytes(virtual, cs, t.refcount_order, t.extended_l2)
         bitmaps: int | None = None
         if t.version >= 3 and isinstance(img, Image) and img.header.version >= 3:
             found = [(b.name, b.granularity) for b in img.bitmaps]
-            bitmaps = bitmaps_bytes(found, ssize, cs)
-        return Measurement(full - virtual + data, full, bitmaps)
+            bitmaps = bitmaps_bytes(found, ssize, t.cluster_size)
+        source = img
+
+        def extents() -> list[tuple[int, int, bool, bool]]:
+            entries = map_image(source, 0, ssize) if ssize else []
+            return [(e.start, e.length, e.data, e.zero) for e in entries]
+
+        return _qcow2_result(t, ssize, extents, bitmaps)
     finally:
         img.close()
 
@@ -276,16 +275,26 @@ def measure_light(path: str, fmt: str | None, force_share: bool,
     size = header.size
     if t is None:
         return Measurement(size, size)
+    bitmaps = bitmaps_bytes([], size, t.cluster_size) if t.version >= 3 and header.version >= 3 \
+        else None
+    # flag codes (ops/map_format.flag_code): data in bit 0, zero in bit 1
+    return _qcow2_result(t, size, lambda: [
+        (a, n, bool(c & 1), bool(c & 2))
+        for a, n, c in zip(found.starts, found.lengths, found.codes, strict=True)], bitmaps)
+
+
+def _qcow2_result(t: _Qcow2Target, size: int,
+                  extents: Callable[[], list[tuple[int, int, bool, bool]]],
+                  bitmaps: int | None) -> Measurement:
+    """QEMU's numbers for a qcow2 target of a `size`-byte source whose (start, length, data,
+    zero) extents `extents` gives (only asked for when the data count matters)."""
     cs = t.cluster_size
     virtual = _round_up(size, cs)
     if t.backing or t.preallocation in ("falloc", "full"):
         data = virtual
     else:
-        # flag codes (ops/map_format.flag_code): data in bit 0, zero in bit 1
-        data = _data_clusters([(a, n, bool(c & 1), bool(c & 2)) for a, n, c in
-                               zip(found.starts, found.lengths, found.codes, strict=True)], cs) * cs
+        data = _data_clusters(extents(), cs) * cs
     full = prealloc_bytes(virtual, cs, t.refcount_order, t.extended_l2)
-    bitmaps = bitmaps_bytes([], size, cs) if t.version >= 3 and header.version >= 3 else None
     return Measurement(full - virtual + data, full, bitmaps)
 
 
