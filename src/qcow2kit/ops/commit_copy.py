@@ -30,7 +30,7 @@ from ..errors import CorruptionError
 from ..image import Image, RawImage
 from ..io.file import FileStorage
 from ..io.storage import Storage
-from ..metadata import mapping
+from ..metadata import mapping, overlap
 from ..metadata.l2map import Kind
 from .prefetch import Prefetch
 
@@ -117,10 +117,12 @@ class InPlace:
         order = np.argsort(host, kind="stable")
         owned = np.empty(len(host), dtype=bool)
         owned[order] = meta.refcounts.values(host[order]) == 1
-        try:
-            mapping.check_in_place(meta, np.sort(host[owned]) * cs, "data cluster")
-        except CorruptionError as exc:
-            raise meta.mark_corrupt(str(exc)) from None
+        # a cluster past the end of the file or inside metadata (a damaged image) is left to
+        # Image.write, which refuses it when, and only if, a piece is written there
+        owned &= host < meta.refcounts.end_cluster
+        for _name, held in overlap.regions(meta):
+            if len(held):
+                owned &= ~np.isin(host, held)
         # stretches of owned clusters inside one run (contiguous in guest and in host)
         same = np.concatenate(([False], (run[1:] == run[:-1]) & owned[1:] & owned[:-1]))
         firsts = np.flatnonzero(owned & ~same)
