@@ -289,3 +289,20 @@ def test_compression_round_trip(ctype: int) -> None:
             import zstandard
 
             assert zstandard.ZstdDecompressor().decompressobj().decompress(packed) == data
+
+
+@pytest.mark.parametrize("order", range(7))
+def test_create_refcounts_match_the_encoder(order: int) -> None:
+    """create writes its refcount blocks without numpy (ops/create.refcounts_of_first): the
+    same bytes as format/tables.encode_refblock, for every width and any count of used
+    clusters, whole or partial bytes."""
+    import numpy as np
+
+    from qcow2kit.format.tables import encode_refblock, refcount_dtype
+    from qcow2kit.ops.create import refcounts_of_first
+
+    entries = 4096 * 8 >> order  # one 4 KiB block
+    for used in (0, 1, 2, 3, 5, 7, 8, 9, 63, 64, 65, entries - 1, entries):
+        counts = np.zeros(entries, dtype=refcount_dtype(order))
+        counts[:used] = 1
+        assert refcounts_of_first(used, entries, order) == encode_refblock(counts, order), used

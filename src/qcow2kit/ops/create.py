@@ -2,21 +2,19 @@
 
 Owns the checks of create's options (InvalidArgumentError, with qemu-img's wording) and the
 layout of a fresh image. Never leaves a half-written file behind on failure, and never carries
-command-line text in its messages (the CLI adds its own).
+command-line text in its messages (the CLI adds its own). An image without preallocation is
+written without numpy or the image code (their import is ten times qemu-img's whole create);
+preallocation and a backing file that must be opened import them where they are needed.
 """
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from ..errors import FormatError, InvalidArgumentError, UnsupportedFeatureError
 from ..format import constants as C
 from ..format.geometry import Geometry
 from ..format.header import new_header
-from ..format.tables import encode_refblock, encode_table, refcount_dtype
-from ..image import open_any
 from ..io.file import FileStorage
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -91,6 +89,8 @@ def create(
             "extended_l2 is on"
         )
     if backing_file is not None and (size is None or backing_fmt is None):
+        from ..image import open_any
+
         bpath = backing_file
         if not os.path.isabs(bpath):
             bpath = os.path.join(os.path.dirname(path), bpath)
@@ -149,11 +149,8 @@ def create(
     )
 
     total = 1 + n_reftable + n_blocks + l1_clusters + n_l2 + n_data
-    refcounts = np.zeros(n_blocks * e, dtype=refcount_dtype(order))
-    refcounts[:total] = 1
-    reftable = np.zeros(n_reftable * cluster_size // 8, dtype=np.uint64)
-    reftable[:n_blocks] = blocks_off + np.arange(n_blocks, dtype=np.uint64) * cluster_size
-    l1 = np.zeros(l1_entries, dtype=np.uint64)
+    reftable = b"".join((blocks_off + k * cluster_size).to_bytes(8, "big") for k in range(n_blocks))
+    reftable += bytes(n_reftable * cluster_size - len(reftable))
     if data_file is not None:
         dpath = data_file
         if not os.path.isabs(dpath):
@@ -164,10 +161,11 @@ def create(
     storage = FileStorage(path, True, create=True)
     try:
         storage.pwrite(0, header.to_bytes())
-        storage.pwrite(reftable_off, encode_table(reftable))
-        storage.pwrite(blocks_off, encode_refblock(refcounts, order))
+        storage.pwrite(reftable_off, reftable)
+        storage.pwrite(blocks_off, refcounts_of_first(total, n_blocks * e, order))
+        l1 = bytes(l1_entries * 8)
         if prealloc:
-            _preallocate(storage, geom, size, l1, l2_off, data_off, data_file is not None)
+            l1 = _preallocate(storage, geom, size, l2_off, data_off, data_file is not None)
             if preallocation == "falloc" and n_data:
                 storage.allocate(data_off, n_data * cluster_size)
             elif preallocation == "full" and n_data:
@@ -175,7 +173,7 @@ def create(
             end = data_off + n_data * cluster_size
             if storage.size() < end:
                 storage.truncate(end)
-        storage.pwrite(l1_off, encode_table(l1) if l1_entries else b"")
+        storage.pwrite(l1_off, l1)
         if l1_entries == 0 and storage.size() < l1_off:
             storage.truncate(l1_off)
         storage.flush()
@@ -189,10 +187,31 @@ def create(
     storage.close()
 
 
+def refcounts_of_first(used: int, entries: int, order: int) -> bytes:
+    """Refcount blocks of `entries` entries of 2**order bits, on-disk format (big-endian
+    bytes; narrower entries packed from the low bits of each byte, as format/tables
+    encodes them), counting 1 for each of the first `used` clusters and 0 after."""
+    bits = 1 << order
+    if bits >= 8:
+        width = bits // 8
+        return (1).to_bytes(width, "big") * used + bytes((entries - used) * width)
+    per_byte = 8 // bits
+    full, rest = divmod(used, per_byte)
+    partial = bytes([sum(1 << (k * bits) for k in range(rest))]) if rest else b""
+    ones = sum(1 << (k * bits) for k in range(per_byte))
+    return bytes([ones]) * full + partial + bytes(entries // per_byte - full - len(partial))
+
+
 def _preallocate(
-    storage: FileStorage, geom: Geometry, size: int, l1: np.ndarray, l2_off: int,
-    data_off: int, data_file: bool,
-) -> None:
+    storage: FileStorage, geom: Geometry, size: int, l2_off: int, data_off: int,
+    data_file: bool,
+) -> bytes:
+    """Write an L2 table mapping every cluster of the disk; the L1 table that names them."""
+    import numpy as np
+
+    from ..format.tables import encode_table
+
+    l1 = np.zeros(geom.l1_entries_for(size), dtype=np.uint64)
     cs = geom.cluster_size
     n_clusters = geom.clusters_for(size)
     per = geom.l2_entries
@@ -211,6 +230,7 @@ def _preallocate(
         off = l2_off + i * cs
         storage.pwrite(off, encode_table(table))
         l1[i] = off | C.OFLAG_COPIED
+    return encode_table(l1)
 
 
 def _write_zeros(storage: FileStorage, offset: int, length: int) -> None:
