@@ -3,7 +3,8 @@ image, `qcow2kit check` (which takes the fast path when it can) prints exactly w
 check prints and exits with the same code, and for clean images exactly what qemu-img prints.
 The fast path really runs for plain clean images (numpy never imported, nor anything else
 heavy) and declines, leaving the words to the full check, for corrupt, leaky and unusual ones
-(numpy imported); options, repairs, raw and missing files keep their behaviour.
+(numpy imported); a repair of a clean image takes it too (nothing to repair, qemu-img's
+output, the repair's write lock); options, raw and missing files keep their behaviour.
 
 The images and the helpers are in check_fast_support.py; the command line parsed without
 argparse is tested in test_check_fast_args.py, the proof itself (run budget, mutated
@@ -90,12 +91,39 @@ def test_raw_and_missing_files_keep_their_errors(tmp_path: Path) -> None:
     assert (rc, out) == (1, "") and "No such file or directory" in err
 
 
-def test_repair_never_takes_the_fast_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+def test_repair_of_a_clean_image_takes_the_fast_path(tmp_path: Path, mode: str) -> None:
+    """A clean image has nothing to repair: qemu-img prints what its check prints, and so
+    does the fast path, without writing a byte."""
     path = make(tmp_path, CLEAN, "sparse")
-    rc, out, _err, numpy = cli("-r", "leaks", str(path))
-    ref = qemu_img("check", "-r", "leaks", str(path), check=False)
-    assert (rc, out) == (ref.returncode, ref.stdout)
-    assert numpy
+    before = path.read_bytes()
+    for output in ("human", "json"):
+        rc, out, err, numpy = cli("-r", mode, f"--output={output}", str(path))
+        ref = qemu_img("check", "-r", mode, f"--output={output}", str(path), check=False)
+        assert (rc, out, err) == (ref.returncode, ref.stdout, "")
+        assert not numpy, "the fast path did not run"
+    assert path.read_bytes() == before
+
+
+def test_repair_of_a_damaged_image_takes_the_full_path(tmp_path: Path) -> None:
+    path = make(tmp_path, DAMAGED, "l2_copied_cleared")
+    rc, out, _err, numpy = cli("-r", "all", str(path))
+    assert numpy and rc == 0 and "repaired" in out.lower()
+    assert prove_clean(str(path)) is not None  # the full repair left it clean
+
+
+def test_repair_of_an_image_in_use_is_refused(tmp_path: Path) -> None:
+    """The fast path takes the repair's write lock: an image another process holds is
+    refused with the full path's words, even when it is clean."""
+    from qcow2kit.io.file import FileStorage
+
+    path = make(tmp_path, CLEAN, "sparse")
+    holder = FileStorage(str(path), True)
+    try:
+        rc, _out, err, _numpy = cli("-r", "leaks", str(path))
+    finally:
+        holder.close()
+    assert rc != 0 and "Failed to get" in err
 
 
 def test_fast_path_imports_nothing_heavy(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The argparse-free command line of `qcow2kit check` (cli/check.py's fast_args): the command
-lines it accepts give exactly the namespace argparse gives; anything else (help, repair,
-abbreviations, joined short options, missing values, two files, ...) it declines, and
-argparse takes over.
+lines it accepts give exactly the namespace argparse gives; anything else (help, a repair
+mode argparse would refuse, abbreviations, joined short options, missing values, two files,
+...) it declines, and argparse takes over.
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ ACCEPTED = [
     ["-f", "vmdk", "x.qcow2"],
     ["-q", "-q", "x.qcow2", "--output=json", "--output", "human", "-f", "raw", "-f", "qcow2"],
     ["qcow2"],
+    ["-r", "leaks", "x"],
+    ["-r", "all", "--output=json", "x"],
+    ["x", "-r", "leaks", "-r", "all"],
 ]
 DECLINED = [
     [],
     ["-h"],
     ["--help", "x"],
-    ["-r", "leaks", "x"],
-    ["-r", "all", "x"],
+    ["-r", "none", "x"],
+    ["-r"],
     ["-rleaks", "x"],
     ["--out=json", "x"],
     ["--output=JSON", "x"],

@@ -39,12 +39,12 @@ def register(sub: Any) -> None:
 
 
 _FLAGS = {"-q": ("quiet", True), "-U": ("force_share", True), "--force-share": ("force_share", True)}
-_VALUED = {"--output": ("output", ("human", "json")), "-f": ("fmt", None)}
+_VALUED = {"--output": ("output", ("human", "json")), "-f": ("fmt", None),
+           "-r": ("repair", ("leaks", "all"))}
 
 
 def fast_args(rest: list[str]) -> SimpleNamespace | None:
-    """Plain command lines without argparse (cli/common.plain_command_line); -r is never
-    plain (argparse handles repairs)."""
+    """Plain command lines without argparse (cli/common.plain_command_line)."""
     args = SimpleNamespace(verb="check", repair=None, fmt=None, quiet=False, force_share=False,
                            output="human", filename=None, run=run)
     return plain_command_line(rest, args, ("filename",), _FLAGS, _VALUED)
@@ -53,11 +53,13 @@ def fast_args(rest: list[str]) -> SimpleNamespace | None:
 def run(args: argparse.Namespace) -> int:
     if args.repair and args.force_share:
         raise UsageError("-U (force share) cannot be used with -r: a repair needs exclusive access")
-    if args.repair is None and args.fmt in (None, "qcow2"):
-        # most images are clean: proven so without numpy (declines anything unusual)
+    if args.fmt in (None, "qcow2"):
+        # most images are clean: proven so without numpy (declines anything unusual); a
+        # repair of a clean image prints what the check prints, as qemu-img's does
         from ..ops.check_plain import prove_clean
 
-        clean = prove_clean(args.filename, force_share=args.force_share)
+        clean = prove_clean(args.filename, force_share=args.force_share,
+                            repair=args.repair is not None)
         if clean is not None:
             if not args.quiet:
                 from ..ops.check import to_human, to_json

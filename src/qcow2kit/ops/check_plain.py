@@ -69,12 +69,13 @@ class _DeclinedError(Exception):
     """Something the fast path does not prove: the full check runs instead."""
 
 
-def prove_clean(path: str, *, force_share: bool = False) -> CleanResult | None:
+def prove_clean(path: str, *, force_share: bool = False, repair: bool = False) -> CleanResult | None:
     """The check result of the qcow2 image at path if it is provably clean, else None (the
     caller then runs the full check, which also reports any error opening the file). The
-    file is opened and locked read-only exactly as the full check opens it."""
+    file is opened and locked exactly as the full check opens it: read-only, or read-write
+    for a repair (which has nothing to do in a clean image, and writes nothing here)."""
     try:
-        storage = FileStorage(path, False, force_share=force_share)
+        storage = FileStorage(path, repair, force_share=force_share)
     except Exception:  # the full check opens it again and reports the error in its words
         return None
     try:
