@@ -90,6 +90,7 @@ EVERY_VERB = [
     ("info", ["-f=qcow2", "--output=json", "x"]),
     ("check", ["--output=human", "-f", "qcow2", "-q", "x"]),
     ("check", ["-f=raw", "x"]),
+    ("check", ["-r=all", "--output=json", "x"]),
     ("map", ["--start-offset=64k", "--max-length", "1M", "--output=json", "x"]),
     ("map", ["--no-backing", "-f=raw", "-U", "x"]),
     ("convert", ["-O", "qcow2", "-o", "cluster_size=4k", "-o", "lazy_refcounts=on", "a", "b"]),
@@ -97,7 +98,7 @@ EVERY_VERB = [
 ]
 EVERY_VERB_DECLINED = [
     ("info", ["--output=", "x"]),
-    ("check", ["-r", "all", "x"]),
+    ("check", ["-r", "fix", "x"]),
     ("map", ["--start-offset", "-1", "x"]),
     ("convert", ["a"]),
     ("convert", ["a", "b", "c"]),
