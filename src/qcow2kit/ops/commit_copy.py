@@ -4,7 +4,8 @@ them (bytes, or zero clusters where the overlay has zero clusters).
 
 Owns how the bytes move, which is most of a commit's time:
 - the pieces are planned first (reads of the overlay chain never depend on the writes), so a
-  background thread reads one piece ahead of the writes (pread releases the interpreter);
+  background thread (ops/prefetch.py) reads a few pieces ahead of the writes (pread releases
+  the interpreter);
 - where the base's own data clusters (refcount 1, not metadata) take a piece, it is written
   straight into the file. InPlace looks the base's mapping up a window at a time, not once
   per piece, and only while nothing but these writes changed the base: after any other
