@@ -95,6 +95,13 @@ EVERY_VERB = [
     ("map", ["--no-backing", "-f=raw", "-U", "x"]),
     ("convert", ["-O", "qcow2", "-o", "cluster_size=4k", "-o", "lazy_refcounts=on", "a", "b"]),
     ("convert", ["-f=raw", "-O=qcow2", "-c", "-S", "0", "a", "b"]),
+    ("snapshot", ["-l", "x"]),
+    ("snapshot", ["-U", "-l", "-q", "x"]),
+    ("snapshot", ["--force-share", "x", "-l"]),
+    ("snapshot", ["-c", "before-upgrade", "x"]),
+    ("snapshot", ["-a", "1", "-q", "x"]),
+    ("snapshot", ["-d", "s1", "-d", "s2", "x"]),
+    ("snapshot", ["x"]),
 ]
 EVERY_VERB_DECLINED = [
     ("info", ["--output=", "x"]),
@@ -103,6 +110,11 @@ EVERY_VERB_DECLINED = [
     ("convert", ["a"]),
     ("convert", ["a", "b", "c"]),
     ("convert", ["-O", "vmdk", "a", "b"]),
+    ("snapshot", ["-l", "-l", "x"]),
+    ("snapshot", ["-l"]),
+    ("snapshot", ["-l", "a", "b"]),
+    ("snapshot", ["-c", "-x", "a"]),
+    ("snapshot", ["-lU", "x"]),
 ]
 
 

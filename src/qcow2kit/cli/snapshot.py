@@ -6,11 +6,15 @@ prints nothing), exactly one file, qemu-img's messages. The work is in ops/snaps
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Any
+from types import SimpleNamespace
 
-from .common import PROG, UsageError
+from .common import PROG, UsageError, plain_command_line
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 _TRY = f"Try '{PROG} --help' for more information"
 
@@ -38,6 +42,26 @@ def register(sub: Any) -> None:
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("files", nargs="*", metavar="filename")
     p.set_defaults(run=run)
+
+
+_FLAGS = {"-l": ("list", 1), "-U": ("force_share", True), "--force-share": ("force_share", True),
+          "-q": ("quiet", True)}
+_VALUED: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "-a": ("apply", None), "-c": ("create", None), "-d": ("delete", None)}
+
+
+def fast_args(rest: list[str]) -> SimpleNamespace | None:
+    """Plain command lines without argparse (cli/common.plain_command_line): one file, -l at
+    most once (argparse counts it), snapshot names that do not start with '-'."""
+    if rest.count("-l") > 1:
+        return None
+    args = SimpleNamespace(verb="snapshot", list=0, apply=None, create=None, delete=None,
+                           force_share=False, quiet=False, files=None, run=run)
+    parsed = plain_command_line(rest, args, ("files",), _FLAGS, _VALUED,
+                                repeated=("apply", "create", "delete"))
+    if parsed is not None:
+        parsed.files = [parsed.files]
+    return parsed
 
 
 def run(args: argparse.Namespace) -> int:

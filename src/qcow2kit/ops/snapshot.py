@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
 
 from ..chain import probe_format
 from ..errors import FormatError, Qcow2Error
@@ -21,6 +20,7 @@ from ..io.file import FileStorage
 from ..metadata.header_io import read_header
 from .info import size_to_str
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time
 if TYPE_CHECKING:
     from ..image import Image
 
