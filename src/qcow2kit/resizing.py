@@ -84,7 +84,7 @@ def grow(disk: GuestDisk, new_size: int, preallocation: str) -> None:
     cs = meta.geom.cluster_size
     # bytes past the old end inside its last cluster must read as zeros once visible
     tail_end = min(-(-old_size // cs) * cs, new_size)
-    if tail_end > old_size and any(disk.read_guest(old_size, tail_end - old_size)):
+    if tail_end > old_size and disk.read_guest(old_size, tail_end - old_size) != bytes(tail_end - old_size):
         disk.write_guest(old_size, memoryview(bytes(tail_end - old_size)))
     meta.release_pending()
     steps.grow_l1(meta, meta.geom.l1_entries_for(new_size))
@@ -117,7 +117,7 @@ def shrink_to(disk: GuestDisk, new_size: int) -> None:
     meta.flush()
     # 1. zeros past the new end in its last cluster
     cut = -(-new_size // cs) * cs
-    if cut > new_size and any(disk.read_guest(new_size, cut - new_size)):
+    if cut > new_size and disk.read_guest(new_size, cut - new_size) != bytes(cut - new_size):
         disk.write_guest(new_size, memoryview(bytes(cut - new_size)))
         meta.release_pending()
     # 2. unreference everything past the cut: the straddling L2 table's tail entries and
